@@ -1,0 +1,220 @@
+"""The backbone registry: one `BackboneSpec` per `keras.applications` network.
+
+A spec says how to build the network, its default and minimum input size, how its inputs are
+preprocessed, and how wide its pooled features are. Preprocessing becomes a layer inside the model
+(`preprocessing_layer`), so every tltool model takes plain RGB pixels in 0..255; networks whose Keras
+implementation already includes it (EfficientNet, MobileNetV3, ConvNeXt) get none.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import hashlib
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from tltool.errors import BackboneError, WeightsError
+
+# Per-channel statistics of the `keras.applications` preprocessing modes.
+_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+_TORCH_MEAN = (0.485, 0.456, 0.406)
+_TORCH_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build and feed one `keras.applications` backbone."""
+
+    name: str
+    constructor: str                  # attribute of keras.applications
+    default_size: int                 # input size of the ImageNet weights
+    min_size: int                     # smallest input the architecture accepts
+    preprocessing: str                # "tf" ([-1, 1]), "torch" (ImageNet mean/std), "caffe" (BGR, mean) or "none"
+    feature_size: int                 # width of the globally pooled features
+    classic_feature_size: int         # width of the input of the original 1000-way layer
+    family: str
+    extra_kwargs: tuple = ()          # constructor arguments fixed for this spec
+
+    @property
+    def preprocessing_included(self) -> bool:
+        return self.preprocessing == "none"
+
+    def constructor_fn(self) -> Callable:
+        import keras
+
+        return getattr(keras.applications, self.constructor)
+
+
+_REGISTRY: dict[str, BackboneSpec] = {}
+
+
+def register_backbone(spec: BackboneSpec) -> BackboneSpec:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"backbone {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def _add(name, constructor, size, min_size, prep, feat, classic_feat, family, **kwargs):
+    register_backbone(BackboneSpec(name, constructor, size, min_size, prep, feat, classic_feat, family,
+                                   tuple(sorted(kwargs.items()))))
+
+
+_add("vgg16", "VGG16", 224, 32, "caffe", 512, 4096, "vgg")
+_add("vgg19", "VGG19", 224, 32, "caffe", 512, 4096, "vgg")
+_add("resnet50", "ResNet50", 224, 32, "caffe", 2048, 2048, "resnet")
+_add("resnet101", "ResNet101", 224, 32, "caffe", 2048, 2048, "resnet")
+_add("resnet50_v2", "ResNet50V2", 224, 32, "tf", 2048, 2048, "resnet_v2")
+_add("mobilenet", "MobileNet", 224, 32, "tf", 1024, 1024, "mobilenet")
+_add("mobilenet_v2", "MobileNetV2", 224, 32, "tf", 1280, 1280, "mobilenet_v2")
+_add("mobilenet_v3_small", "MobileNetV3Small", 224, 32, "none", 576, 1024, "mobilenet_v3")
+_add("mobilenet_v3_large", "MobileNetV3Large", 224, 32, "none", 960, 1280, "mobilenet_v3")
+_add("efficientnet_b0", "EfficientNetB0", 224, 32, "none", 1280, 1280, "efficientnet")
+_add("efficientnet_b1", "EfficientNetB1", 240, 32, "none", 1280, 1280, "efficientnet")
+_add("efficientnet_b2", "EfficientNetB2", 260, 32, "none", 1408, 1408, "efficientnet")
+_add("efficientnet_b3", "EfficientNetB3", 300, 32, "none", 1536, 1536, "efficientnet")
+_add("efficientnet_v2_b0", "EfficientNetV2B0", 224, 32, "none", 1280, 1280, "efficientnet_v2")
+_add("efficientnet_v2_s", "EfficientNetV2S", 384, 32, "none", 1280, 1280, "efficientnet_v2")
+_add("convnext_tiny", "ConvNeXtTiny", 224, 32, "none", 768, 768, "convnext")
+_add("xception", "Xception", 299, 71, "tf", 2048, 2048, "xception")
+_add("inception_v3", "InceptionV3", 299, 75, "tf", 2048, 2048, "inception_v3")
+_add("densenet121", "DenseNet121", 224, 32, "torch", 1024, 1024, "densenet")
+
+
+def list_backbones(pattern: str = "*") -> list[str]:
+    """Registered backbone names matching a shell-style pattern, e.g. "efficientnet*"."""
+    return sorted(name for name in _REGISTRY if fnmatch.fnmatch(name, pattern))
+
+
+def get_backbone_spec(name: str) -> BackboneSpec:
+    """The spec of a registered backbone; unknown names get the closest matches suggested."""
+    key = name.strip().lower().replace("-", "_")
+    if key in _REGISTRY:
+        return _REGISTRY[key]
+    by_constructor = {spec.constructor.lower(): spec for spec in _REGISTRY.values()}
+    if key.replace("_", "") in by_constructor:
+        return by_constructor[key.replace("_", "")]
+    close = difflib.get_close_matches(key, list(_REGISTRY), n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(f'`{c}`' for c in close)}?" if close else ""
+    raise BackboneError(f"Unknown backbone `{name}`.{hint} Run `tltool backbones` to list them all.")
+
+
+def check_image_size(spec: BackboneSpec, size: int) -> None:
+    if size < spec.min_size:
+        raise BackboneError(f"Image size {size} is too small for {spec.name}: it needs at least "
+                            f"{spec.min_size} px. Use --image-size {spec.default_size} (its default).")
+
+
+def preprocessing_layer(spec: BackboneSpec):
+    """A frozen built-in layer doing the backbone's `preprocess_input`, or None if the model has it built in.
+
+    All three modes are an affine map of the RGB channels (caffe also swaps RGB to BGR), so one frozen
+    1x1 `Dense(3)` expresses each exactly. Built-in layers keep `model.keras` loadable by plain Keras.
+    """
+    if spec.preprocessing_included:
+        return None
+    import keras
+    import numpy as np
+
+    if spec.preprocessing == "tf":
+        kernel, bias = np.eye(3) / 127.5, -np.ones(3)
+    elif spec.preprocessing == "torch":
+        std = np.array(_TORCH_STD) * 255.0
+        kernel, bias = np.diag(1.0 / std), -np.array(_TORCH_MEAN) / np.array(_TORCH_STD)
+    elif spec.preprocessing == "caffe":
+        kernel, bias = np.eye(3)[:, ::-1], -np.array(_CAFFE_MEAN_BGR)
+    else:
+        raise ValueError(f"unknown preprocessing mode {spec.preprocessing!r}")
+    return keras.layers.Dense(
+        3, name=f"preprocess_{spec.preprocessing}", trainable=False, dtype="float32",
+        kernel_initializer=keras.initializers.Constant(kernel.astype("float32")),
+        bias_initializer=keras.initializers.Constant(bias.astype("float32")),
+    )
+
+
+# ------------------------------------------------------------------------------------------ weights
+
+
+@dataclass(frozen=True)
+class ResolvedWeights:
+    """What to load into a backbone: "imagenet", None (random) or a file, plus a fingerprint for caches."""
+
+    kind: str           # "imagenet", "none" or "file"
+    path: Path | None   # the file for kind "file"
+    fingerprint: str    # changes whenever the weights change
+    fell_back: bool = False
+
+    @property
+    def pretrained(self) -> bool:
+        return self.kind != "none"
+
+    @property
+    def keras_arg(self):
+        return {"imagenet": "imagenet", "none": None, "file": None}[self.kind]
+
+
+def resolve_weights(spec: BackboneSpec, weights: str, fallback: str | None = None,
+                    classic: bool = False) -> ResolvedWeights:
+    """Decide where a backbone's weights come from, before any heavy work.
+
+    For "imagenet" this makes sure the weights file is in Keras's cache (downloading it when online) so
+    that an offline machine fails here, at once, with a message saying what to do, instead of after
+    reading the data. With `fallback="none"` it warns loudly and continues with random weights.
+    """
+    if weights == "none":
+        return ResolvedWeights("none", None, "random")
+    if weights != "imagenet":
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise WeightsError(f"Weights file not found: {path}. Pass --weights imagenet, none, or the path of a "
+                               f"{spec.name} weights file without its top (.weights.h5 or .h5).")
+        if not (path.name.endswith(".weights.h5") or path.suffix == ".h5"):
+            raise WeightsError(f"Expected a Keras weights file (.weights.h5 or .h5) for --weights. Received: {path}")
+        return ResolvedWeights("file", path.resolve(), "file:" + file_digest(path))
+    try:
+        _ensure_imagenet_cached(spec, classic)
+    except WeightsError:
+        if fallback != "none":
+            raise
+        import warnings
+
+        warnings.warn(f"ImageNet weights for {spec.name} cannot be had here (offline?): training from RANDOM "
+                      f"initialisation instead, as the recipe's `backbone.fallback: none` allows. Accuracy "
+                      f"will be far below a pretrained model's.", UserWarning, stacklevel=2)
+        return ResolvedWeights("none", None, "random", fell_back=True)
+    return ResolvedWeights("imagenet", None, f"imagenet:{spec.constructor}:{'top' if classic else 'notop'}")
+
+
+def _ensure_imagenet_cached(spec: BackboneSpec, classic: bool) -> None:
+    """Build the backbone once with ImageNet weights: Keras downloads into its cache or reads from it."""
+    import keras
+
+    size = spec.default_size
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(20)  # an unreachable server must not hang the run
+    try:
+        fn = spec.constructor_fn()
+        kwargs = dict(spec.extra_kwargs)
+        fn(include_top=classic, weights="imagenet", input_shape=(size, size, 3), **kwargs)
+    except Exception as exc:  # urllib and Keras raise several types for "could not download"
+        cache = Path(keras.config.keras_home() if hasattr(keras.config, "keras_home") else "~/.keras").expanduser()
+        raise WeightsError(
+            f"Cannot get ImageNet weights for {spec.name} ({type(exc).__name__}: {str(exc)[:120]}). "
+            f"On a machine without internet: copy Keras's weight file into {cache / 'models'}, or pass "
+            f"--weights PATH to a {spec.name} weights file without its top, or --weights none to train "
+            f"from scratch.") from None
+    finally:
+        socket.setdefaulttimeout(previous)
+        keras.backend.clear_session()
+
+
+def file_digest(path: Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's content, streamed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]

@@ -1,0 +1,283 @@
+"""Image folders: scanning, seeded stratified splits, class weights and `tf.data` pipelines.
+
+An image folder has one sub-folder per class. Hidden files and non-image files are ignored; files that
+look like images but cannot be read are skipped and recorded with their reason in a `SkipLog`, both at
+scan time (header) and at decode time, so one broken file never stops a run.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from tltool.errors import DataError
+from tltool.images import ImageReadError, is_image_name, load_image
+
+
+class SkipLog:
+    """Thread-safe record of skipped files and why; `tf.data` workers add to it while decoding."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._reasons: dict[str, str] = {}
+
+    def add(self, path: str | Path, reason: str) -> None:
+        with self._lock:
+            self._reasons.setdefault(str(path), reason)
+
+    def __contains__(self, path) -> bool:
+        return str(path) in self._reasons
+
+    def __len__(self) -> int:
+        return len(self._reasons)
+
+    def as_list(self) -> list[dict]:
+        with self._lock:
+            return [{"path": p, "reason": r} for p, r in sorted(self._reasons.items())]
+
+
+@dataclass
+class ImageFolder:
+    """The readable images of a folder: paths and integer labels in the order of `classes`."""
+
+    root: Path
+    classes: list[str]
+    paths: list[str] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    empty_classes: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        counter = Counter(self.labels)
+        return {name: counter.get(i, 0) for i, name in enumerate(self.classes)}
+
+    def subset(self, indices) -> "ImageFolder":
+        return ImageFolder(self.root, self.classes, [self.paths[i] for i in indices],
+                           [self.labels[i] for i in indices], self.empty_classes)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def class_folders(root: Path) -> list[Path]:
+    return sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                  key=lambda p: p.name)
+
+
+def _header_ok(path: Path) -> str | None:
+    """None if the file opens as an image (header only, cheap), else the reason it does not."""
+    try:
+        if path.stat().st_size == 0:
+            return "empty file (0 bytes)"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as img:
+                img.size  # noqa: B018 - reading the header is the check
+        return None
+    except Image.DecompressionBombError:
+        return "image too large (decompression bomb guard)"
+    except Image.UnidentifiedImageError:
+        return "not an image, or an unsupported format"
+    except OSError as exc:
+        return f"cannot read: {str(exc)[:80]}"
+
+
+def scan_folder(root: str | Path, skips: SkipLog | None = None, classes: list[str] | None = None,
+                role: str = "training") -> ImageFolder:
+    """List the images of a class-per-sub-folder tree.
+
+    Args:
+        root: the folder.
+        skips: where unreadable files are recorded (a new log if None).
+        classes: the class list to use (e.g. the training classes, for a validation folder); sub-folders
+            outside it are an error. None: the sub-folders with at least one readable image.
+        role: how the folder is named in messages ("training", "validation", "test").
+
+    Raises:
+        DataError: missing folder, no class folders, fewer than two classes with images, unknown classes.
+    """
+    root = Path(root).expanduser()
+    skips = skips if skips is not None else SkipLog()
+    if not root.is_dir():
+        raise DataError(f"The {role} folder {root} does not exist. Pass a folder with one sub-folder per class.")
+    folders = class_folders(root)
+    if not folders:
+        raise DataError(f"The {role} folder {root} has no class sub-folders. Put each class's images in a "
+                        f"sub-folder named after the class.")
+    found: dict[str, list[str]] = {}
+    for folder in folders:
+        files = []
+        for path in sorted(p for p in folder.rglob("*") if p.is_file() and is_image_name(p)):
+            if any(part.startswith(".") for part in path.relative_to(folder).parts):
+                continue
+            reason = _header_ok(path)
+            if reason:
+                skips.add(path, reason)
+            else:
+                files.append(str(path))
+        found[folder.name] = files
+    empty = [name for name, files in found.items() if not files]
+    for name in empty:
+        warnings.warn(f"Class folder `{name}` in {root} has no readable images: it is left out.", UserWarning,
+                      stacklevel=2)
+    if classes is None:
+        classes = [name for name, files in found.items() if files]
+        if len(classes) < 2:
+            raise DataError(f"The {role} folder {root} has {len(classes)} class(es) with readable images; "
+                            f"at least 2 are needed to train a classifier.")
+    else:
+        unknown = [name for name, files in found.items() if files and name not in classes]
+        if unknown:
+            raise DataError(f"The {role} folder {root} has classes the training data does not: "
+                            f"{', '.join(unknown)}. Its sub-folders must be among: {', '.join(classes)}.")
+    index = {name: i for i, name in enumerate(classes)}
+    out = ImageFolder(root, list(classes), empty_classes=empty)
+    for name in classes:
+        for path in found.get(name, []):
+            out.paths.append(path)
+            out.labels.append(index[name])
+    if not out.paths:
+        raise DataError(f"The {role} folder {root} has no readable images.")
+    return out
+
+
+def group_key(path: str, pattern: str | None) -> str:
+    """The split group of a file: the regex match on its name (group 1 if the regex has one)."""
+    if pattern is None:
+        return path
+    name = Path(path).name
+    match = re.search(pattern, name)
+    if not match:
+        return path
+    return match.group(1) if match.groups() else match.group(0)
+
+
+def stratified_split(folder: ImageFolder, val_fraction: float, seed: int,
+                     group_by: str | None = None) -> tuple[ImageFolder, ImageFolder]:
+    """Seeded split that keeps each class's share and never separates files of one group.
+
+    The result depends only on the file list, the seed and the fraction (not on scan order or the
+    machine). Every class with at least two groups gets at least one in each part.
+    """
+    rng = np.random.default_rng(seed)
+    train_idx: list[int] = []
+    val_idx: list[int] = []
+    for label in range(len(folder.classes)):
+        groups: dict[str, list[int]] = {}
+        for i, (path, y) in enumerate(zip(folder.paths, folder.labels)):
+            if y == label:
+                groups.setdefault(group_key(path, group_by), []).append(i)
+        keys = sorted(groups)
+        rng.shuffle(keys)
+        n_val = int(round(len(keys) * val_fraction))
+        if len(keys) >= 2:
+            n_val = min(max(n_val, 1), len(keys) - 1)
+        else:
+            n_val = 0
+        for k in keys[:n_val]:
+            val_idx.extend(groups[k])
+        for k in keys[n_val:]:
+            train_idx.extend(groups[k])
+    return folder.subset(sorted(train_idx)), folder.subset(sorted(val_idx))
+
+
+def balanced_class_weights(labels, num_classes: int) -> dict[int, float]:
+    """n_samples / (n_classes * n_class_samples), as scikit-learn's "balanced"; absent classes get 1."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
+    total = counts.sum()
+    return {i: (float(total) / (num_classes * c) if c else 1.0) for i, c in enumerate(counts)}
+
+
+# ------------------------------------------------------------------------------------------ tf.data
+
+
+def _decoder(image_size: int, skips: SkipLog):
+    """A `tf.data` map function: path -> (uint8 pixels, ok). Failures give black pixels and ok=False."""
+    import tensorflow as tf
+
+    blank = np.zeros((image_size, image_size, 3), np.uint8)
+
+    def _decode(path_bytes):
+        path = path_bytes.decode("utf-8")
+        try:
+            return load_image(path, image_size), True
+        except ImageReadError as exc:
+            skips.add(path, str(exc))
+            return blank, False
+
+    def decode(path):
+        pixels, ok = tf.numpy_function(_decode, [path], [tf.uint8, tf.bool], stateful=False)
+        pixels.set_shape((image_size, image_size, 3))
+        ok.set_shape(())
+        return pixels, ok
+
+    return decode
+
+
+def decoded_dataset(paths, image_size: int, skips: SkipLog):
+    """An unbatched `tf.data.Dataset` of (uint8 pixels, ok) per path, decoded in parallel, in order."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices([str(p) for p in paths])
+    return ds.map(_decoder(image_size, skips), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def _is_ok(pixels, label, ok):
+    return ok
+
+
+def _drop_ok(pixels, label, ok):
+    return pixels, label
+
+
+def image_dataset(paths, labels, image_size: int, batch_size: int, skips: SkipLog, num_classes: int,
+                  shuffle: bool = False, seed: int | None = None, augment=None):
+    """A batched, prefetched `tf.data.Dataset` of (float32 pixels 0..255, one-hot label), streamed from disk.
+
+    Files that fail to decode are recorded in `skips` and dropped from the stream, so a broken file never
+    stops an epoch. `augment` is a Keras layer (or None) applied per batch.
+    """
+    import tensorflow as tf
+
+    decode = _decoder(image_size, skips)
+
+    def load(path, label):
+        pixels, ok = decode(path)
+        return tf.cast(pixels, tf.float32), tf.one_hot(label, num_classes), ok
+
+    ds = tf.data.Dataset.from_tensor_slices(([str(p) for p in paths], np.asarray(labels, dtype=np.int32)))
+    if shuffle:
+        ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.filter(_is_ok).map(_drop_ok)
+    ds = ds.batch(batch_size)
+    if augment is not None:
+        ds = ds.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def augmentation_layer(cfg, seed: int | None = None):
+    """A Keras `Sequential` of random layers for the recipe's `augment` section, or None if all are off."""
+    import keras
+
+    layers = []
+    if cfg.flip != "none":
+        layers.append(keras.layers.RandomFlip(cfg.flip, seed=seed))
+    if cfg.rotation > 0:
+        layers.append(keras.layers.RandomRotation(cfg.rotation, fill_mode="reflect", seed=seed))
+    if cfg.zoom > 0:
+        layers.append(keras.layers.RandomZoom(cfg.zoom, fill_mode="reflect", seed=seed))
+    if cfg.translation > 0:
+        layers.append(keras.layers.RandomTranslation(cfg.translation, cfg.translation, fill_mode="reflect",
+                                                     seed=seed))
+    if cfg.contrast > 0:
+        layers.append(keras.layers.RandomContrast(cfg.contrast, seed=seed))
+    if not layers:
+        return None
+    return keras.Sequential(layers, name="augment")

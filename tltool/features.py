@@ -1,0 +1,191 @@
+"""The fast frozen stage: backbone features computed once per image, cached on disk, reused.
+
+With the backbone frozen, running every image through it in every epoch repeats identical work. Here
+each image (and each of K augmented views, if asked) goes through the feature extractor once; the head
+then trains on the stored vectors for all stage-1 epochs.
+
+The cache is a folder per *extractor key* (backbone, weights content, image size, preprocessing, head
+mode and pooling). Inside it, each extraction appends one shard: `NAME.npy` (float16 rows) and
+`NAME.json` (the file key of each row: path, size, modification time, view). A shard counts only once
+its index is written, and both are written atomically, so a crash never leaves an entry later runs trust.
+A changed file has a new key, so only it is recomputed. Shards are memory-mapped: reading the rows of one
+split never loads the whole cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tltool.data import SkipLog, decoded_dataset
+from tltool.rundir import atomic_write_text
+
+CACHE_FORMAT = 1
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("TLTOOL_CACHE_DIR")
+    return Path(env).expanduser() if env else Path("~/.cache/tltool/features").expanduser()
+
+
+def extractor_key(backbone: str, weights_fingerprint: str, image_size: int, preprocessing: str,
+                  head_mode: str, pooling: str) -> str:
+    """A short hash of everything that changes what the feature extractor computes."""
+    text = json.dumps([CACHE_FORMAT, backbone, weights_fingerprint, image_size, preprocessing, head_mode, pooling])
+    return f"{backbone}-{image_size}-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def file_key(path: str, view: str = "") -> str:
+    """Identity of one image file's content as far as the cache is concerned (and of one view of it)."""
+    st = os.stat(path)
+    return f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{view}"
+
+
+class FeatureCache:
+    """Shards of float16 feature rows, looked up by file key."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._index: dict[str, tuple[str, int]] = {}
+        self._arrays: dict[str, np.ndarray] = {}
+        for index_file in sorted(self.root.glob("*.json")):
+            shard = index_file.stem
+            if not (self.root / f"{shard}.npy").is_file():
+                continue
+            try:
+                keys = json.loads(index_file.read_text())
+            except (OSError, ValueError):
+                continue  # an unreadable index is ignored: its rows are recomputed
+            for row, key in enumerate(keys):
+                self._index[key] = (shard, row)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._index
+
+    def _array(self, shard: str) -> np.ndarray:
+        if shard not in self._arrays:
+            self._arrays[shard] = np.load(self.root / f"{shard}.npy", mmap_mode="r")
+        return self._arrays[shard]
+
+    def get(self, keys: list[str]) -> np.ndarray:
+        """Rows for `keys` (all must be present), as one float16 array, read shard by shard."""
+        if not keys:
+            return np.zeros((0, 0), np.float16)
+        first = self._array(self._index[keys[0]][0])
+        out = np.empty((len(keys), first.shape[1]), np.float16)
+        by_shard: dict[str, list[tuple[int, int]]] = {}
+        for i, key in enumerate(keys):
+            shard, row = self._index[key]
+            by_shard.setdefault(shard, []).append((i, row))
+        for shard, pairs in by_shard.items():
+            dest, rows = zip(*pairs)
+            order = np.argsort(rows)  # ascending reads from the memory map
+            out[np.asarray(dest)[order]] = self._array(shard)[np.asarray(rows)[order]]
+        return out
+
+    def add(self, keys: list[str], rows: np.ndarray) -> None:
+        """Store a new shard: array first, then its index, each atomically."""
+        if not keys:
+            return
+        shard = f"{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        tmp = self.root / f".{shard}.npy.tmp"
+        with open(tmp, "wb") as handle:
+            np.save(handle, rows.astype(np.float16))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.root / f"{shard}.npy")
+        atomic_write_text(self.root / f"{shard}.json", json.dumps(keys))
+        for row, key in enumerate(keys):
+            self._index[key] = (shard, row)
+
+
+@dataclass
+class FeatureStats:
+    computed: int = 0      # images (views included) run through the extractor in this call
+    from_cache: int = 0    # rows read from the cache
+    seconds: float = 0.0   # time spent computing (not reading)
+
+
+def compute_features(extractor, paths: list[str], image_size: int, batch_size: int, skips: SkipLog,
+                     augment=None, view: str = "", verbose: int = 1, jit_compile: bool = False) -> tuple[np.ndarray,
+                                                                                                          np.ndarray]:
+    """Run images through `extractor` in batches, streamed, with a progress bar.
+
+    Returns (features float16 [N, D], ok bool [N]); rows of files that failed to decode are zero and
+    `ok` is False for them (they are recorded in `skips`).
+    """
+    import keras
+    import tensorflow as tf
+
+    ds = decoded_dataset(paths, image_size, skips).batch(batch_size)
+
+    @tf.function(reduce_retracing=True, jit_compile=jit_compile)
+    def forward(pixels):
+        x = tf.cast(pixels, tf.float32)
+        if augment is not None:
+            x = augment(x, training=True)
+        return extractor(x, training=False)
+
+    width = extractor.output_shape[-1]
+    feats = np.zeros((len(paths), width), np.float16)
+    oks = np.zeros((len(paths),), bool)
+    bar = keras.utils.Progbar(len(paths), unit_name="image", verbose=verbose) if verbose else None
+    start = 0
+    for pixels, ok in ds.prefetch(tf.data.AUTOTUNE):
+        n = int(pixels.shape[0])
+        feats[start:start + n] = forward(pixels).numpy().astype(np.float16)
+        oks[start:start + n] = ok.numpy()
+        start += n
+        if bar is not None:
+            bar.update(start)
+    return feats, oks
+
+
+def cached_features(extractor, cache: FeatureCache | None, paths: list[str], image_size: int, batch_size: int,
+                    skips: SkipLog, views: int = 0, augment=None, augment_key: str = "", verbose: int = 1,
+                    log=print, jit_compile: bool = False) -> tuple[np.ndarray, np.ndarray, FeatureStats]:
+    """Features of `paths` (view 0 = the plain image, views 1..K augmented), from the cache where possible.
+
+    Returns (features float16 [M, D], row_index int [M] into `paths`, stats). Files that failed to decode
+    are left out. Without a cache (None) everything is computed.
+    """
+    stats = FeatureStats()
+    all_feats, all_index = [], []
+    for v in range(views + 1):
+        view = "" if v == 0 else f"aug:{augment_key}:{v}"
+        keys = [file_key(p, view) for p in paths]
+        missing = [i for i, k in enumerate(keys) if cache is None or k not in cache]
+        if missing:
+            what = "images" if v == 0 else f"augmented view {v}/{views}"
+            if verbose:
+                log(f"Computing features of {len(missing)} {what} "
+                    f"({len(paths) - len(missing)} already cached).")
+            t0 = time.perf_counter()
+            feats, ok = compute_features(extractor, [paths[i] for i in missing], image_size, batch_size, skips,
+                                         augment=augment if v else None, verbose=verbose, jit_compile=jit_compile)
+            stats.seconds += time.perf_counter() - t0
+            stats.computed += len(missing)
+            if cache is not None:
+                cache.add([keys[i] for i, good in zip(missing, ok) if good], feats[ok])
+        else:
+            feats, ok = None, None
+        if cache is not None:
+            present = [i for i, k in enumerate(keys) if k in cache]
+            stats.from_cache += len(present) - (int(ok.sum()) if ok is not None else 0)
+            all_feats.append(cache.get([keys[i] for i in present]))
+            all_index.append(np.asarray(present, dtype=np.int64))
+        else:
+            all_feats.append(feats[ok])
+            all_index.append(np.asarray(missing, dtype=np.int64)[ok])
+    if verbose and stats.computed == 0:
+        log(f"Features of all {len(paths)} images ({views} augmented views each) found in the cache: "
+            f"extraction skipped.")
+    return np.concatenate(all_feats), np.concatenate(all_index), stats

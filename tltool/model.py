@@ -1,0 +1,131 @@
+"""Backbone + new head, and which layers train in which stage.
+
+The full model is three nested parts, each its own Keras model so they can be used alone:
+
+    pixels (RGB, 0..255) -> [preprocessing] -> backbone -> features -> head -> class probabilities
+    \\________________ feature_extractor ______________/
+
+Stage 1 trains `head` on cached features; because the head is the very same layer object inside the full
+model, its weights need no copying. The backbone is always called with `training=False`, so its
+BatchNorm layers use their pretrained statistics even when stage 2 unfreezes the layers around them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tltool.backbones import BackboneSpec, ResolvedWeights, check_image_size, preprocessing_layer
+from tltool.errors import BackboneError, WeightsError
+from tltool.recipe import HeadConfig
+
+
+@dataclass
+class TransferModel:
+    model: object              # keras.Model: pixels -> probabilities
+    feature_extractor: object  # keras.Model: pixels -> features
+    backbone: object           # keras.Model: preprocessed pixels -> features
+    head: object               # keras.Model: features -> probabilities
+
+
+def build_transfer_model(spec: BackboneSpec, weights: ResolvedWeights, num_classes: int, image_size: int,
+                         head_cfg: HeadConfig, seed: int | None = None) -> TransferModel:
+    """Build the backbone with its weights, a fresh head for `num_classes`, and the full model."""
+    import keras
+
+    check_image_size(spec, image_size)
+    classic = head_cfg.mode == "classic"
+    if classic and weights.kind == "imagenet" and image_size != spec.default_size:
+        raise BackboneError(f"Classic head mode keeps {spec.name}'s original top, which takes only "
+                            f"{spec.default_size} px images with ImageNet weights. Received: image size "
+                            f"{image_size}. Use --image-size {spec.default_size} or head.mode: pooled.")
+    backbone = _build_backbone(spec, weights, image_size, classic, head_cfg.pooling)
+    feature_size = backbone.output_shape[-1]
+
+    pixels = keras.Input((image_size, image_size, 3), name="pixels", dtype="float32")
+    preprocess = preprocessing_layer(spec)
+    x = preprocess(pixels) if preprocess is not None else pixels
+    # Pretrained BatchNorm statistics must survive fine-tuning: pin the backbone to inference mode. A
+    # randomly initialised backbone has no statistics worth keeping, so its BatchNorm trains normally.
+    features = backbone(x, training=False) if weights.pretrained else backbone(x)
+    extractor = keras.Model(pixels, features, name="feature_extractor")
+    head = build_head(feature_size, num_classes, head_cfg, seed=seed)
+    model = keras.Model(pixels, head(features), name=f"tltool_{spec.name}")
+    return TransferModel(model, extractor, backbone, head)
+
+
+def build_head(feature_size: int, num_classes: int, head_cfg: HeadConfig, seed: int | None = None):
+    """Dropout + optional hidden dense layers + a softmax over the new classes, on a feature vector."""
+    import keras
+
+    inputs = keras.Input((feature_size,), name="features")
+    x = inputs
+    for i, units in enumerate(head_cfg.dense):
+        if head_cfg.dropout > 0:
+            x = keras.layers.Dropout(head_cfg.dropout, seed=seed, name=f"head_dropout_{i}")(x)
+        x = keras.layers.Dense(units, activation="relu", name=f"head_dense_{i}")(x)
+    if head_cfg.dropout > 0:
+        x = keras.layers.Dropout(head_cfg.dropout, seed=seed, name="head_dropout")(x)
+    # float32 output keeps the softmax and the loss stable under mixed precision.
+    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
+    return keras.Model(inputs, outputs, name="head")
+
+
+def _build_backbone(spec: BackboneSpec, weights: ResolvedWeights, image_size: int, classic: bool,
+                    pooling: str):
+    import keras
+
+    fn = spec.constructor_fn()
+    kwargs = dict(spec.extra_kwargs)
+    shape = (image_size, image_size, 3)
+    try:
+        if classic:
+            full = fn(include_top=True, weights=weights.keras_arg, input_shape=shape, **kwargs)
+            # Everything up to (not including) the original 1000-way classifier.
+            net = keras.Model(full.inputs, full.layers[-2].output, name=f"{spec.name}_classic")
+        else:
+            net = fn(include_top=False, weights=weights.keras_arg, input_shape=shape, pooling=pooling, **kwargs)
+    except ValueError as exc:
+        raise BackboneError(f"{spec.name} cannot be built for {image_size} px inputs: {exc}") from None
+    if weights.kind == "file":
+        load_backbone_weights(net, weights.path, spec)
+    if not weights.pretrained:
+        # Keras's applications use BatchNorm momentum 0.99-0.999, tuned for ImageNet-length training: on a
+        # short from-scratch run the moving statistics would still be near their initial values, and the
+        # model would be useless in inference mode. 0.9 lets them converge within a few hundred steps.
+        for layer in net.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = 0.9
+    net.trainable = False
+    return net
+
+
+def load_backbone_weights(net, path: Path, spec: BackboneSpec) -> None:
+    """Load a weights file saved from the same backbone without its top; say clearly when it does not fit."""
+    try:
+        net.load_weights(str(path))
+    except Exception as exc:  # Keras raises ValueError/KeyError/OSError depending on what differs
+        raise WeightsError(f"Weights file {path} does not fit {spec.name} without its top "
+                           f"({type(exc).__name__}: {str(exc)[:160]}). Save it from "
+                           f"keras.applications.{spec.constructor}(include_top=False) or pass --weights none.") \
+            from None
+
+
+def set_fine_tune_layers(backbone, unfreeze: int, freeze_batchnorm: bool = True) -> int:
+    """Unfreeze the top `unfreeze` layers of the backbone, keeping every BatchNorm frozen.
+
+    Returns the number of layers that now train. For a pretrained backbone BatchNorm stays frozen (and,
+    since the backbone is called with training=False, in inference mode): updating its statistics on a
+    small dataset wrecks what pretraining learned. `freeze_batchnorm=False` is for random backbones.
+    """
+    import keras
+
+    backbone.trainable = True
+    layers = backbone.layers
+    cut = max(0, len(layers) - unfreeze)
+    trainable = 0
+    for i, layer in enumerate(layers):
+        is_bn = isinstance(layer, keras.layers.BatchNormalization)
+        layer.trainable = i >= cut and not (is_bn and freeze_batchnorm)
+        trainable += int(layer.trainable and bool(layer.weights))
+    return trainable

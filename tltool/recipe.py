@@ -1,0 +1,412 @@
+"""Recipes: the schema, defaults, YAML loading, `--set` overrides and validation.
+
+A recipe is loaded in fixed steps: parse YAML (safe loader) -> apply overrides -> check every key and type
+against the schema (unknown keys are rejected with their dotted path and a did-you-mean, never dropped)
+-> build the dataclasses with defaults -> cross-field checks. Every field carries its default and a
+one-line description (`describe_fields()` lists them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from tltool.errors import RecipeError
+
+SCHEMA_VERSION = 1
+
+
+def _f(default, help: str, choices: tuple | None = None, minimum=None, maximum=None):
+    """A schema field: its default, a one-line description and optional allowed values or bounds."""
+    meta = {"help": help, "choices": choices, "min": minimum, "max": maximum}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    train: Optional[str] = _f(None, "Image folder to train on: one sub-folder per class.")
+    val: Optional[str] = _f(None, "Validation folder; without it, a seeded stratified split of `train`.")
+    test: Optional[str] = _f(None, "Test folder, evaluated once at the end of the run.")
+    val_split: float = _f(0.2, "Fraction of each class held out for validation when `val` is not given.",
+                          minimum=0.0, maximum=0.9)
+    group_by: Optional[str] = _f(None, "Regex on file names; files with the same match (group 1 if any) "
+                                       "stay in the same split.")
+    image_size: Optional[int] = _f(None, "Square input size in pixels; null = the backbone's default.",
+                                   minimum=32, maximum=1024)
+    batch_size: int = _f(32, "Images per batch.", minimum=1, maximum=4096)
+
+
+@dataclass
+class BackboneConfig:
+    name: str = _f("mobilenet_v2", "Registered backbone (see `tltool backbones`).")
+    weights: str = _f("imagenet", "`imagenet`, `none` (random init) or the path of a weights file of the "
+                                  "backbone without its top (.weights.h5 / .h5).")
+    fallback: Optional[str] = _f(None, "When ImageNet weights cannot be had: null = stop with an error, "
+                                       "`none` = random initialisation with a loud warning.",
+                                 choices=(None, "none"))
+
+
+@dataclass
+class HeadConfig:
+    mode: str = _f("pooled", "`pooled`: pooling + dense layers + softmax on the backbone's features; "
+                             "`classic`: keep the full pretrained network, swap only its last layer.",
+                   choices=("pooled", "classic"))
+    pooling: str = _f("avg", "Global pooling of the backbone's feature map (pooled mode).",
+                      choices=("avg", "max"))
+    dense: list[int] = _f([], "Sizes of hidden dense layers between the features and the softmax.")
+    dropout: float = _f(0.2, "Dropout rate before each dense layer of the head.", minimum=0.0, maximum=0.95)
+
+
+@dataclass
+class FrozenStageConfig:
+    epochs: int = _f(10, "Epochs of stage 1: backbone frozen, only the head trains.", minimum=0)
+    learning_rate: float = _f(1e-3, "Learning rate of stage 1.", minimum=0.0)
+    optimizer: str = _f("adam", "Optimizer of stage 1.", choices=("adam", "adamw", "sgd", "rmsprop"))
+    early_stopping: int = _f(5, "Stop after this many epochs without val_loss improvement, restoring the "
+                                "best weights (0 = off).", minimum=0)
+    cache_features: bool = _f(True, "Compute the backbone's features once, cache them on disk and train the "
+                                    "head on them (much faster; same model).")
+    feature_views: int = _f(0, "Augmented views per training image added to the feature cache "
+                               "(0 = none).", minimum=0, maximum=32)
+
+
+@dataclass
+class FineTuneStageConfig:
+    epochs: int = _f(5, "Epochs of stage 2: top backbone layers unfrozen (0 skips the stage).", minimum=0)
+    learning_rate: float = _f(1e-5, "Learning rate of stage 2; keep it low.", minimum=0.0)
+    optimizer: str = _f("adam", "Optimizer of stage 2.", choices=("adam", "adamw", "sgd", "rmsprop"))
+    early_stopping: int = _f(3, "Patience of stage 2's early stopping (0 = off).", minimum=0)
+    unfreeze: int = _f(20, "How many of the backbone's top layers train in stage 2 (BatchNorm layers stay "
+                           "frozen, in inference mode).", minimum=1)
+
+
+@dataclass
+class TrainConfig:
+    label_smoothing: float = _f(0.0, "Label smoothing of the cross-entropy loss.", minimum=0.0, maximum=0.5)
+    class_weights: str = _f("none", "`auto` weighs classes inversely to their frequency.",
+                            choices=("none", "auto"))
+    mixed_precision: bool = _f(False, "Train in mixed float16 (GPU only; ignored on CPU).")
+    xla: bool = _f(False, "Compile training steps with XLA (GPU only; ignored on CPU).")
+    strategy: str = _f("default", "`mirrored` trains on all visible GPUs.", choices=("default", "mirrored"))
+    deterministic: bool = _f(False, "Deterministic ops: the same seed gives the same metrics (slower).")
+    cache_dir: Optional[str] = _f(None, "Feature cache folder; null = $TLTOOL_CACHE_DIR or "
+                                        "~/.cache/tltool/features.")
+
+
+@dataclass
+class AugmentConfig:
+    flip: str = _f("horizontal", "Random flips.", choices=("none", "horizontal", "vertical",
+                                                          "horizontal_and_vertical"))
+    rotation: float = _f(0.0, "Random rotation, as a fraction of a full turn.", minimum=0.0, maximum=0.5)
+    zoom: float = _f(0.0, "Random zoom, as a fraction of the image size.", minimum=0.0, maximum=0.9)
+    contrast: float = _f(0.0, "Random contrast change factor.", minimum=0.0, maximum=1.0)
+    translation: float = _f(0.0, "Random translation, as a fraction of the image size.",
+                            minimum=0.0, maximum=0.5)
+
+
+@dataclass
+class TuneConfig:
+    algorithm: str = _f("hyperband", "Search algorithm.", choices=("hyperband", "bayesian", "random", "grid"))
+    objective: str = _f("val_accuracy", "Metric the search maximises (or minimises, for losses).")
+    max_trials: int = _f(20, "Most trials the search runs.", minimum=1)
+    space: dict = _f({}, "Search space: dotted recipe keys mapped to {choice: [...]}, {min, max, step, "
+                         "sampling} or {boolean: true}; empty = a sensible default space.")
+
+
+@dataclass
+class ExportConfig:
+    formats: list[str] = _f(["savedmodel"], "Formats `tltool export` writes by default.")
+    quantize: str = _f("none", "TFLite quantization.", choices=("none", "dynamic", "float16", "int8"))
+
+
+@dataclass
+class Recipe:
+    version: int = _f(SCHEMA_VERSION, "Recipe schema version.", minimum=1, maximum=SCHEMA_VERSION)
+    name: str = _f("run", "Name of the run, shown in reports.")
+    seed: int = _f(42, "Seed of the split, the weights of the head and the augmentation.")
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Where the images are."})
+    backbone: BackboneConfig = field(default_factory=BackboneConfig,
+                                     metadata={"help": "The pretrained network."})
+    head: HeadConfig = field(default_factory=HeadConfig, metadata={"help": "The new classifier on top."})
+    frozen: FrozenStageConfig = field(default_factory=FrozenStageConfig,
+                                      metadata={"help": "Stage 1: frozen backbone."})
+    fine_tune: FineTuneStageConfig = field(default_factory=FineTuneStageConfig,
+                                           metadata={"help": "Stage 2: top layers unfrozen."})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Settings of both stages."})
+    augment: AugmentConfig = field(default_factory=AugmentConfig,
+                                   metadata={"help": "Augmentation of training images."})
+    tune: TuneConfig = field(default_factory=TuneConfig, metadata={"help": "Hyperparameter search."})
+    export: ExportConfig = field(default_factory=ExportConfig, metadata={"help": "Export defaults."})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                values: dict | None = None) -> Recipe:
+    """Load, override and validate a recipe.
+
+    Args:
+        path: YAML file; None starts from the defaults.
+        overrides: `dotted.key=value` strings (values parsed as YAML scalars), applied after the file.
+        values: a nested dict of values applied last (used by the CLI flags and the Python API);
+            None values are ignored.
+
+    Returns:
+        The validated `Recipe`.
+
+    Raises:
+        RecipeError: with the dotted path of the offending field and what was expected.
+    """
+    raw: dict = {}
+    source = "recipe"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise RecipeError(f"Recipe file not found: {path}. Pass the path of a YAML recipe, e.g. "
+                              f"recipes/quickstart.yaml.")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise RecipeError(f"{source} is not valid YAML{where}: {getattr(exc, 'problem', exc)}.") from None
+        if not isinstance(raw, dict):
+            raise RecipeError(f"{source} must be a mapping of sections (data:, backbone:, ...). "
+                              f"Received: {type(raw).__name__}.")
+    for item in overrides:
+        key, value = parse_override(item)
+        set_dotted(raw, key, value)
+    for key, value in _flatten(values or {}):
+        if value is not None:
+            set_dotted(raw, key, value)
+    return from_dict(raw, source=source)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Split `a.b=c` into ("a.b", parsed YAML value of c)."""
+    if "=" not in item:
+        raise RecipeError(f"Expected an override of the form KEY=VALUE (e.g. frozen.epochs=5). Received: {item}")
+    key, _, text = item.partition("=")
+    key = key.strip()
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    return key, value
+
+
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    """Set `tree[a][b] = value` for key "a.b", creating sections as needed; the key is checked later."""
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def get_dotted(recipe: Recipe | dict, key: str) -> Any:
+    """Read a dotted key from a Recipe or its dict form."""
+    node: Any = recipe.to_dict() if isinstance(recipe, Recipe) else recipe
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def from_dict(raw: dict, source: str = "recipe") -> Recipe:
+    """Validate a nested dict against the schema and build a `Recipe` (see `load_recipe`)."""
+    recipe = _build(Recipe, raw, prefix="", source=source)
+    _cross_checks(recipe, source)
+    return recipe
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    """Write the fully resolved recipe; `load_recipe` of the file gives the same recipe back."""
+    from tltool.rundir import atomic_write_text
+
+    header = ("# Resolved tltool recipe: every field with its value for this run.\n"
+              "# Repeat the run with: tltool finetune THIS_FILE --out NEW_DIR\n")
+    atomic_write_text(Path(path), header + recipe.to_yaml())
+
+
+def field_paths(cls=Recipe, prefix: str = "") -> dict[str, dataclasses.Field]:
+    """Every leaf field of the schema by dotted path."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if cls is Recipe and f.name in _SECTIONS:
+            out.update(field_paths(_SECTIONS[f.name], prefix + f.name + "."))
+        else:
+            out[prefix + f.name] = f
+    return out
+
+
+def describe_fields() -> list[tuple[str, Any, str]]:
+    """(dotted path, default, description) of every field, for documentation and `--help`."""
+    rows = []
+    for path, f in field_paths().items():
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append((path, default, f.metadata.get("help", "")))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- validation
+
+_SECTIONS = {
+    "data": DataConfig, "backbone": BackboneConfig, "head": HeadConfig, "frozen": FrozenStageConfig,
+    "fine_tune": FineTuneStageConfig, "train": TrainConfig, "augment": AugmentConfig, "tune": TuneConfig,
+    "export": ExportConfig,
+}
+
+
+def _build(cls, raw: Any, prefix: str, source: str):
+    where = prefix.rstrip(".") or "the top level"
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source}: expected `{where}` to be a mapping. Received: {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        key = str(key)
+        if key not in fields:
+            raise RecipeError(f"{source}: unknown key `{prefix}{key}`.{_did_you_mean(key, fields, prefix)}")
+        path = prefix + key
+        if key in _SECTIONS and cls is Recipe:
+            kwargs[key] = _build(_SECTIONS[key], value if value is not None else {}, path + ".", source)
+        else:
+            kwargs[key] = _check_value(path, value, hints[key], fields[key].metadata, source)
+    return cls(**kwargs)
+
+
+def _did_you_mean(key: str, candidates, prefix: str) -> str:
+    close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
+    if close:
+        return f" Did you mean `{prefix}{close[0]}`?"
+    return f" Valid keys here: {', '.join(sorted(candidates))}."
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+            dict: "a mapping"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp) -> tuple[bool, Any]:
+    """Return (ok, value converted to tp). Ints are accepted for floats; bools are not numbers."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, converted = _coerce(value, arg)
+            if ok:
+                return True, converted
+        return False, value
+    if tp is type(None):
+        return value is None, None
+    if origin is list:
+        if not isinstance(value, list):
+            return False, value
+        (inner,) = typing.get_args(tp)
+        out = []
+        for item in value:
+            ok, converted = _coerce(item, inner)
+            if not ok:
+                return False, value
+            out.append(converted)
+        return True, out
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, bool):
+            return False, value
+        if isinstance(value, (int, float)):
+            return True, float(value)
+        if isinstance(value, str):  # YAML reads "1e-3" (no dot) as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return False, value
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, str(value)
+        return isinstance(value, str), value
+    if tp is dict:
+        return isinstance(value, dict), value
+    return isinstance(value, tp), value
+
+
+def _check_value(path: str, value: Any, tp, meta, source: str) -> Any:
+    ok, converted = _coerce(value, tp)
+    if not ok:
+        raise RecipeError(f"{source}: expected `{path}` to be {_type_name(tp)}. Received: {path}={value!r}")
+    choices = meta.get("choices")
+    if choices is not None and converted not in choices:
+        shown = ", ".join("null" if c is None else f"`{c}`" for c in choices)
+        hint = difflib.get_close_matches(str(converted), [str(c) for c in choices if c], n=1)
+        extra = f" Did you mean `{hint[0]}`?" if hint else ""
+        raise RecipeError(f"{source}: expected `{path}` to be one of {shown}. Received: {path}={value!r}.{extra}")
+    lo, hi = meta.get("min"), meta.get("max")
+    numbers = converted if isinstance(converted, list) else [converted]
+    for number in numbers:
+        if isinstance(number, (int, float)) and not isinstance(number, bool):
+            if (lo is not None and number < lo) or (hi is not None and number > hi):
+                bounds = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+                raise RecipeError(f"{source}: expected `{path}` to be {bounds}. Received: {path}={value!r}")
+    return converted
+
+
+def _cross_checks(recipe: Recipe, source: str) -> None:
+    if recipe.data.val is None and recipe.data.val_split <= 0.0:
+        raise RecipeError(f"{source}: `data.val_split` must be above 0 when no `data.val` folder is given "
+                          f"(received {recipe.data.val_split}); set `data.val_split: 0.2` or pass --val-data.")
+    if recipe.frozen.epochs == 0 and recipe.fine_tune.epochs == 0:
+        raise RecipeError(f"{source}: both `frozen.epochs` and `fine_tune.epochs` are 0: nothing would train.")
+    if any(units < 1 for units in recipe.head.dense):
+        raise RecipeError(f"{source}: expected every entry of `head.dense` to be at least 1. "
+                          f"Received: head.dense={recipe.head.dense}")
+    if recipe.data.group_by is not None:
+        import re
+        try:
+            re.compile(recipe.data.group_by)
+        except re.error as exc:
+            raise RecipeError(f"{source}: `data.group_by` is not a valid regular expression: {exc}.") from None
+    known = field_paths()
+    for key in recipe.tune.space:
+        if key not in known:
+            raise RecipeError(f"{source}: unknown key `{key}` in `tune.space`."
+                              f"{_did_you_mean(key, known, '')}")
+
+
+def _flatten(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict) and key in _SECTIONS and not prefix:
+            yield from _flatten(value, key + ".")
+        else:
+            yield prefix + key, value

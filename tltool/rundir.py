@@ -1,0 +1,121 @@
+"""The run directory: what `finetune` and `tune` write and `evaluate`, `export` and `predict` read.
+
+Layout of a finetune run:
+
+    model.keras      the trained model (takes plain RGB pixels, 0-255)
+    labels.txt       class names, one per line, in output order
+    recipe.yaml      the fully resolved recipe (feed it back to `tltool finetune` to repeat the run)
+    history.csv      one row per finished epoch, with `stage` and `epoch` columns
+    summary.json     accuracy, counts, skipped files, timings
+
+Everything is written atomically (temporary file in the same folder, then rename), so a crash never
+leaves a half-written file that a later command would trust.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tltool.errors import RunDirError
+
+MODEL_FILE = "model.keras"
+LABELS_FILE = "labels.txt"
+RECIPE_FILE = "recipe.yaml"
+HISTORY_FILE = "history.csv"
+SUMMARY_FILE = "summary.json"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see either the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def atomic_save_model(model, path: Path) -> None:
+    """`model.save` to a temporary name in the same folder, then rename into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _json_default(obj):
+    if hasattr(obj, "item"):  # numpy scalars
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def prepare_output_dir(out: Path, force: bool = False, resume: bool = False) -> Path:
+    """Create `out`, refusing to write into a non-empty folder unless `force` (wipe) or `resume` (keep)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out {out} is a file, not a folder. Choose another --out.")
+    if out.exists() and any(out.iterdir()) and not resume:
+        if not force:
+            raise RunDirError(f"Output folder {out} already exists and is not empty. Choose another --out, "
+                              f"pass --force to overwrite it, or --resume to continue that run.")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_labels(run_dir: Path, classes: list[str]) -> None:
+    atomic_write_text(Path(run_dir) / LABELS_FILE, "".join(f"{name}\n" for name in classes))
+
+
+def read_labels(path: Path) -> list[str]:
+    """Class names from a labels file, or from the `labels.txt` inside a folder."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / LABELS_FILE
+    if not path.is_file():
+        raise RunDirError(f"No labels file at {path}. Point at a run directory written by `tltool finetune`.")
+    return [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def require_run_dir(run_dir: Path) -> Path:
+    """Check that `run_dir` holds a finished run (model and labels), or say what is missing."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"Run directory not found: {run_dir}. Pass the --out folder of a `tltool finetune` run.")
+    for name in (MODEL_FILE, LABELS_FILE):
+        if not (run_dir / name).is_file():
+            raise RunDirError(f"{run_dir} has no {name}: it is not a finished tltool run. "
+                              f"Finish it with `tltool finetune --resume --out {run_dir}` or train a new one.")
+    return run_dir
+
+
+def read_summary(run_dir: Path) -> dict:
+    path = Path(run_dir) / SUMMARY_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}

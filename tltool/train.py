@@ -1,0 +1,69 @@
+"""The two training stages, shared by `finetune` and every `tune` trial.
+
+Stage 1 trains the head with the backbone frozen, either on cached features (fast path, see
+features.py) or on images. Stage 2 unfreezes the backbone's top layers and trains on augmented images
+at a low learning rate, starting from the stage-1 head.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from tltool.callbacks import HistoryCSV
+
+_OPTIMIZERS = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "rmsprop": "RMSprop"}
+
+
+def make_optimizer(name: str, learning_rate: float):
+    import keras
+
+    cls = getattr(keras.optimizers, _OPTIMIZERS[name])
+    if name == "sgd":
+        return cls(learning_rate=learning_rate, momentum=0.9)
+    return cls(learning_rate=learning_rate)
+
+
+def compile_model(model, optimizer: str, learning_rate: float, label_smoothing: float, jit_compile=False):
+    import keras
+
+    model.compile(
+        optimizer=make_optimizer(optimizer, learning_rate),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
+        metrics=["accuracy"],
+        jit_compile=jit_compile,
+    )
+
+
+def stage_callbacks(history_path: Path | None, stage: int, patience: int, extra=()) -> list:
+    """History rows, early stopping that restores the best weights, NaN guard, plus any `extra`."""
+    import keras
+
+    callbacks = [keras.callbacks.TerminateOnNaN()]
+    if patience > 0:
+        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience,
+                                                       restore_best_weights=True, verbose=0))
+    if history_path is not None:
+        callbacks.append(HistoryCSV(history_path, stage))
+    callbacks.extend(extra)
+    return callbacks
+
+
+def features_dataset(features: np.ndarray, labels: np.ndarray, num_classes: int, batch_size: int,
+                     shuffle: bool, seed: int | None):
+    """(float32 features, one-hot labels) batches from in-memory float16 features."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((features, labels.astype(np.int32)))
+    if shuffle:
+        ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), tf.one_hot(y, num_classes)))
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def fit_stage(model, train_ds, val_ds, epochs: int, callbacks: list, class_weight=None, initial_epoch: int = 0,
+              verbose: int = 1):
+    """`model.fit` for one stage; returns the Keras History."""
+    return model.fit(train_ds, validation_data=val_ds, epochs=epochs, initial_epoch=initial_epoch,
+                     callbacks=callbacks, class_weight=class_weight, verbose=verbose)
