@@ -1,0 +1,5 @@
+"""`python -m tltool` runs the command line."""
+
+from tltool.cli import main
+
+main()
