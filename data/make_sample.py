@@ -32,14 +32,16 @@ def _color(rng: random.Random, hue_centre: float, spread: float = 45) -> tuple[i
 
 
 def _background(rng: random.Random, w: int, h: int) -> Image.Image:
-    base = tuple(rng.randint(30, 225) for _ in range(3))
-    img = Image.new("RGB", (w, h), base)
+    """A soft two-tone gradient with a little noise: texture without shapes that could be confused with ours."""
+    a = [rng.randint(40, 215) for _ in range(3)]
+    b = [min(255, max(0, c + rng.randint(-60, 60))) for c in a]
+    img = Image.new("RGB", (w, h))
     draw = ImageDraw.Draw(img)
-    for _ in range(rng.randint(3, 10)):  # faint stripes and blobs as clutter
-        x0, y0 = rng.randint(0, w), rng.randint(0, h)
-        shade = tuple(max(0, min(255, c + rng.randint(-40, 40))) for c in base)
-        draw.ellipse([x0, y0, x0 + rng.randint(5, w // 2), y0 + rng.randint(5, h // 2)], fill=shade)
-    return img.filter(ImageFilter.GaussianBlur(1.5))
+    for y in range(h):
+        t = y / max(h - 1, 1)
+        draw.line([(0, y), (w, y)], fill=tuple(int(a[i] * (1 - t) + b[i] * t) for i in range(3)))
+    noise = Image.effect_noise((w, h), rng.uniform(4, 12)).convert("RGB")
+    return Image.blend(img, noise, 0.08)
 
 
 def _shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float, angle: float, fill) -> None:
@@ -57,7 +59,7 @@ def make_image(rng: random.Random, kind: str) -> Image.Image:
     h = max(48, int(w * rng.uniform(0.75, 1.33)))
     img = _background(rng, w, h)
     draw = ImageDraw.Draw(img)
-    r = min(w, h) * rng.uniform(0.22, 0.4)
+    r = min(w, h) * rng.uniform(0.28, 0.45)
     cx = rng.uniform(r, w - r)
     cy = rng.uniform(r, h - r)
     _shape(draw, kind, cx, cy, r, rng.uniform(0, 2 * math.pi), _color(rng, HUE_CENTRE[kind]))

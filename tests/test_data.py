@@ -1,0 +1,83 @@
+"""Folder scanning, seeded stratified splits and class weights."""
+
+import shutil
+
+import pytest
+
+from helpers import make_image_folder
+from tltool.data import balanced_class_weights, scan_folder, stratified_split
+from tltool.errors import DataError
+
+
+def test_scan_lists_classes_in_order_and_ignores_hidden_and_non_images(tmp_path):
+    root = make_image_folder(tmp_path / "d", per_class=3)
+    (root / "red" / ".hidden.jpg").write_bytes(b"junk")
+    (root / "red" / "notes.txt").write_text("not an image")
+    (root / ".git").mkdir()
+    folder = scan_folder(root)
+    assert folder.classes == ["blue", "green", "red"]
+    assert folder.counts() == {"blue": 3, "green": 3, "red": 3}
+
+
+def test_unreadable_file_is_skipped_with_its_reason(tmp_path):
+    root = make_image_folder(tmp_path / "d", per_class=3)
+    (root / "red" / "broken.jpg").write_bytes(b"this is not a jpeg")
+    (root / "red" / "empty.png").write_bytes(b"")
+    from tltool.data import SkipLog
+
+    skips = SkipLog()
+    folder = scan_folder(root, skips)
+    assert len(folder) == 9
+    reasons = {entry["path"].rsplit("/", 1)[-1]: entry["reason"] for entry in skips.as_list()}
+    assert reasons == {"broken.jpg": "not an image, or an unsupported format", "empty.png": "empty file (0 bytes)"}
+
+
+def test_missing_folder_and_single_class_are_clear_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        scan_folder(tmp_path / "nope")
+    root = make_image_folder(tmp_path / "one", classes=("red",), per_class=3)
+    with pytest.raises(DataError, match="at least 2 are needed"):
+        scan_folder(root)
+
+
+def test_validation_folder_with_unknown_class_is_rejected(tmp_path, image_folder):
+    val = make_image_folder(tmp_path / "val", classes=("red", "purple"), per_class=2)
+    train = scan_folder(image_folder)
+    with pytest.raises(DataError, match="has classes the training data does not: purple"):
+        scan_folder(val, classes=train.classes, role="validation")
+
+
+def test_split_is_stratified_deterministic_and_disjoint(image_folder):
+    folder = scan_folder(image_folder)
+    train_a, val_a = stratified_split(folder, 0.25, seed=3)
+    train_b, val_b = stratified_split(folder, 0.25, seed=3)
+    assert val_a.paths == val_b.paths and train_a.paths == train_b.paths
+    assert set(train_a.paths).isdisjoint(val_a.paths)
+    assert len(train_a) + len(val_a) == len(folder)
+    assert val_a.counts() == {"blue": 2, "green": 2, "red": 2}
+    _, val_c = stratified_split(folder, 0.25, seed=4)
+    assert val_c.paths != val_a.paths
+
+
+def test_split_does_not_depend_on_scan_order(image_folder, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(image_folder, copy)
+    a = stratified_split(scan_folder(image_folder), 0.25, seed=1)[1]
+    b = stratified_split(scan_folder(copy), 0.25, seed=1)[1]
+    assert [p.rsplit("/", 1)[-1] for p in a.paths] == [p.rsplit("/", 1)[-1] for p in b.paths]
+
+
+def test_group_by_keeps_groups_together(tmp_path):
+    root = make_image_folder(tmp_path / "d", per_class=8)
+    for folder in root.iterdir():  # rename to objNN_view so that pairs of files share an object id
+        for i, path in enumerate(sorted(folder.iterdir())):
+            path.rename(path.with_name(f"obj{i // 2:02d}_view{i % 2}{path.suffix}"))
+    train, val = stratified_split(scan_folder(root), 0.25, seed=0, group_by=r"^(obj\d+)_")
+    groups = lambda part: {(p.split("/")[-2], p.rsplit("/", 1)[-1][:5]) for p in part.paths}  # noqa: E731
+    assert groups(train).isdisjoint(groups(val))
+    assert all(n == 2 for n in val.counts().values())
+
+
+def test_balanced_class_weights():
+    weights = balanced_class_weights([0, 0, 0, 1], 2)
+    assert weights == {0: pytest.approx(4 / 6), 1: pytest.approx(2.0)}

@@ -1,0 +1,160 @@
+"""End to end: tiny finetune runs through the API and the CLI, on CPU, without network."""
+
+import csv
+import json
+
+import keras
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import tltool
+from helpers import make_image_folder, tiny_recipe_args, tiny_values
+from tltool.cli import main
+from tltool.recipe import load_recipe
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One tiny two-stage run shared by the tests that only read its outputs."""
+    root = tmp_path_factory.mktemp("run")
+    data = make_image_folder(root / "data", per_class=8)
+    test = make_image_folder(root / "test", per_class=3, seed=1)
+    result = tltool.finetune(data=data, test_data=test, out=root / "out", overrides=tiny_values(32), verbose=0)
+    return result
+
+
+def test_run_directory_has_every_artifact(tiny_run):
+    run = tiny_run.run_dir
+    for name in ("model.keras", "labels.txt", "recipe.yaml", "history.csv", "summary.json"):
+        assert (run / name).is_file(), name
+    assert (run / "labels.txt").read_text().split() == ["blue", "green", "red"]
+
+
+def test_summary_has_the_documented_fields(tiny_run):
+    summary = json.loads((tiny_run.run_dir / "summary.json").read_text())
+    assert summary["classes"] == ["blue", "green", "red"]
+    assert 0.0 <= summary["val_accuracy"] <= 1.0 and 0.0 <= summary["test_accuracy"] <= 1.0
+    assert summary["images"] == {"train": 18, "val": 6, "test": 9}
+    assert summary["skipped_files"] == []
+    timings = summary["timings"]
+    assert timings["total_s"] >= timings["stage1_s"] + timings["stage2_s"] > 0
+    assert timings["feature_images"] == 24 and timings["features_s"] > 0
+
+
+def test_history_has_one_row_per_epoch_of_each_stage(tiny_run):
+    rows = list(csv.DictReader(open(tiny_run.run_dir / "history.csv")))
+    assert [(r["stage"], r["epoch"]) for r in rows] == [("1", "1"), ("1", "2"), ("2", "1")]
+    assert all(r["val_accuracy"] for r in rows)
+
+
+def test_saved_model_reloads_safely_and_takes_plain_pixels(tiny_run):
+    model = keras.models.load_model(tiny_run.run_dir / "model.keras", safe_mode=True)
+    pixels = np.full((2, 32, 32, 3), 200, "float32")
+    probs = model.predict(pixels, verbose=0)
+    assert probs.shape == (2, 3)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_resolved_recipe_repeats_the_run(tiny_run, tmp_path):
+    recipe = load_recipe(tiny_run.run_dir / "recipe.yaml")
+    assert recipe.backbone.weights == "none" and recipe.data.image_size == 32
+    again = tltool.finetune(tiny_run.run_dir / "recipe.yaml", out=tmp_path / "again", verbose=0)
+    assert again.summary["images"] == tiny_run.summary["images"]
+
+
+def test_learns_an_easy_task(tmp_path):
+    """Colour classes are separable even by a random backbone's features once stage 2 trains it."""
+    data = make_image_folder(tmp_path / "data", per_class=12)
+    result = tltool.finetune(data=data, out=tmp_path / "out", verbose=0, backbone="mobilenet_v3_small",
+                             overrides=["backbone.weights=none", "data.image_size=32", "data.batch_size=8",
+                                        "frozen.epochs=1", "fine_tune.epochs=12", "fine_tune.unfreeze=500",
+                                        "fine_tune.learning_rate=0.003", "fine_tune.early_stopping=0"])
+    assert result.summary["val_accuracy"] >= 0.8
+
+
+def test_weights_file_saved_by_the_test_is_loaded(tmp_path, image_folder):
+    spec = tltool.get_backbone_spec("mobilenet_v2")
+    net = spec.constructor_fn()(include_top=False, weights=None, input_shape=(32, 32, 3))
+    rng = np.random.default_rng(0)
+    net.set_weights([rng.normal(0, 0.05, w.shape).astype("float32") for w in net.get_weights()])
+    path = tmp_path / "pretrained.weights.h5"
+    net.save_weights(path)
+    reference = net.get_weights()[0]
+    result = tltool.finetune(data=image_folder, out=tmp_path / "out", weights=str(path), verbose=0,
+                             overrides=["data.image_size=32", "frozen.epochs=1", "fine_tune.epochs=0"])
+    model = keras.models.load_model(result.run_dir / "model.keras")
+    backbone = next(layer for layer in model.layers if isinstance(layer, keras.Model))
+    np.testing.assert_allclose(backbone.get_weights()[0], reference)
+
+
+def test_weights_file_of_another_network_is_a_clear_error(tmp_path, image_folder):
+    other = keras.applications.MobileNetV3Small(include_top=False, weights=None, input_shape=(32, 32, 3))
+    path = tmp_path / "other.weights.h5"
+    other.save_weights(path)
+    result = CliRunner().invoke(main, ["finetune", "--data", str(image_folder), "--weights", str(path),
+                                       "--out", str(tmp_path / "out"), *tiny_recipe_args()[2:]])
+    assert result.exit_code == 2
+    assert "does not fit mobilenet_v2 without its top" in result.output
+
+
+def test_classic_head_swaps_only_the_last_layer(tmp_path, image_folder):
+    result = tltool.finetune(data=image_folder, out=tmp_path / "out", backbone="vgg16", verbose=0,
+                             overrides=["backbone.weights=none", "head.mode=classic", "data.image_size=32",
+                                        "frozen.epochs=1", "fine_tune.epochs=0"])
+    model = result.model
+    assert model.output_shape == (None, 3)
+    backbone = next(layer for layer in model.layers if isinstance(layer, keras.Model) and "classic" in layer.name)
+    assert backbone.output_shape == (None, 4096)  # VGG16's fc2 kept
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_finetune_success(tmp_path, image_folder):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["finetune", "--data", str(image_folder), "--out", str(out), "--quiet",
+                                       "--epochs", "1", "--fine-tune-epochs", "0", *tiny_recipe_args()])
+    assert result.exit_code == 0, result.output
+    assert "val_accuracy" in result.output and (out / "model.keras").is_file()
+
+
+def test_cli_refuses_a_non_empty_out_without_force(tmp_path, image_folder):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    args = ["finetune", "--data", str(image_folder), "--out", str(out), "--quiet", *tiny_recipe_args()]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2
+    assert "already exists and is not empty" in result.output and "--force" in result.output
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "/nonexistent/folder"], "The training folder /nonexistent/folder does not exist"),
+    (["--backbone", "resnet5"], "Unknown backbone `resnet5`. Did you mean `resnet50`"),
+    (["--set", "head.dropuot=0.1"], "unknown key `head.dropuot`. Did you mean `head.dropout`?"),
+    (["--image-size", "16", "--set", "backbone.weights=none"], "Image size 16 is too small for mobilenet_v2"),
+    (["--weights", "/nonexistent/w.weights.h5"], "Weights file not found"),
+])
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, image_folder, args, message):
+    base = ["finetune", "--out", str(tmp_path / "out")]
+    if "--data" not in args:
+        base += ["--data", str(image_folder)]
+    result = CliRunner().invoke(main, base + args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_cli_missing_recipe_file(tmp_path):
+    result = CliRunner().invoke(main, ["finetune", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 2 and "Recipe file not found" in result.output
+
+
+def test_cli_backbones_lists_the_registry():
+    result = CliRunner().invoke(main, ["backbones", "mobilenet_v*", "--no-params"])
+    assert result.exit_code == 0
+    assert "mobilenet_v2" in result.output and "1280" in result.output and "vgg16" not in result.output
+    result = CliRunner().invoke(main, ["backbones", "nothing*"])
+    assert result.exit_code == 2 and "No backbone matches" in result.output
