@@ -64,12 +64,12 @@ def test_resolved_recipe_repeats_the_run(tiny_run, tmp_path):
 
 
 def test_learns_an_easy_task(tmp_path):
-    """Colour classes are separable even by a random backbone's features once stage 2 trains it."""
+    """Colour classes are separable by the features of a random VGG16 (no BatchNorm to calibrate)."""
     data = make_image_folder(tmp_path / "data", per_class=12)
-    result = tltool.finetune(data=data, out=tmp_path / "out", verbose=0, backbone="mobilenet_v3_small",
+    result = tltool.finetune(data=data, out=tmp_path / "out", verbose=0, backbone="vgg16",
                              overrides=["backbone.weights=none", "data.image_size=32", "data.batch_size=8",
-                                        "frozen.epochs=1", "fine_tune.epochs=12", "fine_tune.unfreeze=500",
-                                        "fine_tune.learning_rate=0.003", "fine_tune.early_stopping=0"])
+                                        "frozen.epochs=20", "frozen.learning_rate=0.01", "frozen.early_stopping=0",
+                                        "fine_tune.epochs=0"])
     assert result.summary["val_accuracy"] >= 0.8
 
 
@@ -134,11 +134,13 @@ def test_cli_refuses_a_non_empty_out_without_force(tmp_path, image_folder):
     (["--data", "/nonexistent/folder"], "The training folder /nonexistent/folder does not exist"),
     (["--backbone", "resnet5"], "Unknown backbone `resnet5`. Did you mean `resnet50`"),
     (["--set", "head.dropuot=0.1"], "unknown key `head.dropuot`. Did you mean `head.dropout`?"),
-    (["--image-size", "16", "--set", "backbone.weights=none"], "Image size 16 is too small for mobilenet_v2"),
+    (["--image-size", "16"], "Image size 16 is too small for mobilenet_v2"),
     (["--weights", "/nonexistent/w.weights.h5"], "Weights file not found"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, image_folder, args, message):
     base = ["finetune", "--out", str(tmp_path / "out")]
+    if "--weights" not in args:
+        base += ["--weights", "none"]
     if "--data" not in args:
         base += ["--data", str(image_folder)]
     result = CliRunner().invoke(main, base + args)

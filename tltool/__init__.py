@@ -1,7 +1,9 @@
 """tltool: transfer learning for image classification with Keras.
 
 The public API; the CLI uses only these. Heavy modules (TensorFlow) load on first use, so
-`import tltool` and `tltool --help` stay fast.
+`import tltool` and `tltool --help` stay fast. Modules are named differently from the API functions
+(`finetuning.py` holds `finetune`): importing a submodule binds its name on the package, which would
+otherwise replace the function.
 """
 
 import os
@@ -13,8 +15,8 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 __version__ = "0.1.0"
 
 _LAZY = {
-    "finetune": "tltool.finetune",
-    "FinetuneResult": "tltool.finetune",
+    "finetune": "tltool.finetuning",
+    "FinetuneResult": "tltool.finetuning",
     "load_recipe": "tltool.recipe",
     "Recipe": "tltool.recipe",
     "describe_fields": "tltool.recipe",

@@ -7,7 +7,9 @@ the TLTOOL_ prefix (e.g. TLTOOL_FINETUNE_BATCH_SIZE=16).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -40,6 +42,31 @@ def handle_errors(fn):
             sys.exit(130)
 
     return wrapper
+
+
+class Interrupted(Exception):
+    """Raised in the main thread when SIGTERM arrives, so training unwinds like on Ctrl-C."""
+
+
+@contextlib.contextmanager
+def interruptible(out, resume_hint: bool):
+    """Ctrl-C or SIGTERM: stop cleanly, say what was kept and how to continue, exit 130 (143 for SIGTERM)."""
+
+    def on_sigterm(signum, frame):
+        raise Interrupted()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    except (KeyboardInterrupt, Interrupted) as exc:
+        code = 143 if isinstance(exc, Interrupted) else 130
+        where = f" --out {out}" if out else " --out RUN_DIR"
+        hint = (f" Progress up to the last finished epoch is saved; continue with: tltool finetune --resume{where}"
+                if resume_hint else "")
+        click.echo(f"\nInterrupted.{hint}", err=True)
+        sys.exit(code)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
@@ -91,15 +118,26 @@ def recipe_options(fn):
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Run directory to write (default: runs/NAME-TIMESTAMP).")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists and is not empty.")
+@click.option("--resume", is_flag=True, help="Continue the interrupted run in --out from its last finished epoch.")
+@click.option("--deterministic", is_flag=True, help="Deterministic ops: the same seed gives the same metrics.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @handle_errors
 def finetune(recipe, data, val_data, test_data, backbone, weights, image_size, batch_size, seed, overrides,
-             epochs, fine_tune_epochs, out, force, quiet):
+             epochs, fine_tune_epochs, out, force, resume, deterministic, quiet):
     """Fine-tune a pretrained backbone on an image folder (RECIPE: optional YAML recipe)."""
-    tltool.finetune(recipe, data=data, val_data=val_data, test_data=test_data, backbone=backbone,
-                    weights=weights, image_size=image_size, epochs=epochs, fine_tune_epochs=fine_tune_epochs,
-                    batch_size=batch_size, seed=seed, out=out, overrides=overrides, force=force,
-                    verbose=0 if quiet else 1, log=echo)
+    if resume and force:
+        raise click.UsageError("--resume and --force contradict each other: --force would delete the run.")
+    if deterministic:
+        overrides = (*overrides, "train.deterministic=true")
+    with interruptible(out, resume_hint=True):
+        result = tltool.finetune(recipe, data=data, val_data=val_data, test_data=test_data, backbone=backbone,
+                        weights=weights, image_size=image_size, epochs=epochs,
+                        fine_tune_epochs=fine_tune_epochs, batch_size=batch_size, seed=seed, out=out,
+                        overrides=overrides, force=force, resume=resume, verbose=0 if quiet else 1, log=echo)
+    if quiet:  # the one line a quiet run still owes its user
+        summary = result.summary
+        test = f", test_accuracy {summary['test_accuracy']:.4f}" if summary["test_accuracy"] is not None else ""
+        echo(f"val_accuracy {summary['val_accuracy']:.4f}{test}. Run directory: {result.run_dir}")
 
 
 @main.command()

@@ -1,0 +1,464 @@
+"""`finetune`: recipe -> checked data -> backbone -> stage 1 -> stage 2 -> evaluation -> run directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tltool import rundir
+from tltool.backbones import check_image_size, get_backbone_spec, resolve_weights
+from tltool.data import (ImageFolder, SkipLog, augmentation_layer, balanced_class_weights, image_dataset,
+                         scan_folder, stratified_split)
+from tltool.errors import DataError, RecipeError, RunDirError
+from tltool.features import FeatureCache, cached_features, default_cache_dir, extractor_key
+from tltool.model import build_transfer_model, set_fine_tune_layers
+from tltool.recipe import Recipe, load_recipe, save_recipe
+from tltool.train import compile_model, features_dataset, fit_stage, stage_callbacks
+
+
+@dataclass
+class FinetuneResult:
+    run_dir: Path
+    summary: dict
+    model: object = None
+
+
+@dataclass
+class SplitData:
+    train: ImageFolder
+    val: ImageFolder
+    test: ImageFolder | None
+    skips: SkipLog
+
+
+def resolve_recipe(recipe=None, *, data=None, val_data=None, test_data=None, backbone=None, weights=None,
+                   image_size=None, epochs=None, fine_tune_epochs=None, batch_size=None, seed=None,
+                   overrides=()) -> Recipe:
+    """The recipe (path, `Recipe` or None for defaults) with `--set` overrides and explicit arguments applied."""
+    flags = {
+        "data": {"train": _path_or_none(data), "val": _path_or_none(val_data), "test": _path_or_none(test_data),
+                 "image_size": image_size, "batch_size": batch_size},
+        "backbone": {"name": backbone, "weights": weights},
+        "frozen": {"epochs": epochs},
+        "fine_tune": {"epochs": fine_tune_epochs},
+        "seed": seed,
+    }
+    if isinstance(recipe, Recipe):
+        base = recipe.to_dict()
+        from tltool.recipe import _flatten, from_dict, parse_override, set_dotted
+
+        for item in overrides:
+            set_dotted(base, *parse_override(item))
+        for key, value in _flatten(flags):
+            if value is not None:
+                set_dotted(base, key, value)
+        resolved = from_dict(base)
+    else:
+        resolved = load_recipe(recipe, overrides=overrides, values=flags)
+    for key in ("train", "val", "test"):  # absolute paths make the saved recipe repeatable from anywhere
+        value = getattr(resolved.data, key)
+        if value is not None:
+            setattr(resolved.data, key, str(Path(value).expanduser().resolve()))
+    return resolved
+
+
+def _path_or_none(value):
+    return None if value is None else str(value)
+
+
+def load_split_data(recipe: Recipe, skips: SkipLog | None = None) -> SplitData:
+    """Scan the recipe's folders and split off validation data when no folder is given."""
+    if recipe.data.train is None:
+        raise RecipeError("No training data: pass --data DIR (a folder with one sub-folder per class) or set "
+                          "`data.train` in the recipe.")
+    skips = skips if skips is not None else SkipLog()
+    full = scan_folder(recipe.data.train, skips, role="training")
+    if recipe.data.val:
+        train = full
+        val = scan_folder(recipe.data.val, skips, classes=full.classes, role="validation")
+    else:
+        train, val = stratified_split(full, recipe.data.val_split, recipe.seed, recipe.data.group_by)
+        if len(val) == 0:
+            raise DataError(f"Too few images in {full.root} to split off validation data; add images or pass "
+                            f"--val-data DIR.")
+    test = scan_folder(recipe.data.test, skips, classes=full.classes, role="test") if recipe.data.test else None
+    return SplitData(train, val, test, skips)
+
+
+@dataclass
+class StageFeatures:
+    """Stage 1's cached features of the training (views included) and validation images."""
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    val_x: np.ndarray
+    val_y: np.ndarray
+    seconds: float
+    computed: int
+
+
+@dataclass
+class TrainingContext:
+    """Everything the stages need besides the model: shared by `finetune` and `tune` trials."""
+
+    recipe: Recipe
+    split: SplitData
+    image_size: int
+    pretrained: bool
+    verbose: int = 1
+    log: object = print
+    jit_compile: bool = False
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.split.train.classes)
+
+    def images(self, folder: ImageFolder, training: bool, augment=None):
+        return image_dataset(folder.paths, folder.labels, self.image_size, self.recipe.data.batch_size,
+                             self.split.skips, self.num_classes, shuffle=training, seed=self.recipe.seed,
+                             augment=augment if training else None)
+
+    def class_weight(self):
+        if self.recipe.train.class_weights != "auto":
+            return None
+        return balanced_class_weights(self.split.train.labels, self.num_classes)
+
+
+def stage1_features(ctx: TrainingContext, extractor, spec, weights_fingerprint: str) -> StageFeatures:
+    """Features of the training and validation images, from the on-disk cache where possible."""
+    recipe = ctx.recipe
+    cache = FeatureCache(_cache_root(recipe) / extractor_key(
+        spec.name, weights_fingerprint, ctx.image_size, spec.preprocessing, recipe.head.mode, recipe.head.pooling))
+    bs = recipe.data.batch_size
+    augment = augmentation_layer(recipe.augment, seed=recipe.seed)
+    train_x, train_rows, s1 = cached_features(
+        extractor, cache, ctx.split.train.paths, ctx.image_size, bs, ctx.split.skips,
+        views=recipe.frozen.feature_views, augment=augment, augment_key=_augment_key(recipe), verbose=ctx.verbose,
+        log=ctx.log, jit_compile=ctx.jit_compile)
+    val_x, val_rows, s2 = cached_features(extractor, cache, ctx.split.val.paths, ctx.image_size, bs,
+                                          ctx.split.skips, verbose=ctx.verbose, log=ctx.log,
+                                          jit_compile=ctx.jit_compile)
+    return StageFeatures(train_x, np.asarray(ctx.split.train.labels)[train_rows], val_x,
+                         np.asarray(ctx.split.val.labels)[val_rows], s1.seconds + s2.seconds,
+                         s1.computed + s2.computed)
+
+
+def run_stage1(ctx: TrainingContext, tm, features: StageFeatures | None, history_path=None, backup_dir=None):
+    """Train the head with the backbone frozen: on `features` if given, else on images. Returns the History."""
+    recipe, n, bs = ctx.recipe, ctx.num_classes, ctx.recipe.data.batch_size
+    extra = [_backup(backup_dir)] if backup_dir else []
+    callbacks = stage_callbacks(history_path, 1, recipe.frozen.early_stopping, extra=extra)
+    if features is not None:
+        model = tm.head
+        train = features_dataset(features.train_x, features.train_y, n, bs, True, recipe.seed)
+        val = features_dataset(features.val_x, features.val_y, n, bs, False, None)
+    else:
+        model = tm.model
+        augment = augmentation_layer(recipe.augment, seed=recipe.seed)
+        train, val = ctx.images(ctx.split.train, True, augment), ctx.images(ctx.split.val, False)
+    compile_model(model, recipe.frozen.optimizer, recipe.frozen.learning_rate, recipe.train.label_smoothing,
+                  jit_compile=ctx.jit_compile)
+    return fit_stage(model, train, val, recipe.frozen.epochs, callbacks, ctx.class_weight(), verbose=ctx.verbose)
+
+
+def run_stage2(ctx: TrainingContext, tm, history_path=None, backup_dir=None):
+    """Unfreeze the backbone's top layers and train the whole model on augmented images. Returns the History."""
+    recipe = ctx.recipe
+    trainable = set_fine_tune_layers(tm.backbone, recipe.fine_tune.unfreeze, freeze_batchnorm=ctx.pretrained)
+    if ctx.verbose:
+        ctx.log(f"Stage 2: {trainable} backbone layers unfrozen, up to {recipe.fine_tune.epochs} epochs at "
+                f"learning rate {recipe.fine_tune.learning_rate:g}.")
+    compile_model(tm.model, recipe.fine_tune.optimizer, recipe.fine_tune.learning_rate,
+                  recipe.train.label_smoothing, jit_compile=ctx.jit_compile)
+    augment = augmentation_layer(recipe.augment, seed=recipe.seed)
+    extra = [_backup(backup_dir)] if backup_dir else []
+    try:
+        return fit_stage(tm.model, ctx.images(ctx.split.train, True, augment), ctx.images(ctx.split.val, False),
+                         recipe.fine_tune.epochs, stage_callbacks(history_path, 2, recipe.fine_tune.early_stopping,
+                                                                  extra=extra),
+                         ctx.class_weight(), verbose=ctx.verbose)
+    finally:
+        tm.backbone.trainable = False
+
+
+def _backup(backup_dir: Path):
+    import keras
+
+    # Keeps weights, optimizer state and the epoch after every epoch; a resumed fit continues from there.
+    # Two copies, so a crash while writing one leaves the other.
+    return keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True, delete_checkpoint=False)
+
+
+def finetune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=None, weights=None,
+             image_size=None, epochs=None, fine_tune_epochs=None, batch_size=None, seed=None, out=None,
+             overrides=(), force=False, resume=False, verbose: int = 1, log=print) -> FinetuneResult:
+    """Fine-tune a pretrained backbone on an image folder and write a run directory.
+
+    Args:
+        recipe: path of a YAML recipe, a `Recipe`, or None for the defaults.
+        data, val_data, test_data: image folders (one sub-folder per class); override the recipe's.
+        backbone, weights, image_size, epochs, fine_tune_epochs, batch_size, seed: override the recipe.
+            `epochs` is stage 1 (frozen backbone), `fine_tune_epochs` stage 2 (0 skips it).
+        out: run directory; default runs/NAME-TIMESTAMP. Must be new or empty unless `force` or `resume`.
+        overrides: `dotted.key=value` strings, as `--set`.
+        force: overwrite a non-empty `out`.
+        resume: continue the interrupted run in `out` from its last finished epoch, with the settings
+            of its recipe.yaml (no other recipe argument may be given).
+        verbose: 0 silent, 1 progress bars and messages.
+        log: where messages go.
+
+    Returns:
+        FinetuneResult with the run directory and the summary written to its summary.json.
+    """
+    t_start = time.perf_counter()
+    if resume:
+        run_dir = _check_resumable(out, recipe, dict(data=data, val_data=val_data, test_data=test_data,
+                                                      backbone=backbone, weights=weights, image_size=image_size,
+                                                      epochs=epochs, fine_tune_epochs=fine_tune_epochs,
+                                                      batch_size=batch_size, seed=seed, overrides=overrides,
+                                                      force=force))
+        recipe = load_recipe(run_dir / rundir.RECIPE_FILE)
+    else:
+        recipe = resolve_recipe(recipe, data=data, val_data=val_data, test_data=test_data, backbone=backbone,
+                                weights=weights, image_size=image_size, epochs=epochs,
+                                fine_tune_epochs=fine_tune_epochs, batch_size=batch_size, seed=seed,
+                                overrides=overrides)
+        run_dir = Path(out) if out else Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    say = log if verbose else (lambda *a, **k: None)
+    spec = get_backbone_spec(recipe.backbone.name)
+    size = recipe.data.image_size or spec.default_size
+    check_image_size(spec, size)
+    if recipe.data.train is None:
+        raise RecipeError("No training data: pass --data DIR (a folder with one sub-folder per class) or set "
+                          "`data.train` in the recipe.")
+    if not resume and run_dir.is_dir() and any(run_dir.iterdir()) and not force:
+        rundir.prepare_output_dir(run_dir, force=False)  # raises the standard message, before any heavy work
+    # Weights before data: an offline machine must learn at once that it cannot get them.
+    resolved_weights = resolve_weights(spec, recipe.backbone.weights, recipe.backbone.fallback,
+                                       classic=recipe.head.mode == "classic")
+    split = load_split_data(recipe)
+    run_dir = rundir.prepare_output_dir(run_dir, force=force, resume=resume)
+    classes = split.train.classes
+    say(f"tltool: {spec.name} at {size}px, {len(classes)} classes, {len(split.train)} training / "
+        f"{len(split.val)} validation" + (f" / {len(split.test)} test" if split.test else "") + " images.")
+    if len(split.skips):
+        say(f"Skipping {len(split.skips)} unreadable file(s); see skipped_files in summary.json.")
+
+    import keras
+    import tensorflow as tf
+
+    # Keras warns about things tltool does on purpose (shuffling inside tf.data; datasets whose length is
+    # unknown until the first epoch ends, because unreadable files are filtered out).
+    warnings.filterwarnings("ignore", message=r".*`shuffle=True` was passed")
+    warnings.filterwarnings("ignore", message=r"Your input ran out of data")
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(recipe.seed)
+    if recipe.train.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    gpus = tf.config.list_physical_devices("GPU")
+    _configure_precision(recipe, gpus)
+    strategy = _strategy(recipe, gpus)
+    ctx = TrainingContext(recipe, split, size, resolved_weights.pretrained, verbose, say,
+                          jit_compile=bool(recipe.train.xla and gpus))
+
+    with strategy.scope():
+        tm = build_transfer_model(spec, resolved_weights, len(classes), size, recipe.head, seed=recipe.seed)
+    if not resume:
+        save_recipe(recipe, run_dir / rundir.RECIPE_FILE)
+        rundir.write_labels(run_dir, classes)
+    progress = RunProgress(run_dir)
+    history_path = run_dir / rundir.HISTORY_FILE
+    timings = progress.state.get("timings", {"features_s": 0.0, "feature_images": 0, "stage1_s": 0.0,
+                                             "stage2_s": 0.0})
+    if resume:
+        progress.restore(tm.model, say)
+
+    # ---- stage 1: frozen backbone, head only
+    if recipe.frozen.epochs > 0 and not progress.done(1):
+        say(f"Stage 1: frozen backbone, training the head for up to {recipe.frozen.epochs} epochs.")
+        progress.trim_history(1, history_path)
+        t0 = time.perf_counter()
+        with strategy.scope():
+            features = None
+            if recipe.frozen.cache_features:
+                features = stage1_features(ctx, tm.feature_extractor, spec, resolved_weights.fingerprint)
+                timings["features_s"] = round(features.seconds, 3)
+                timings["feature_images"] = features.computed
+            run_stage1(ctx, tm, features, history_path, progress.backup_dir(1))
+        timings["stage1_s"] = round(timings.get("stage1_s", 0.0) + time.perf_counter() - t0, 3)
+        progress.finish_stage(1, tm.model, timings)
+
+    # ---- stage 2: top layers unfrozen, low learning rate, augmented images
+    if recipe.fine_tune.epochs > 0 and not progress.done(2):
+        progress.trim_history(2, history_path)
+        t0 = time.perf_counter()
+        with strategy.scope():
+            run_stage2(ctx, tm, history_path, progress.backup_dir(2))
+        timings["stage2_s"] = round(timings.get("stage2_s", 0.0) + time.perf_counter() - t0, 3)
+        progress.finish_stage(2, tm.model, timings)
+
+    # ---- evaluation of the full image-level model
+    t0 = time.perf_counter()
+    compile_model(tm.model, "adam", 1e-3, 0.0)
+    val_loss, val_acc = tm.model.evaluate(ctx.images(split.val, False), verbose=0)
+    test_loss = test_acc = None
+    if split.test is not None:
+        test_loss, test_acc = tm.model.evaluate(ctx.images(split.test, False), verbose=0)
+    timings["evaluate_s"] = round(time.perf_counter() - t0, 3)
+    # Saved uncompiled (a fresh functional wrapper over the same layers): users load it for inference or
+    # their own training, and a stale optimizer state would only cause warnings on load.
+    rundir.atomic_save_model(keras.Model(tm.model.inputs, tm.model.outputs, name=tm.model.name),
+                             run_dir / rundir.MODEL_FILE)
+    timings["total_s"] = round(progress.elapsed_before + time.perf_counter() - t_start, 3)
+
+    summary = {
+        "name": recipe.name,
+        "backbone": spec.name,
+        "weights": recipe.backbone.weights if not resolved_weights.fell_back else "none (fallback)",
+        "image_size": size,
+        "classes": classes,
+        "num_classes": len(classes),
+        "images": {"train": len(split.train), "val": len(split.val),
+                   "test": len(split.test) if split.test else None},
+        "class_counts": {"train": split.train.counts(), "val": split.val.counts(),
+                         "test": split.test.counts() if split.test else None},
+        "val_accuracy": round(float(val_acc), 6),
+        "val_loss": round(float(val_loss), 6),
+        "test_accuracy": None if test_acc is None else round(float(test_acc), 6),
+        "test_loss": None if test_loss is None else round(float(test_loss), 6),
+        "skipped_files": split.skips.as_list(),
+        "timings": timings,
+        "resumed": bool(resume),
+        "versions": _versions(),
+    }
+    rundir.atomic_write_json(run_dir / rundir.SUMMARY_FILE, summary)
+    progress.finish_run()
+    say(f"Done in {timings['total_s']:.1f}s: val_accuracy {val_acc:.4f}"
+        + (f", test_accuracy {test_acc:.4f}" if test_acc is not None else "") + f". Run directory: {run_dir}")
+    return FinetuneResult(run_dir, summary, tm.model)
+
+
+def _check_resumable(out, recipe, other_args: dict) -> Path:
+    if out is None:
+        raise RecipeError("--resume needs --out: the run directory of the interrupted run.")
+    given = [name for name, value in other_args.items() if value not in (None, (), [], False)]
+    if recipe is not None or given:
+        names = ", ".join(["RECIPE"] * (recipe is not None) + [f"--{n.replace('_', '-')}" for n in given])
+        raise RecipeError(f"--resume continues a run with the settings saved in its recipe.yaml; drop {names}.")
+    run_dir = Path(out)
+    if not (run_dir / rundir.RECIPE_FILE).is_file():
+        raise RunDirError(f"Nothing to resume in {run_dir}: it has no recipe.yaml. Start a new run instead.")
+    if (run_dir / rundir.SUMMARY_FILE).is_file() and RunProgress(run_dir).state.get("finished"):
+        raise RunDirError(f"The run in {run_dir} has already finished; nothing to resume.")
+    return run_dir
+
+
+class RunProgress:
+    """Which stages of a run are done, kept in RUN/checkpoints/state.json so that `--resume` can continue.
+
+    Within a stage, Keras's BackupAndRestore keeps the last finished epoch (weights and optimizer state);
+    after a stage, the full model's weights are saved, so a resumed run never trains an epoch twice.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.dir = Path(run_dir) / "checkpoints"
+        path = self.dir / "state.json"
+        self.state = json.loads(path.read_text()) if path.is_file() else {"stages_done": []}
+        self._t0 = time.perf_counter()
+        #: seconds spent on this run before this process started (earlier, interrupted attempts)
+        self.elapsed_before = self.state.get("elapsed_s", 0.0)
+
+    def done(self, stage: int) -> bool:
+        return stage in self.state["stages_done"]
+
+    def backup_dir(self, stage: int) -> Path:
+        return self.dir / f"stage{stage}"
+
+    def restore(self, model, say) -> None:
+        weights = self.dir / "after_stage.weights.h5"
+        if self.state["stages_done"] and weights.is_file():
+            model.load_weights(weights)
+        last = self.state["stages_done"][-1] if self.state["stages_done"] else 0
+        say(f"Resuming: stage(s) {self.state['stages_done'] or 'none'} done; continuing from stage {last + 1}.")
+
+    def trim_history(self, stage: int, history_path: Path) -> None:
+        """Drop history rows of `stage` after the epoch its backup holds, so no epoch appears twice."""
+        from tltool.callbacks import HISTORY_COLUMNS, read_history
+
+        meta = self.backup_dir(stage) / "training_metadata.json"
+        kept_epochs = json.loads(meta.read_text())["epoch"] if meta.is_file() else 0
+        rows = read_history(history_path)
+        keep = [r for r in rows if r["stage"] < stage or (r["stage"] == stage and r["epoch"] <= kept_epochs)]
+        if len(keep) != len(rows):
+            lines = [",".join(HISTORY_COLUMNS)]
+            lines += [",".join("" if r.get(c) is None else str(r[c]) for c in HISTORY_COLUMNS) for r in keep]
+            rundir.atomic_write_text(history_path, "\n".join(lines) + "\n")
+
+    def finish_stage(self, stage: int, model, timings: dict) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / ".after_stage.tmp.weights.h5"
+        model.save_weights(tmp)
+        os.replace(tmp, self.dir / "after_stage.weights.h5")
+        self.state["stages_done"].append(stage)
+        self.state["timings"] = timings
+        self._save()
+        shutil.rmtree(self.backup_dir(stage), ignore_errors=True)
+
+    def finish_run(self) -> None:
+        self.state["finished"] = True
+        self._save()
+        for path in self.dir.glob("*.weights.h5"):
+            path.unlink()
+
+    def _save(self) -> None:
+        self.state["elapsed_s"] = round(self.elapsed_before + time.perf_counter() - self._t0, 3)
+        rundir.atomic_write_json(self.dir / "state.json", self.state)
+
+
+def _cache_root(recipe: Recipe) -> Path:
+    return Path(recipe.train.cache_dir).expanduser() if recipe.train.cache_dir else default_cache_dir()
+
+
+def _augment_key(recipe: Recipe) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps([recipe.augment.__dict__, recipe.seed], sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _configure_precision(recipe: Recipe, gpus) -> None:
+    import keras
+
+    if recipe.train.mixed_precision and gpus:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    else:
+        if recipe.train.mixed_precision:
+            warnings.warn("train.mixed_precision is ignored: no GPU is visible.", UserWarning, stacklevel=3)
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def _strategy(recipe: Recipe, gpus):
+    import tensorflow as tf
+
+    if recipe.train.strategy == "mirrored":
+        if len(gpus) < 2:
+            warnings.warn(f"train.strategy mirrored with {len(gpus)} GPU(s): training on one device.",
+                          UserWarning, stacklevel=3)
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def _versions() -> dict:
+    import keras
+    import tensorflow as tf
+
+    from tltool import __version__
+
+    return {"tltool": __version__, "tensorflow": tf.__version__, "keras": keras.__version__}
