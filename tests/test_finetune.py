@@ -134,7 +134,8 @@ def test_cli_refuses_a_non_empty_out_without_force(tmp_path, image_folder):
     (["--data", "/nonexistent/folder"], "The training folder /nonexistent/folder does not exist"),
     (["--backbone", "resnet5"], "Unknown backbone `resnet5`. Did you mean `resnet50`"),
     (["--set", "head.dropuot=0.1"], "unknown key `head.dropuot`. Did you mean `head.dropout`?"),
-    (["--image-size", "16"], "Image size 16 is too small for mobilenet_v2"),
+    (["--backbone", "inception_v3", "--image-size", "40"], "Image size 40 is too small for inception_v3"),
+    (["--image-size", "16"], "expected `data.image_size` to be between 32 and 1024"),
     (["--weights", "/nonexistent/w.weights.h5"], "Weights file not found"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, image_folder, args, message):
