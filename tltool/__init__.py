@@ -23,6 +23,8 @@ _LAZY = {
     "load_image": "tltool.images",
     "scan_folder": "tltool.data",
     "TltoolError": "tltool.errors",
+    "check_data": "tltool.datacheck",
+    "format_report": "tltool.datacheck",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -7,18 +7,18 @@ scan time (header) and at decode time, so one broken file never stops a run.
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import warnings
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from tltool.errors import DataError
-from tltool.images import ImageReadError, is_image_name, load_image
+from tltool.images import ImageReadError, is_image_name, load_image, probe
 
 
 class SkipLog:
@@ -26,11 +26,12 @@ class SkipLog:
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._reasons: dict[str, str] = {}
+        self._reasons: dict[str, tuple[str, str]] = {}
 
-    def add(self, path: str | Path, reason: str) -> None:
+    def add(self, path: str | Path, reason: str, kind: str = "corrupt") -> None:
+        """Record `path` as skipped (the first reason given for a file is kept)."""
         with self._lock:
-            self._reasons.setdefault(str(path), reason)
+            self._reasons.setdefault(str(path), (reason, kind))
 
     def __contains__(self, path) -> bool:
         return str(path) in self._reasons
@@ -40,7 +41,7 @@ class SkipLog:
 
     def as_list(self) -> list[dict]:
         with self._lock:
-            return [{"path": p, "reason": r} for p, r in sorted(self._reasons.items())]
+            return [{"path": p, "reason": r, "kind": k} for p, (r, k) in sorted(self._reasons.items())]
 
 
 @dataclass
@@ -65,27 +66,28 @@ class ImageFolder:
         return len(self.paths)
 
 
+def _io_workers() -> int:
+    return min(32, (os.cpu_count() or 1) + 4)
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image-named files under a class folder (sub-folders included), hidden files and folders left out."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_name(p)
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
 def class_folders(root: Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
                   key=lambda p: p.name)
 
 
-def _header_ok(path: Path) -> str | None:
-    """None if the file opens as an image (header only, cheap), else the reason it does not."""
+def _header_ok(path: Path) -> ImageReadError | None:
+    """None if the file opens as an image (header only, cheap), else why it does not."""
     try:
-        if path.stat().st_size == 0:
-            return "empty file (0 bytes)"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(path) as img:
-                img.size  # noqa: B018 - reading the header is the check
+        probe(path)
         return None
-    except Image.DecompressionBombError:
-        return "image too large (decompression bomb guard)"
-    except Image.UnidentifiedImageError:
-        return "not an image, or an unsupported format"
-    except OSError as exc:
-        return f"cannot read: {str(exc)[:80]}"
+    except ImageReadError as exc:
+        return exc
 
 
 def scan_folder(root: str | Path, skips: SkipLog | None = None, classes: list[str] | None = None,
@@ -111,17 +113,16 @@ def scan_folder(root: str | Path, skips: SkipLog | None = None, classes: list[st
         raise DataError(f"The {role} folder {root} has no class sub-folders. Put each class's images in a "
                         f"sub-folder named after the class.")
     found: dict[str, list[str]] = {}
-    for folder in folders:
-        files = []
-        for path in sorted(p for p in folder.rglob("*") if p.is_file() and is_image_name(p)):
-            if any(part.startswith(".") for part in path.relative_to(folder).parts):
-                continue
-            reason = _header_ok(path)
-            if reason:
-                skips.add(path, reason)
-            else:
-                files.append(str(path))
-        found[folder.name] = files
+    candidates = {folder.name: image_files(folder) for folder in folders}
+    # Header checks are I/O bound: threads overlap the disk reads of large folders.
+    with ThreadPoolExecutor(max_workers=_io_workers()) as pool:
+        for name, files in candidates.items():
+            found[name] = []
+            for path, reason in zip(files, pool.map(_header_ok, files)):
+                if reason is not None:
+                    skips.add(path, str(reason), reason.kind)
+                else:
+                    found[name].append(str(path))
     empty = [name for name, files in found.items() if not files]
     for name in empty:
         warnings.warn(f"Class folder `{name}` in {root} has no readable images: it is left out.", UserWarning,
@@ -208,7 +209,7 @@ def _decoder(image_size: int, skips: SkipLog):
         try:
             return load_image(path, image_size), True
         except ImageReadError as exc:
-            skips.add(path, str(exc))
+            skips.add(path, str(exc), exc.kind)
             return blank, False
 
     def decode(path):
