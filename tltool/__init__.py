@@ -37,3 +37,17 @@ def __getattr__(name):
     import importlib
 
     return getattr(importlib.import_module(module), name)
+
+
+class _Package(type(os)):
+    """Keeps `tltool.finetune` the function: importing the submodule `tltool.finetune` would replace it."""
+
+    def __setattr__(self, name, value):
+        if isinstance(value, type(os)) and _LAZY.get(name) == getattr(value, "__name__", None):
+            value = getattr(value, name, value)
+        super().__setattr__(name, value)
+
+
+import sys as _sys  # noqa: E402
+
+_sys.modules[__name__].__class__ = _Package
