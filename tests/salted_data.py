@@ -72,9 +72,9 @@ def write_odd_files(folder: Path) -> dict[str, tuple]:
     Image.fromarray(np.full((40, 40), 32768, np.uint16)).save(folder / "grey16.png")
     expected["grey16.png"] = (128, 128, 128)
 
-    # EXIF orientation 6 (stored rotated: viewers turn it 90 degrees clockwise). Stored pixels: red at the
-    # bottom-left corner, which after the rotation is the top-left corner.
-    stored = np.zeros((30, 50, 3), np.uint8)
+    # EXIF orientation 6 (stored rotated: viewers turn it 90 degrees clockwise), 60 wide and 40 high as stored. Red at the
+    # stored bottom-left corner, which after the rotation is the top-left corner.
+    stored = np.zeros((40, 60, 3), np.uint8)
     stored[...] = BLUE
     stored[-10:, :10] = RED
     exif = Image.Exif()
@@ -89,7 +89,11 @@ def write_odd_files(folder: Path) -> dict[str, tuple]:
     Image.new("RGB", (40, 40), RED).save(folder / "scan.tiff")
     expected["scan.tiff"] = RED
     # Animated GIF: the first frame (red) is the one used.
-    frames = [Image.new("RGB", (40, 40), RED).convert("P"), Image.new("RGB", (40, 40), BLUE).convert("P")]
+    frames = []
+    for index in (0, 1):
+        frame = Image.new("P", (40, 40), index)
+        frame.putpalette(list(RED) + list(BLUE) + [0] * (254 * 3))
+        frames.append(frame)
     frames[0].save(folder / "anim.gif", save_all=True, append_images=frames[1:], duration=100)
     expected["anim.gif"] = RED
     Image.new("RGB", (40, 40), RED).save(folder / "UPPER.JPG", quality=95)

@@ -65,6 +65,10 @@ class ImageFolder:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def without(self, skips: "SkipLog") -> "ImageFolder":
+        """The images not in `skips` (files found broken while decoding are in it after a pass over them)."""
+        return self.subset([i for i, p in enumerate(self.paths) if p not in skips])
+
 
 def _io_workers() -> int:
     return min(32, (os.cpu_count() or 1) + 4)
@@ -74,6 +78,23 @@ def image_files(folder: Path) -> list[Path]:
     """The image-named files under a class folder (sub-folders included), hidden files and folders left out."""
     return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_name(p)
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def check_folder(root: Path, role: str = "training") -> None:
+    """Raise a one-line DataError unless `root` is an existing folder."""
+    if root.is_file():
+        raise DataError(f"The {role} folder {root} is a file. Pass a folder with one sub-folder per class.")
+    if not root.is_dir():
+        raise DataError(f"The {role} folder {root} does not exist. Pass a folder with one sub-folder per class.")
+
+
+def bad_class_name(name: str) -> str | None:
+    """Why a class folder name cannot be a class (it would corrupt labels.txt or a file name), else None."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "contains a control character (e.g. a line break)"
+    if name != name.strip():
+        return "starts or ends with white space"
+    return None
 
 
 def class_folders(root: Path) -> list[Path]:
@@ -106,12 +127,16 @@ def scan_folder(root: str | Path, skips: SkipLog | None = None, classes: list[st
     """
     root = Path(root).expanduser()
     skips = skips if skips is not None else SkipLog()
-    if not root.is_dir():
-        raise DataError(f"The {role} folder {root} does not exist. Pass a folder with one sub-folder per class.")
+    check_folder(root, role)
     folders = class_folders(root)
     if not folders:
         raise DataError(f"The {role} folder {root} has no class sub-folders. Put each class's images in a "
                         f"sub-folder named after the class.")
+    for folder in folders:
+        why = bad_class_name(folder.name)
+        if why:
+            raise DataError(f"Class folder {folder.name!r} in {root} {why}; rename it (class names end up in "
+                            f"labels.txt, one per line).")
     found: dict[str, list[str]] = {}
     candidates = {folder.name: image_files(folder) for folder in folders}
     # Header checks are I/O bound: threads overlap the disk reads of large folders.

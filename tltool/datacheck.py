@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tltool.data import class_folders, group_key
+from tltool.data import bad_class_name, check_folder, class_folders, group_key
 from tltool.errors import DataError
 from tltool.images import UNSUPPORTED_EXTENSIONS, ImageReadError, decode, is_image_name
 
@@ -234,9 +234,7 @@ def check_data(train, val=None, test=None, group_by: str | None = None, *, near_
     roots = {"train": train, "val": val, "test": test}
     roots = {role: Path(p).expanduser() for role, p in roots.items() if p is not None}
     for role, root in roots.items():
-        if not root.is_dir():
-            raise DataError(f"The {_NAMES[role]} folder {root} does not exist. Pass a folder with one "
-                            f"sub-folder per class.")
+        check_folder(root, _NAMES[role])
     if group_by is not None:
         try:
             re.compile(group_by)
@@ -289,6 +287,9 @@ def check_data(train, val=None, test=None, group_by: str | None = None, *, near_
             warn("unsupported_files", f"{len(ignored['unsupported'])} file(s) in formats tltool does not read are "
                                       f"ignored in the {what}, e.g. {ignored['unsupported'][0]}; convert them to "
                                       f"JPEG or PNG.")
+        for name in rep["classes"]:
+            if bad_class_name(name):
+                problem("bad_class_name", f"Class folder {name!r} in the {what} {bad_class_name(name)}; rename it.")
         classes = [c for c, n in rep["classes"].items() if n > 0]
         if role == "train":
             train_classes = classes

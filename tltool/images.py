@@ -21,6 +21,11 @@ from PIL import Image, ImageFile, ImageOps
 Image.MAX_IMAGE_PIXELS = 120_000_000
 # A truncated file must fail, not be silently padded with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# Pillow's own warnings (decompression bomb, corrupt EXIF, palette transparency) are noise here: tltool
+# reports unusable files itself. A filter set once, because `warnings.catch_warnings` is not thread-safe:
+# decoding threads entering and leaving it can leave the process's warning filters scrambled.
+warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 # Image formats tltool does not read: files with these extensions are reported, not silently ignored.
@@ -140,24 +145,22 @@ def decode(source, size: int | None = None, facts: dict | None = None) -> Image.
             if os.stat(source).st_size == 0:
                 raise ImageReadError("empty file (0 bytes)", "empty")
             handle = source
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Pillow's DecompressionBombWarning, EXIF warnings
-            with Image.open(handle) as img:
-                _check_pixels(img)
-                if facts is not None:
-                    facts.update(_facts(img))
-                if size is not None and img.format == "JPEG":
-                    img.draft("RGB", (size, size))
-                img.seek(0)
-                img.load()
-                try:
-                    img = ImageOps.exif_transpose(img) or img
-                except Exception:  # malformed EXIF: keep the stored orientation rather than lose the image
-                    pass
-                img = to_rgb(img)
-                if size is not None and img.size != (size, size):
-                    img = img.resize((size, size), Image.BILINEAR, reducing_gap=3.0)
-                return img
+        with Image.open(handle) as img:
+            _check_pixels(img)
+            if facts is not None:
+                facts.update(_facts(img))
+            if size is not None and img.format == "JPEG":
+                img.draft("RGB", (size, size))
+            img.seek(0)
+            img.load()
+            try:
+                img = ImageOps.exif_transpose(img) or img
+            except Exception:  # malformed EXIF: keep the stored orientation rather than lose the image
+                pass
+            img = to_rgb(img)
+            if size is not None and img.size != (size, size):
+                img = img.resize((size, size), Image.BILINEAR, reducing_gap=3.0)
+            return img
     except ImageReadError:
         raise
     except Image.DecompressionBombError:
@@ -169,15 +172,19 @@ def decode(source, size: int | None = None, facts: dict | None = None) -> Image.
     except PermissionError:
         raise ImageReadError("permission denied", "unreadable") from None
     except (OSError, SyntaxError, EOFError) as exc:
-        text = str(exc).lower()
-        if isinstance(exc, EOFError) or any(w in text for w in ("truncated", "premature end", "end of file",
-                                                                   "broken data stream", "unexpected end")):
-            raise ImageReadError("truncated file", "truncated") from None
-        raise ImageReadError(f"corrupt image: {str(exc)[:80]}", "corrupt") from None
+        raise _damaged(exc) from None
     except MemoryError:
         raise ImageReadError("image too large to decode in memory", "too_large") from None
     except Exception as exc:  # a Pillow plugin tripping over bad data: still just a broken file
         raise ImageReadError(f"corrupt image: {type(exc).__name__}: {str(exc)[:80]}", "corrupt") from None
+
+
+def _damaged(exc: BaseException) -> ImageReadError:
+    text = str(exc).lower()
+    if isinstance(exc, EOFError) or any(w in text for w in ("truncated", "premature end", "end of file",
+                                                           "broken data stream", "unexpected end", "broken png")):
+        return ImageReadError("truncated file", "truncated")
+    return ImageReadError(f"corrupt image: {str(exc)[:80]}", "corrupt")
 
 
 def _unidentified(source) -> ImageReadError:
@@ -196,15 +203,16 @@ def probe(path: str | Path) -> None:
     """Check cheaply (header only) that `path` opens as an image within the size guard.
 
     Raises:
-        ImageReadError: as `decode`, except that damage after the header is not seen here.
+        ImageReadError: as `decode`, except that damage inside compressed data (a truncated JPEG, say) is
+            only found when decoding.
     """
     try:
         if os.stat(path).st_size == 0:
             raise ImageReadError("empty file (0 bytes)", "empty")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(path) as img:
-                _check_pixels(img)
+        with Image.open(path) as img:
+            _check_pixels(img)
+            if img.format == "PNG":
+                img.verify()  # walks the chunks and their checksums: finds truncated PNGs without decoding
     except ImageReadError:
         raise
     except Image.DecompressionBombError:
@@ -213,6 +221,8 @@ def probe(path: str | Path) -> None:
         raise _unidentified(path) from None
     except PermissionError:
         raise ImageReadError("permission denied", "unreadable") from None
+    except (OSError, SyntaxError, EOFError) as exc:
+        raise _damaged(exc) from None
     except Exception as exc:
         raise ImageReadError(f"corrupt image: {str(exc)[:80]}", "corrupt") from None
 
