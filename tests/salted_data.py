@@ -111,6 +111,8 @@ BROKEN_KINDS = {
     "text.jpg": "not_image",
     "heic_inside.jpg": "unsupported",
     "bomb.png": "too_large",
+    "garbled.jpg": "corrupt",
+    "bad_header.png": "corrupt",
 }
 
 
@@ -127,6 +129,14 @@ def write_broken_files(folder: Path) -> None:
     # An iPhone HEIC photo renamed to .jpg: a real image format Pillow cannot read.
     (folder / "heic_inside.jpg").write_bytes(b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + b"\0" * 64)
     (folder / "bomb.png").write_bytes(_png_header_only(30000, 30000))
+    # Complete files with damage inside: zeroed bytes in a JPEG's compressed data, a PNG chunk header.
+    noisy = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    garbled = bytearray(_save_bytes(Image.fromarray(noisy), "JPEG", quality=90))
+    garbled[400:420] = bytes(20)
+    (folder / "garbled.jpg").write_bytes(bytes(garbled))
+    bad_header = bytearray(png)
+    bad_header[40] ^= 0xFF
+    (folder / "bad_header.png").write_bytes(bytes(bad_header))
 
 
 def make_salted_folder(root: Path, per_class: int = 6) -> Path:

@@ -232,7 +232,7 @@ def test_cli_data_check_exit_codes_and_json(tmp_path, salted):
 
     result = runner.invoke(main, ["data", "check", str(salted)])
     assert result.exit_code == 1
-    assert "PROBLEM: 7 broken file(s)" in result.output
+    assert f"PROBLEM: {len(BROKEN_KINDS) + 1} broken file(s)" in result.output
 
     result = runner.invoke(main, ["data", "check", str(clean), "--val-data", str(clean), "--json"])
     assert result.exit_code == 1
@@ -338,3 +338,17 @@ def test_safety_grep_would_catch_an_offender(tmp_path):
     line = "model = keras.models.load_model(path, safe_mode=False)"
     assert re.search(r"safe_mode\s*=\s*False", line)
     assert re.search(r"\bpickle\b", "import pickle")
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "a/b", "a\\b", ".hidden", "..", "", "con", "x\ny", "tab\t",
+                                  "cats & dogs", "ünïcödé", "très/../bien", "  spaced  ", "a" * 300])
+def test_safe_filename_stays_inside_the_folder(tmp_path, name):
+    from tltool.rundir import safe_filename
+
+    safe = safe_filename(name)
+    assert safe and len(safe) <= 81 and not safe.startswith(".")
+    assert "/" not in safe and "\\" not in safe and ".." not in safe
+    assert all(c.isprintable() for c in safe) and safe.upper() != "CON"
+    target = (tmp_path / f"{safe}.png").resolve()
+    assert target.parent == tmp_path.resolve()
+    target.write_bytes(b"x")  # a valid file name on this system

@@ -87,7 +87,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     elif img.mode == "F":
         arr = np.nan_to_num(np.asarray(img, dtype=np.float32))
         lo, hi = float(arr.min()), float(arr.max())
-        img = Image.fromarray(((arr - lo) / max(hi - lo, 1e-12) * 255).astype(np.uint8), "L")
+        if lo >= 0.0 and hi <= 1.0:  # the usual convention for float images: 0..1
+            lo, hi = 0.0, 1.0
+        img = Image.fromarray(np.round((arr - lo) / max(hi - lo, 1e-12) * 255).astype(np.uint8), "L")
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode in ("LA", "PA", "La") or (img.mode in ("L", "RGB") and "transparency" in img.info):
@@ -168,7 +170,7 @@ def decode(source, size: int | None = None, facts: dict | None = None) -> Image.
     except Image.UnidentifiedImageError:
         raise _unidentified(data if data is not None else source) from None
     except FileNotFoundError:
-        raise ImageReadError("file disappeared while reading", "unreadable") from None
+        raise ImageReadError("file not found (a dangling link, or deleted while reading)", "unreadable") from None
     except PermissionError:
         raise ImageReadError("permission denied", "unreadable") from None
     except (OSError, SyntaxError, EOFError) as exc:
@@ -182,9 +184,16 @@ def decode(source, size: int | None = None, facts: dict | None = None) -> Image.
 def _damaged(exc: BaseException) -> ImageReadError:
     text = str(exc).lower()
     if isinstance(exc, EOFError) or any(w in text for w in ("truncated", "premature end", "end of file",
-                                                           "broken data stream", "unexpected end", "broken png")):
+                                                           "unexpected end", "broken png")):
         return ImageReadError("truncated file", "truncated")
+    if "broken data stream" in text:
+        return ImageReadError("corrupt image data", "corrupt")
     return ImageReadError(f"corrupt image: {str(exc)[:80]}", "corrupt")
+
+
+# Signatures of formats Pillow reads: a file that starts like one but does not open is corrupt, not "not an image".
+_SIGNATURES = ((b"\x89PNG", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF8", "GIF"), (b"BM", "BMP"),
+               (b"II*\0", "TIFF"), (b"MM\0*", "TIFF"), (b"RIFF", "WebP"))
 
 
 def _unidentified(source) -> ImageReadError:
@@ -196,6 +205,9 @@ def _unidentified(source) -> ImageReadError:
     fmt = sniff_unsupported(head)
     if fmt:
         return ImageReadError(f"unsupported format ({fmt}); convert it to JPEG or PNG", "unsupported")
+    for magic, name in _SIGNATURES:
+        if head.startswith(magic):
+            return ImageReadError(f"corrupt {name} header", "corrupt")
     return ImageReadError("not an image (unrecognised content)", "not_image")
 
 
