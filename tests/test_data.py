@@ -29,7 +29,7 @@ def test_unreadable_file_is_skipped_with_its_reason(tmp_path):
     folder = scan_folder(root, skips)
     assert len(folder) == 9
     reasons = {entry["path"].rsplit("/", 1)[-1]: entry["reason"] for entry in skips.as_list()}
-    assert reasons == {"broken.jpg": "not an image, or an unsupported format", "empty.png": "empty file (0 bytes)"}
+    assert reasons == {"broken.jpg": "not an image (unrecognised content)", "empty.png": "empty file (0 bytes)"}
 
 
 def test_missing_folder_and_single_class_are_clear_errors(tmp_path):

@@ -25,6 +25,8 @@ _LAZY = {
     "load_image": "tltool.images",
     "scan_folder": "tltool.data",
     "TltoolError": "tltool.errors",
+    "check_data": "tltool.datacheck",
+    "format_report": "tltool.datacheck",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
@@ -37,3 +39,4 @@ def __getattr__(name):
     import importlib
 
     return getattr(importlib.import_module(module), name)
+

@@ -170,5 +170,33 @@ def _count_params(spec) -> int:
     return count
 
 
+@main.group()
+def data():
+    """Inspect image folders before training."""
+
+
+@data.command("check")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--val-data", type=click.Path(path_type=Path), help="Validation folder, checked for leakage too.")
+@click.option("--test-data", type=click.Path(path_type=Path), help="Test folder, checked for leakage too.")
+@click.option("--group-by", metavar="REGEX",
+              help="Regex on file names giving each file's group (as data.group_by); reports groups spanning classes.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@handle_errors
+def check(folder, val_data, test_data, group_by, as_json, quiet):
+    """Read every image of FOLDER and report broken files, duplicates, imbalance and leakage.
+
+    Exit code 0: trainable (warnings allowed); 1: problems found (broken files, the same image under two
+    classes, images shared with --val-data/--test-data, fewer than 2 classes, ...); 2: bad input.
+    """
+    import json
+
+    report = tltool.check_data(folder, val=val_data, test=test_data, group_by=group_by,
+                               progress=not quiet and not as_json and sys.stderr.isatty())
+    echo(json.dumps(report, indent=2) if as_json else tltool.format_report(report))
+    sys.exit(0 if report["ok"] else 1)
+
+
 if __name__ == "__main__":
     main()

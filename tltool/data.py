@@ -7,18 +7,18 @@ scan time (header) and at decode time, so one broken file never stops a run.
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import warnings
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from tltool.errors import DataError
-from tltool.images import ImageReadError, is_image_name, load_image
+from tltool.images import ImageReadError, is_image_name, load_image, probe
 
 
 class SkipLog:
@@ -26,11 +26,12 @@ class SkipLog:
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._reasons: dict[str, str] = {}
+        self._reasons: dict[str, tuple[str, str]] = {}
 
-    def add(self, path: str | Path, reason: str) -> None:
+    def add(self, path: str | Path, reason: str, kind: str = "corrupt") -> None:
+        """Record `path` as skipped (the first reason given for a file is kept)."""
         with self._lock:
-            self._reasons.setdefault(str(path), reason)
+            self._reasons.setdefault(str(path), (reason, kind))
 
     def __contains__(self, path) -> bool:
         return str(path) in self._reasons
@@ -40,7 +41,7 @@ class SkipLog:
 
     def as_list(self) -> list[dict]:
         with self._lock:
-            return [{"path": p, "reason": r} for p, r in sorted(self._reasons.items())]
+            return [{"path": p, "reason": r, "kind": k} for p, (r, k) in sorted(self._reasons.items())]
 
 
 @dataclass
@@ -64,28 +65,50 @@ class ImageFolder:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def without(self, skips: "SkipLog") -> "ImageFolder":
+        """The images not in `skips` (files found broken while decoding are in it after a pass over them)."""
+        return self.subset([i for i, p in enumerate(self.paths) if p not in skips])
+
+
+def _io_workers() -> int:
+    return min(32, (os.cpu_count() or 1) + 4)
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image-named files under a class folder (sub-folders included), hidden files and folders left out."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_name(p)
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def check_folder(root: Path, role: str = "training") -> None:
+    """Raise a one-line DataError unless `root` is an existing folder."""
+    if root.is_file():
+        raise DataError(f"The {role} folder {root} is a file. Pass a folder with one sub-folder per class.")
+    if not root.is_dir():
+        raise DataError(f"The {role} folder {root} does not exist. Pass a folder with one sub-folder per class.")
+
+
+def bad_class_name(name: str) -> str | None:
+    """Why a class folder name cannot be a class (it would corrupt labels.txt or a file name), else None."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "contains a control character (e.g. a line break)"
+    if name != name.strip():
+        return "starts or ends with white space"
+    return None
+
 
 def class_folders(root: Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
                   key=lambda p: p.name)
 
 
-def _header_ok(path: Path) -> str | None:
-    """None if the file opens as an image (header only, cheap), else the reason it does not."""
+def _header_ok(path: Path) -> ImageReadError | None:
+    """None if the file opens as an image (header only, cheap), else why it does not."""
     try:
-        if path.stat().st_size == 0:
-            return "empty file (0 bytes)"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(path) as img:
-                img.size  # noqa: B018 - reading the header is the check
+        probe(path)
         return None
-    except Image.DecompressionBombError:
-        return "image too large (decompression bomb guard)"
-    except Image.UnidentifiedImageError:
-        return "not an image, or an unsupported format"
-    except OSError as exc:
-        return f"cannot read: {str(exc)[:80]}"
+    except ImageReadError as exc:
+        return exc
 
 
 def scan_folder(root: str | Path, skips: SkipLog | None = None, classes: list[str] | None = None,
@@ -104,24 +127,27 @@ def scan_folder(root: str | Path, skips: SkipLog | None = None, classes: list[st
     """
     root = Path(root).expanduser()
     skips = skips if skips is not None else SkipLog()
-    if not root.is_dir():
-        raise DataError(f"The {role} folder {root} does not exist. Pass a folder with one sub-folder per class.")
+    check_folder(root, role)
     folders = class_folders(root)
     if not folders:
         raise DataError(f"The {role} folder {root} has no class sub-folders. Put each class's images in a "
                         f"sub-folder named after the class.")
-    found: dict[str, list[str]] = {}
     for folder in folders:
-        files = []
-        for path in sorted(p for p in folder.rglob("*") if p.is_file() and is_image_name(p)):
-            if any(part.startswith(".") for part in path.relative_to(folder).parts):
-                continue
-            reason = _header_ok(path)
-            if reason:
-                skips.add(path, reason)
-            else:
-                files.append(str(path))
-        found[folder.name] = files
+        why = bad_class_name(folder.name)
+        if why:
+            raise DataError(f"Class folder {folder.name!r} in {root} {why}; rename it (class names end up in "
+                            f"labels.txt, one per line).")
+    found: dict[str, list[str]] = {}
+    candidates = {folder.name: image_files(folder) for folder in folders}
+    # Header checks are I/O bound: threads overlap the disk reads of large folders.
+    with ThreadPoolExecutor(max_workers=_io_workers()) as pool:
+        for name, files in candidates.items():
+            found[name] = []
+            for path, reason in zip(files, pool.map(_header_ok, files)):
+                if reason is not None:
+                    skips.add(path, str(reason), reason.kind)
+                else:
+                    found[name].append(str(path))
     empty = [name for name, files in found.items() if not files]
     for name in empty:
         warnings.warn(f"Class folder `{name}` in {root} has no readable images: it is left out.", UserWarning,
@@ -208,7 +234,7 @@ def _decoder(image_size: int, skips: SkipLog):
         try:
             return load_image(path, image_size), True
         except ImageReadError as exc:
-            skips.add(path, str(exc))
+            skips.add(path, str(exc), exc.kind)
             return blank, False
 
     def decode(path):

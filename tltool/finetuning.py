@@ -318,6 +318,9 @@ def finetune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=
                              run_dir / rundir.MODEL_FILE)
     timings["total_s"] = round(progress.elapsed_before + time.perf_counter() - t_start, 3)
 
+    # Files found broken only while decoding (a truncated JPEG passes the header check) are not counted.
+    used = SplitData(split.train.without(split.skips), split.val.without(split.skips),
+                     split.test.without(split.skips) if split.test else None, split.skips)
     summary = {
         "name": recipe.name,
         "backbone": spec.name,
@@ -325,10 +328,10 @@ def finetune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=
         "image_size": size,
         "classes": classes,
         "num_classes": len(classes),
-        "images": {"train": len(split.train), "val": len(split.val),
-                   "test": len(split.test) if split.test else None},
-        "class_counts": {"train": split.train.counts(), "val": split.val.counts(),
-                         "test": split.test.counts() if split.test else None},
+        "images": {"train": len(used.train), "val": len(used.val),
+                   "test": len(used.test) if used.test else None},
+        "class_counts": {"train": used.train.counts(), "val": used.val.counts(),
+                         "test": used.test.counts() if used.test else None},
         "val_accuracy": round(float(val_acc), 6),
         "val_loss": round(float(val_loss), 6),
         "test_accuracy": None if test_acc is None else round(float(test_acc), 6),
@@ -341,7 +344,9 @@ def finetune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=
     rundir.atomic_write_json(run_dir / rundir.SUMMARY_FILE, summary)
     progress.finish_run()
     say(f"Done in {timings['total_s']:.1f}s: val_accuracy {val_acc:.4f}"
-        + (f", test_accuracy {test_acc:.4f}" if test_acc is not None else "") + f". Run directory: {run_dir}")
+        + (f", test_accuracy {test_acc:.4f}" if test_acc is not None else "")
+        + (f"; {len(split.skips)} unreadable file(s) skipped" if len(split.skips) else "")
+        + f". Run directory: {run_dir}")
     return FinetuneResult(run_dir, summary, tm.model)
 
 
