@@ -44,8 +44,11 @@ def handle_errors(fn):
     return wrapper
 
 
-class Interrupted(Exception):
-    """Raised in the main thread when SIGTERM arrives, so training unwinds like on Ctrl-C."""
+class Interrupted(BaseException):
+    """Raised in the main thread when SIGTERM arrives, so training unwinds like on Ctrl-C.
+
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way swallows it.
+    """
 
 
 @contextlib.contextmanager

@@ -27,7 +27,8 @@ from tltool.train import compile_model, features_dataset, fit_stage, stage_callb
 class FinetuneResult:
     run_dir: Path
     summary: dict
-    model: object = None
+    model: object = None        # the trained keras.Model (pixels -> probabilities)
+    model_parts: object = None  # its TransferModel: feature_extractor, backbone, head
 
 
 @dataclass
@@ -347,7 +348,7 @@ def finetune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=
         + (f", test_accuracy {test_acc:.4f}" if test_acc is not None else "")
         + (f"; {len(split.skips)} unreadable file(s) skipped" if len(split.skips) else "")
         + f". Run directory: {run_dir}")
-    return FinetuneResult(run_dir, summary, tm.model)
+    return FinetuneResult(run_dir, summary, tm.model, tm)
 
 
 def _check_resumable(out, recipe, other_args: dict) -> Path:

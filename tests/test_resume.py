@@ -1,0 +1,114 @@
+"""Interrupted runs: SIGKILL then --resume continues without repeating or losing an epoch; SIGTERM exits cleanly."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from helpers import make_image_folder
+from tltool.cli import main
+
+STAGE1, STAGE2 = 3, 12
+
+
+def finetune_args(data, out):
+    return ["finetune", "--data", str(data), "--out", str(out), "--quiet", "--weights", "none",
+            "--image-size", "32", "--batch-size", "8", "--epochs", str(STAGE1), "--fine-tune-epochs", str(STAGE2),
+            "--set", "frozen.early_stopping=0", "--set", "fine_tune.early_stopping=0",
+            "--set", "fine_tune.unfreeze=10"]
+
+
+def history(out):
+    path = out / "history.csv"
+    if not path.is_file():
+        return []
+    with open(path) as handle:
+        return [(int(r["stage"]), int(r["epoch"])) for r in csv.DictReader(handle)]
+
+
+def start(args, env_dir):
+    env = dict(os.environ, TLTOOL_CACHE_DIR=str(env_dir))
+    return subprocess.Popen([sys.executable, "-m", "tltool", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for(proc, condition, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture
+def data(tmp_path):
+    return make_image_folder(tmp_path / "data", per_class=10)
+
+
+def test_sigkill_then_resume_continues_from_the_last_finished_epoch(tmp_path, data):
+    out = tmp_path / "run"
+    proc = start(finetune_args(data, out), tmp_path / "cache")
+    try:
+        reached = wait_for(proc, lambda: any(stage == 2 and epoch >= 2 for stage, epoch in history(out)))
+        assert reached, proc.communicate()[1][-2000:] if proc.poll() is not None else "timed out"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    before = history(out)
+    assert before[:STAGE1] == [(1, e) for e in range(1, STAGE1 + 1)]
+    assert not (out / "model.keras").exists()
+
+    result = CliRunner().invoke(main, ["finetune", "--resume", "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    after = history(out)
+    expected = [(1, e) for e in range(1, STAGE1 + 1)] + [(2, e) for e in range(1, STAGE2 + 1)]
+    assert after == expected  # every epoch exactly once, in order
+    assert after[:len(before)] == before
+    assert (out / "model.keras").is_file()
+
+    again = CliRunner().invoke(main, ["finetune", "--resume", "--out", str(out)])
+    assert again.exit_code == 2 and "already finished" in again.output
+
+
+def test_sigterm_stops_cleanly_and_says_how_to_resume(tmp_path, data):
+    out = tmp_path / "run"
+    proc = start(finetune_args(data, out), tmp_path / "cache")
+    try:
+        assert wait_for(proc, lambda: len(history(out)) >= 1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143
+    assert f"tltool finetune --resume --out {out}" in err
+    assert "Traceback" not in err
+
+
+def test_resume_refuses_other_settings(tmp_path, data):
+    result = CliRunner().invoke(main, ["finetune", "--resume", "--out", str(tmp_path), "--epochs", "3"])
+    assert result.exit_code == 2 and "drop --epochs" in result.output
+    result = CliRunner().invoke(main, ["finetune", "--resume", "--out", str(tmp_path / "nothing")])
+    assert result.exit_code == 2 and "Nothing to resume" in result.output
+
+
+def test_deterministic_runs_give_identical_metrics(tmp_path, data):
+    args = finetune_args(data, tmp_path / "a")[:-1] + ["fine_tune.unfreeze=10", "--deterministic"]
+    args[args.index("--fine-tune-epochs") + 1] = "1"
+    first = CliRunner().invoke(main, args)
+    second = CliRunner().invoke(main, [a if a != str(tmp_path / "a") else str(tmp_path / "b") for a in args])
+    assert first.exit_code == 0 and second.exit_code == 0, first.output + second.output
+    rows_a = (tmp_path / "a" / "history.csv").read_text().splitlines()
+    rows_b = (tmp_path / "b" / "history.csv").read_text().splitlines()
+    strip = lambda rows: [",".join(r.split(",")[:-1]) for r in rows]  # noqa: E731 - drop the seconds column
+    assert strip(rows_a) == strip(rows_b)
