@@ -246,14 +246,6 @@ def _decoder(image_size: int, skips: SkipLog):
     return decode
 
 
-def decoded_dataset(paths, image_size: int, skips: SkipLog):
-    """An unbatched `tf.data.Dataset` of (uint8 pixels, ok) per path, decoded in parallel, in order."""
-    import tensorflow as tf
-
-    ds = tf.data.Dataset.from_tensor_slices([str(p) for p in paths])
-    return ds.map(_decoder(image_size, skips), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-
-
 def _is_ok(pixels, label, ok):
     return ok
 

@@ -14,17 +14,21 @@ split never loads the whole cache.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
 import time
 import uuid
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from tltool.data import SkipLog, decoded_dataset
+from tltool.data import SkipLog
+from tltool.images import ImageReadError, load_image
 from tltool.rundir import atomic_write_text
 
 CACHE_FORMAT = 1
@@ -114,6 +118,63 @@ class FeatureStats:
     seconds: float = 0.0   # time spent computing (not reading)
 
 
+def decoded_batches(paths: list[str], image_size: int, batch_size: int, skips: SkipLog, ahead: int = 2):
+    """Yield (uint8 pixels [B, S, S, 3], ok [B]) batches, decoded by a thread pool while the model runs.
+
+    Plain threads beat a `tf.data` map here: Pillow releases the GIL while decoding, and the pool stays off
+    TensorFlow's own thread pools, which the forward pass needs. At most `ahead` batches wait decoded,
+    so memory does not grow with the number of images.
+    """
+    blank = np.zeros((image_size, image_size, 3), np.uint8)
+
+    def load(path):
+        try:
+            return load_image(path, image_size), True
+        except ImageReadError as exc:
+            skips.add(path, str(exc))
+            return blank, False
+
+    chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+    workers = max(1, min(4, os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tltool-decode") as pool:
+        pending = collections.deque()
+        for chunk in chunks[:ahead + 1]:
+            pending.append([pool.submit(load, p) for p in chunk])
+        next_chunk = ahead + 1
+        while pending:
+            results = [f.result() for f in pending.popleft()]
+            if next_chunk < len(chunks):
+                pending.append([pool.submit(load, p) for p in chunks[next_chunk]])
+                next_chunk += 1
+            yield np.stack([r[0] for r in results]), np.array([r[1] for r in results], bool)
+
+
+_FORWARD_FNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _forward_fn(extractor, image_size: int, augment, jit_compile: bool):
+    """The compiled uint8 -> features function of `extractor`, traced once and reused across calls.
+
+    Tracing a backbone costs seconds, as much as extracting a few hundred small images; one input
+    signature with a free batch size covers the smaller last batch too.
+    """
+    import tensorflow as tf
+
+    fns = _FORWARD_FNS.setdefault(extractor, {})
+    key = (image_size, id(augment), jit_compile)
+    if key not in fns:
+        @tf.function(input_signature=[tf.TensorSpec((None, image_size, image_size, 3), tf.uint8)],
+                     jit_compile=jit_compile)
+        def forward(pixels):
+            x = tf.cast(pixels, tf.float32)
+            if augment is not None:
+                x = augment(x, training=True)
+            return extractor(x, training=False)
+
+        fns[key] = (forward, augment)  # keeping `augment` alive keeps its id unique
+    return fns[key][0]
+
+
 def compute_features(extractor, paths: list[str], image_size: int, batch_size: int, skips: SkipLog,
                      augment=None, view: str = "", verbose: int = 1, jit_compile: bool = False) -> tuple[np.ndarray,
                                                                                                           np.ndarray]:
@@ -125,24 +186,16 @@ def compute_features(extractor, paths: list[str], image_size: int, batch_size: i
     import keras
     import tensorflow as tf
 
-    ds = decoded_dataset(paths, image_size, skips).batch(batch_size)
-
-    @tf.function(reduce_retracing=True, jit_compile=jit_compile)
-    def forward(pixels):
-        x = tf.cast(pixels, tf.float32)
-        if augment is not None:
-            x = augment(x, training=True)
-        return extractor(x, training=False)
-
+    forward = _forward_fn(extractor, image_size, augment, jit_compile)
     width = extractor.output_shape[-1]
     feats = np.zeros((len(paths), width), np.float16)
     oks = np.zeros((len(paths),), bool)
     bar = keras.utils.Progbar(len(paths), unit_name="image", verbose=verbose) if verbose else None
     start = 0
-    for pixels, ok in ds.prefetch(tf.data.AUTOTUNE):
-        n = int(pixels.shape[0])
+    for pixels, ok in decoded_batches(paths, image_size, batch_size, skips):
+        n = len(pixels)
         feats[start:start + n] = forward(pixels).numpy().astype(np.float16)
-        oks[start:start + n] = ok.numpy()
+        oks[start:start + n] = ok
         start += n
         if bar is not None:
             bar.update(start)
