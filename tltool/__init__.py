@@ -5,6 +5,8 @@ The public API; the CLI uses only these. Heavy modules (TensorFlow) load on firs
 """
 
 import os
+import sys
+import types
 
 # TensorFlow's C++ start-up chatter (CUDA probing, CPU feature notes) is noise for tltool's users.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -34,4 +36,23 @@ def __getattr__(name):
         raise AttributeError(f"module 'tltool' has no attribute {name!r}")
     import importlib
 
-    return getattr(importlib.import_module(module), name)
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+class _Package(types.ModuleType):
+    """The tltool package, with API names that win over submodules of the same name.
+
+    Importing a submodule binds it as an attribute of its package, so once anything imported
+    `tltool.finetune` (the module), `tltool.finetune(...)` would call a module. The API function is bound
+    instead; reach such a module with `from tltool.finetune import ...` or `importlib.import_module`.
+    """
+
+    def __setattr__(self, name, value):
+        if isinstance(value, types.ModuleType) and _LAZY.get(name) == value.__name__ and hasattr(value, name):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
