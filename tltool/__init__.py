@@ -25,6 +25,8 @@ _LAZY = {
     "load_image": "tltool.images",
     "scan_folder": "tltool.data",
     "TltoolError": "tltool.errors",
+    "evaluate": "tltool.evaluate",
+    "compute_metrics": "tltool.evaluate",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -92,14 +92,15 @@ def recipe_options(fn):
               help="Run directory to write (default: runs/NAME-TIMESTAMP).")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists and is not empty.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.option("--tensorboard", is_flag=True, help="Also log both stages for TensorBoard, under OUT/tb.")
 @handle_errors
 def finetune(recipe, data, val_data, test_data, backbone, weights, image_size, batch_size, seed, overrides,
-             epochs, fine_tune_epochs, out, force, quiet):
+             epochs, fine_tune_epochs, out, force, quiet, tensorboard):
     """Fine-tune a pretrained backbone on an image folder (RECIPE: optional YAML recipe)."""
     tltool.finetune(recipe, data=data, val_data=val_data, test_data=test_data, backbone=backbone,
                     weights=weights, image_size=image_size, epochs=epochs, fine_tune_epochs=fine_tune_epochs,
                     batch_size=batch_size, seed=seed, out=out, overrides=overrides, force=force,
-                    verbose=0 if quiet else 1, log=echo)
+                    verbose=0 if quiet else 1, log=echo, tensorboard=tensorboard)
 
 
 @main.command()
@@ -130,6 +131,27 @@ def _count_params(spec) -> int:
     count = net.count_params()
     keras.backend.clear_session()
     return count
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--data", required=True, type=click.Path(path_type=Path),
+              help="Labelled image folder (one sub-folder per class, classes among the model's).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for metrics.json, plots/ and report.html (default: MODEL/eval-DATANAME).")
+@click.option("--top-k", type=click.IntRange(1), default=5, show_default=True, help="k of the top-k accuracy.")
+@handle_errors
+def evaluate(model, data, out, top_k):
+    """Evaluate a trained model on a labelled image folder (MODEL: a run directory).
+
+    Writes metrics.json (accuracy, per-class precision/recall/F1, confusion matrix, calibration,
+    confidence thresholds), the plots, and report.html: one page that opens offline in any browser.
+    """
+    metrics = tltool.evaluate(model, data, out=out, top_k=top_k, log=echo)
+    for probe in metrics["probes"]:
+        if probe["overconfident"]:
+            click.secho(f"Warning: on a {probe['name']} image the model says {probe['predicted']} "
+                        f"({probe['confidence']:.0%}); see the sanity probes in the report.", fg="yellow", err=True)
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ def load_split_data(recipe: Recipe, skips: SkipLog | None = None) -> SplitData:
 
 def finetune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=None, weights=None,
              image_size=None, epochs=None, fine_tune_epochs=None, batch_size=None, seed=None, out=None,
-             overrides=(), force=False, verbose: int = 1, log=print) -> FinetuneResult:
+             overrides=(), force=False, verbose: int = 1, log=print, tensorboard: bool = False) -> FinetuneResult:
     """Fine-tune a pretrained backbone on an image folder and write a run directory.
 
     Args:
@@ -104,6 +104,7 @@ def finetune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=
         force: overwrite a non-empty `out`.
         verbose: 0 silent, 1 progress bars and messages.
         log: where messages go.
+        tensorboard: also log both stages for TensorBoard under RUN/tb/stage1 and RUN/tb/stage2.
 
     Returns:
         FinetuneResult with the run directory and the summary written to its summary.json.
@@ -154,6 +155,9 @@ def finetune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=
     class_weight = (balanced_class_weights(split.train.labels, len(classes))
                     if recipe.train.class_weights == "auto" else None)
     augment = augmentation_layer(recipe.augment, seed=recipe.seed)
+
+    def tb(stage: int) -> list:
+        return [keras.callbacks.TensorBoard(str(run_dir / "tb" / f"stage{stage}"))] if tensorboard else []
     timings = {"features_s": 0.0, "feature_images": 0, "stage1_s": 0.0, "stage2_s": 0.0}
     bs = recipe.data.batch_size
     n = len(classes)
@@ -185,13 +189,13 @@ def finetune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=
                               recipe.train.label_smoothing, jit_compile=jit)
                 fit_stage(tm.head, features_dataset(train_x, train_y, n, bs, True, recipe.seed),
                           features_dataset(val_x, val_y, n, bs, False, None), recipe.frozen.epochs,
-                          stage_callbacks(history_path, 1, recipe.frozen.early_stopping), class_weight,
+                          stage_callbacks(history_path, 1, recipe.frozen.early_stopping, tb(1)), class_weight,
                           verbose=verbose)
             else:
                 compile_model(tm.model, recipe.frozen.optimizer, recipe.frozen.learning_rate,
                               recipe.train.label_smoothing, jit_compile=jit)
                 fit_stage(tm.model, images(split.train, True), images(split.val, False), recipe.frozen.epochs,
-                          stage_callbacks(history_path, 1, recipe.frozen.early_stopping), class_weight,
+                          stage_callbacks(history_path, 1, recipe.frozen.early_stopping, tb(1)), class_weight,
                           verbose=verbose)
         timings["stage1_s"] = round(time.perf_counter() - t0, 3)
 
@@ -206,7 +210,7 @@ def finetune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=
             compile_model(tm.model, recipe.fine_tune.optimizer, recipe.fine_tune.learning_rate,
                           recipe.train.label_smoothing, jit_compile=jit)
             fit_stage(tm.model, images(split.train, True), images(split.val, False), recipe.fine_tune.epochs,
-                      stage_callbacks(history_path, 2, recipe.fine_tune.early_stopping), class_weight,
+                      stage_callbacks(history_path, 2, recipe.fine_tune.early_stopping, tb(2)), class_weight,
                       verbose=verbose)
         timings["stage2_s"] = round(time.perf_counter() - t0, 3)
         tm.backbone.trainable = False
@@ -242,9 +246,24 @@ def finetune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=
         "versions": _versions(),
     }
     rundir.atomic_write_json(run_dir / rundir.SUMMARY_FILE, summary)
+    _write_report(run_dir, tm.model, classes, size, split, say)
     say(f"Done in {timings['total_s']:.1f}s: val_accuracy {val_acc:.4f}"
         + (f", test_accuracy {test_acc:.4f}" if test_acc is not None else "") + f". Run directory: {run_dir}")
     return FinetuneResult(run_dir, summary, tm.model)
+
+
+def _write_report(run_dir: Path, model, classes, size, split: SplitData, say) -> None:
+    """metrics.json, plots/ and report.html for the validation (and test) images; a failure only warns,
+    since the run itself is complete by now."""
+    from tltool.evaluate import report_run
+
+    try:
+        t0 = time.perf_counter()
+        report_run(run_dir, model, classes, size, {"val": split.val, "test": split.test}, split.skips)
+        say(f"Report ({time.perf_counter() - t0:.1f}s): {run_dir / 'report.html'}")
+    except Exception as exc:  # noqa: BLE001 - a report bug must not cost a finished training run
+        warnings.warn(f"The run report could not be written ({type(exc).__name__}: {exc}). Write it with "
+                      f"`tltool evaluate {run_dir} --data DIR`.", UserWarning, stacklevel=2)
 
 
 def _cache_root(recipe: Recipe) -> Path:
