@@ -98,6 +98,7 @@ h1{margin:.2rem 0}h2{border-bottom:2px solid #ddd;padding-bottom:.3rem;margin-to
 .probes{background:#fff;border:2px solid #999;border-radius:8px;padding:1rem;margin:1rem 0}
 .probes.bad{border-color:#c0392b;background:#fdf0ee}
 .probes.good{border-color:#27ae60}
+.probes.lean{border-color:#e67e22}
 .probe{display:inline-flex;gap:.6rem;align-items:center;margin:.4rem 1.2rem .4rem 0;vertical-align:top}
 .probe img{width:56px;height:56px;border:1px solid #aaa;image-rendering:pixelated}
 .flag{color:#fff;background:#c0392b;border-radius:4px;padding:0 .35rem;font-size:.8rem}
@@ -193,7 +194,8 @@ def _probes_html(probes: list, labels: list[str]) -> str:
     else:
         verdict = (f"<p>The model is unsure about every probe (a uniform guess is {_pct(uniform)}), as it should "
                    f"be for images that show none of its classes.</p>")
-    return (f"<section class='probes {'bad' if bad else 'good'}'><h2 style='margin-top:0;border:0'>Sanity probes: "
+    state = "bad" if bad else ("lean" if any(r["verdict"] == "leaning" for r in rows) else "good")
+    return (f"<section class='probes {state}'><h2 style='margin-top:0;border:0'>Sanity probes: "
             f"images with nothing in them</h2>{verdict}{''.join(items)}</section>")
 
 
@@ -208,12 +210,12 @@ def _cards_html(s) -> str:
              ("calibration error (ECE)", f"{m['expected_calibration_error']:.3f}"),
              ("suggested threshold", suggestion)]
     body = "".join(f"<div class='card'>{_e(k)}<b>{_e(v)}</b></div>" for k, v in cards)
-    return f"<h2>{_e(s.name.capitalize())} set</h2><div class='cards'>{body}</div>"
+    return f"<h2>{_e(s.name[:1].upper() + s.name[1:])} set</h2><div class='cards'>{body}</div>"
 
 
 def _set_html(s, pictures: dict[str, bytes]) -> str:
     m = s.metrics
-    out = [f"<h2>{_e(s.name.capitalize())} set: details</h2><div class='pics'>"]
+    out = [f"<h2>{_e(s.name[:1].upper() + s.name[1:])} set: details</h2><div class='pics'>"]
     for kind, alt in (("confusion_matrix", "confusion matrix"), ("per_class_recall", "recall per class"),
                       ("reliability", "reliability diagram")):
         if f"{s.key}{kind}" in pictures:
