@@ -25,6 +25,8 @@ _LAZY = {
     "load_image": "tltool.images",
     "scan_folder": "tltool.data",
     "TltoolError": "tltool.errors",
+    "evaluate": "tltool.evaluation",
+    "compute_metrics": "tltool.evaluation",
     "check_data": "tltool.datacheck",
     "format_report": "tltool.datacheck",
 }

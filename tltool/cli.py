@@ -124,9 +124,10 @@ def recipe_options(fn):
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out from its last finished epoch.")
 @click.option("--deterministic", is_flag=True, help="Deterministic ops: the same seed gives the same metrics.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.option("--tensorboard", is_flag=True, help="Also log both stages for TensorBoard, under OUT/tb.")
 @handle_errors
 def finetune(recipe, data, val_data, test_data, backbone, weights, image_size, batch_size, seed, overrides,
-             epochs, fine_tune_epochs, out, force, resume, deterministic, quiet):
+             epochs, fine_tune_epochs, out, force, resume, deterministic, quiet, tensorboard):
     """Fine-tune a pretrained backbone on an image folder (RECIPE: optional YAML recipe)."""
     if resume and force:
         raise click.UsageError("--resume and --force contradict each other: --force would delete the run.")
@@ -134,9 +135,10 @@ def finetune(recipe, data, val_data, test_data, backbone, weights, image_size, b
         overrides = (*overrides, "train.deterministic=true")
     with interruptible(out, resume_hint=True):
         result = tltool.finetune(recipe, data=data, val_data=val_data, test_data=test_data, backbone=backbone,
-                        weights=weights, image_size=image_size, epochs=epochs,
-                        fine_tune_epochs=fine_tune_epochs, batch_size=batch_size, seed=seed, out=out,
-                        overrides=overrides, force=force, resume=resume, verbose=0 if quiet else 1, log=echo)
+                                 weights=weights, image_size=image_size, epochs=epochs,
+                                 fine_tune_epochs=fine_tune_epochs, batch_size=batch_size, seed=seed, out=out,
+                                 overrides=overrides, force=force, resume=resume, verbose=0 if quiet else 1,
+                                 log=echo, tensorboard=tensorboard)
     if quiet:  # the one line a quiet run still owes its user
         summary = result.summary
         test = f", test_accuracy {summary['test_accuracy']:.4f}" if summary["test_accuracy"] is not None else ""
@@ -199,6 +201,27 @@ def check(folder, val_data, test_data, group_by, as_json, quiet):
                                progress=not quiet and not as_json and sys.stderr.isatty())
     echo(json.dumps(report, indent=2) if as_json else tltool.format_report(report))
     sys.exit(0 if report["ok"] else 1)
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--data", required=True, type=click.Path(path_type=Path),
+              help="Labelled image folder (one sub-folder per class, classes among the model's).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for metrics.json, plots/ and report.html (default: MODEL/eval-DATANAME).")
+@click.option("--top-k", type=click.IntRange(1), default=5, show_default=True, help="k of the top-k accuracy.")
+@handle_errors
+def evaluate(model, data, out, top_k):
+    """Evaluate a trained model on a labelled image folder (MODEL: a run directory).
+
+    Writes metrics.json (accuracy, per-class precision/recall/F1, confusion matrix, calibration,
+    confidence thresholds), the plots, and report.html: one page that opens offline in any browser.
+    """
+    metrics = tltool.evaluate(model, data, out=out, top_k=top_k, log=echo)
+    for probe in metrics["probes"]:
+        if probe["overconfident"]:
+            click.secho(f"Warning: on a {probe['name']} image the model says {probe['predicted']} "
+                        f"({probe['confidence']:.0%}); see the sanity probes in the report.", fg="yellow", err=True)
 
 
 if __name__ == "__main__":

@@ -14,21 +14,18 @@ split never loads the whole cache.
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import json
 import os
 import time
 import uuid
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from tltool.data import SkipLog
-from tltool.images import ImageReadError, load_image
+from tltool.data import SkipLog, decoded_batches
 from tltool.rundir import atomic_write_text
 
 CACHE_FORMAT = 1
@@ -116,37 +113,6 @@ class FeatureStats:
     computed: int = 0      # images (views included) run through the extractor in this call
     from_cache: int = 0    # rows read from the cache
     seconds: float = 0.0   # time spent computing (not reading)
-
-
-def decoded_batches(paths: list[str], image_size: int, batch_size: int, skips: SkipLog, ahead: int = 2):
-    """Yield (uint8 pixels [B, S, S, 3], ok [B]) batches, decoded by a thread pool while the model runs.
-
-    Plain threads beat a `tf.data` map here: Pillow releases the GIL while decoding, and the pool stays off
-    TensorFlow's own thread pools, which the forward pass needs. At most `ahead` batches wait decoded,
-    so memory does not grow with the number of images.
-    """
-    blank = np.zeros((image_size, image_size, 3), np.uint8)
-
-    def load(path):
-        try:
-            return load_image(path, image_size), True
-        except ImageReadError as exc:
-            skips.add(path, str(exc))
-            return blank, False
-
-    chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
-    workers = max(1, min(4, os.cpu_count() or 1))
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tltool-decode") as pool:
-        pending = collections.deque()
-        for chunk in chunks[:ahead + 1]:
-            pending.append([pool.submit(load, p) for p in chunk])
-        next_chunk = ahead + 1
-        while pending:
-            results = [f.result() for f in pending.popleft()]
-            if next_chunk < len(chunks):
-                pending.append([pool.submit(load, p) for p in chunks[next_chunk]])
-                next_chunk += 1
-            yield np.stack([r[0] for r in results]), np.array([r[1] for r in results], bool)
 
 
 _FORWARD_FNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

@@ -151,10 +151,11 @@ def stage1_features(ctx: TrainingContext, extractor, spec, weights_fingerprint: 
                          s1.computed + s2.computed)
 
 
-def run_stage1(ctx: TrainingContext, tm, features: StageFeatures | None, history_path=None, backup_dir=None):
+def run_stage1(ctx: TrainingContext, tm, features: StageFeatures | None, history_path=None, backup_dir=None,
+               extra_callbacks=()):
     """Train the head with the backbone frozen: on `features` if given, else on images. Returns the History."""
     recipe, n, bs = ctx.recipe, ctx.num_classes, ctx.recipe.data.batch_size
-    extra = [_backup(backup_dir)] if backup_dir else []
+    extra = ([_backup(backup_dir)] if backup_dir else []) + list(extra_callbacks)
     callbacks = stage_callbacks(history_path, 1, recipe.frozen.early_stopping, extra=extra)
     if features is not None:
         model = tm.head
@@ -169,7 +170,7 @@ def run_stage1(ctx: TrainingContext, tm, features: StageFeatures | None, history
     return fit_stage(model, train, val, recipe.frozen.epochs, callbacks, ctx.class_weight(), verbose=ctx.verbose)
 
 
-def run_stage2(ctx: TrainingContext, tm, history_path=None, backup_dir=None):
+def run_stage2(ctx: TrainingContext, tm, history_path=None, backup_dir=None, extra_callbacks=()):
     """Unfreeze the backbone's top layers and train the whole model on augmented images. Returns the History."""
     recipe = ctx.recipe
     trainable = set_fine_tune_layers(tm.backbone, recipe.fine_tune.unfreeze, freeze_batchnorm=ctx.pretrained)
@@ -179,7 +180,7 @@ def run_stage2(ctx: TrainingContext, tm, history_path=None, backup_dir=None):
     compile_model(tm.model, recipe.fine_tune.optimizer, recipe.fine_tune.learning_rate,
                   recipe.train.label_smoothing, jit_compile=ctx.jit_compile)
     augment = augmentation_layer(recipe.augment, seed=recipe.seed)
-    extra = [_backup(backup_dir)] if backup_dir else []
+    extra = ([_backup(backup_dir)] if backup_dir else []) + list(extra_callbacks)
     try:
         return fit_stage(tm.model, ctx.images(ctx.split.train, True, augment), ctx.images(ctx.split.val, False),
                          recipe.fine_tune.epochs, stage_callbacks(history_path, 2, recipe.fine_tune.early_stopping,
@@ -199,7 +200,8 @@ def _backup(backup_dir: Path):
 
 def finetune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=None, weights=None,
              image_size=None, epochs=None, fine_tune_epochs=None, batch_size=None, seed=None, out=None,
-             overrides=(), force=False, resume=False, verbose: int = 1, log=print) -> FinetuneResult:
+             overrides=(), force=False, resume=False, verbose: int = 1, log=print,
+             tensorboard: bool = False) -> FinetuneResult:
     """Fine-tune a pretrained backbone on an image folder and write a run directory.
 
     Args:
@@ -214,6 +216,7 @@ def finetune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=
             of its recipe.yaml (no other recipe argument may be given).
         verbose: 0 silent, 1 progress bars and messages.
         log: where messages go.
+        tensorboard: also log both stages for TensorBoard under RUN/tb/stage1 and RUN/tb/stage2.
 
     Returns:
         FinetuneResult with the run directory and the summary written to its summary.json.
@@ -292,7 +295,7 @@ def finetune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=
                 features = stage1_features(ctx, tm.feature_extractor, spec, resolved_weights.fingerprint)
                 timings["features_s"] = round(features.seconds, 3)
                 timings["feature_images"] = features.computed
-            run_stage1(ctx, tm, features, history_path, progress.backup_dir(1))
+            run_stage1(ctx, tm, features, history_path, progress.backup_dir(1), _tensorboard(tensorboard, run_dir, 1))
         timings["stage1_s"] = round(timings.get("stage1_s", 0.0) + time.perf_counter() - t0, 3)
         progress.finish_stage(1, tm.model, timings)
 
@@ -301,7 +304,7 @@ def finetune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=
         progress.trim_history(2, history_path)
         t0 = time.perf_counter()
         with strategy.scope():
-            run_stage2(ctx, tm, history_path, progress.backup_dir(2))
+            run_stage2(ctx, tm, history_path, progress.backup_dir(2), _tensorboard(tensorboard, run_dir, 2))
         timings["stage2_s"] = round(timings.get("stage2_s", 0.0) + time.perf_counter() - t0, 3)
         progress.finish_stage(2, tm.model, timings)
 
@@ -343,12 +346,33 @@ def finetune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=
         "versions": _versions(),
     }
     rundir.atomic_write_json(run_dir / rundir.SUMMARY_FILE, summary)
+    _write_report(run_dir, tm.model, classes, size, split, say)
     progress.finish_run()
     say(f"Done in {timings['total_s']:.1f}s: val_accuracy {val_acc:.4f}"
         + (f", test_accuracy {test_acc:.4f}" if test_acc is not None else "")
         + (f"; {len(split.skips)} unreadable file(s) skipped" if len(split.skips) else "")
         + f". Run directory: {run_dir}")
     return FinetuneResult(run_dir, summary, tm.model, tm)
+
+
+def _tensorboard(enabled: bool, run_dir: Path, stage: int) -> list:
+    import keras
+
+    return [keras.callbacks.TensorBoard(str(run_dir / "tb" / f"stage{stage}"))] if enabled else []
+
+
+def _write_report(run_dir: Path, model, classes, size, split: SplitData, say) -> None:
+    """metrics.json, plots/ and report.html for the validation (and test) images; a failure only warns,
+    since the run itself is complete by now."""
+    from tltool.evaluation import report_run
+
+    try:
+        t0 = time.perf_counter()
+        report_run(run_dir, model, classes, size, {"val": split.val, "test": split.test}, split.skips)
+        say(f"Report ({time.perf_counter() - t0:.1f}s): {run_dir / 'report.html'}")
+    except Exception as exc:  # noqa: BLE001 - a report bug must not cost a finished training run
+        warnings.warn(f"The run report could not be written ({type(exc).__name__}: {exc}). Write it with "
+                      f"`tltool evaluate {run_dir} --data DIR`.", UserWarning, stacklevel=2)
 
 
 def _check_resumable(out, recipe, other_args: dict) -> Path:
