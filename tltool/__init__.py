@@ -5,6 +5,8 @@ The public API; the CLI uses only these. Heavy modules (TensorFlow) load on firs
 """
 
 import os
+import sys
+import types
 
 # TensorFlow's C++ start-up chatter (CUDA probing, CPU feature notes) is noise for tltool's users.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -35,3 +37,19 @@ def __getattr__(name):
     import importlib
 
     return getattr(importlib.import_module(module), name)
+
+
+class _Package(types.ModuleType):
+    """Keeps `tltool.finetune` the function after `import tltool.finetune` (or any such submodule import).
+
+    Importing a submodule binds it as an attribute of the package, which would shadow the API function of
+    the same name for good: the second `tltool.finetune(...)` in a process would call a module.
+    """
+
+    def __setattr__(self, name, value):
+        if isinstance(value, types.ModuleType) and _LAZY.get(name) == value.__name__:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
