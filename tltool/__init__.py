@@ -25,6 +25,9 @@ _LAZY = {
     "load_image": "tltool.images",
     "scan_folder": "tltool.data",
     "TltoolError": "tltool.errors",
+    "export": "tltool.export",
+    "load_predictor": "tltool.predict",
+    "predict_files": "tltool.predict",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
