@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -434,6 +435,10 @@ def _write_onnx(model, size: int, labels: list[str], path: Path) -> None:
     import onnx
     import tensorflow as tf
 
+    tf2onnx_logger = logging.getLogger("tf2onnx")
+    level = tf2onnx_logger.level
+    # tf2onnx logs tracebacks of optimizer passes it skips; they are noise, not failures.
+    tf2onnx_logger.setLevel(logging.CRITICAL)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tf2onnx's numpy deprecation chatter
@@ -441,6 +446,8 @@ def _write_onnx(model, size: int, labels: list[str], path: Path) -> None:
                          input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")])
     except Exception as exc:  # tf2onnx raises many types for unsupported ops
         raise ExportError(f"ONNX conversion failed ({type(exc).__name__}: {str(exc)[:200]}).") from None
+    finally:
+        tf2onnx_logger.setLevel(level)
     proto = onnx.load(str(path))
     entry = proto.metadata_props.add()
     entry.key = METADATA_KEY
