@@ -74,3 +74,19 @@ def calibrated_backbone_weights(path: Path, backbone: str = "mobilenet_v2", size
     net.save_weights(path)
     keras.backend.clear_session()
     return path
+
+
+def tiny_trained_run(root: Path) -> Path:
+    """A finished run in root/run, trained on root/images, whose probabilities differ from image to image.
+
+    Stage 1 only, on a calibrated backbone, trained to confident outputs: export and inference tests need
+    a model whose answers depend on the image, or every parity check would pass trivially.
+    """
+    import tltool
+
+    images = make_image_folder(Path(root) / "images")
+    weights = calibrated_backbone_weights(Path(root) / "backbone.weights.h5", images=images)
+    tltool.finetune(data=images, out=Path(root) / "run", verbose=0,
+                    overrides=tiny_values(32) + ["fine_tune.epochs=0", "frozen.epochs=20", "frozen.learning_rate=0.01",
+                                                 "frozen.early_stopping=0", f"backbone.weights={weights}"])
+    return Path(root) / "run"

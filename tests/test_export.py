@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import calibrated_backbone_weights, make_image_folder, tiny_values
+from helpers import tiny_trained_run
 
 import tltool
 from tltool.cli import main
@@ -15,23 +15,9 @@ from tltool.images import load_image
 
 export_module = importlib.import_module("tltool.export")
 
-# Stage 1 only, trained to confident outputs: a model whose probabilities differ from image to image
-# (random BatchNorm backbones output near-constant features, which would make every parity check trivial).
-TINY_RUN = ["fine_tune.epochs=0", "frozen.epochs=20", "frozen.learning_rate=0.01", "frozen.early_stopping=0"]
-
-
-def tiny_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export-run")
-    images = make_image_folder(root / "images")
-    weights = calibrated_backbone_weights(root / "backbone.weights.h5", images=images)
-    tltool.finetune(data=images, out=root / "run", verbose=0,
-                    overrides=tiny_values(32) + TINY_RUN + [f"backbone.weights={weights}"])
-    return root / "run"
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    return tiny_run(tmp_path_factory)
+    return tiny_trained_run(tmp_path_factory.mktemp("export-run"))
 
 
 def val_pixels(run_dir, n=6):
