@@ -16,7 +16,7 @@ import random
 import shutil
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
 
 CLASSES = ("circle", "square", "triangle")
 # Each class leans to a hue so the task is learnable from colour and shape together; the ranges overlap.

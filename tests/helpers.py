@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import numpy as np
@@ -37,3 +36,56 @@ def tiny_values(size: int = 32) -> dict:
     """The same as `tiny_recipe_args`, as `overrides` for the Python API."""
     return ["backbone.weights=none", f"data.image_size={size}", "data.batch_size=8", "frozen.epochs=2",
             "fine_tune.epochs=1", "fine_tune.unfreeze=5"]
+
+
+def calibrated_backbone_weights(path: Path, backbone: str = "mobilenet_v2", size: int = 32,
+                                images: Path | None = None) -> Path:
+    """Save random backbone weights whose BatchNorm statistics are calibrated on `images` (or noise).
+
+    A randomly initialised BatchNorm backbone in inference mode shrinks its features towards zero (about
+    1e-13 for MobileNetV2), so a head trained on them learns nothing. One training-mode pass with momentum
+    0 sets every BatchNorm's statistics from real activations: the features then carry the images' colours,
+    which is enough for a tiny model that really discriminates, as tests of export and inference need.
+    Pass the file as `backbone.weights`.
+    """
+    import keras
+
+    from tltool.backbones import get_backbone_spec, preprocessing_layer
+
+    spec = get_backbone_spec(backbone)
+    keras.utils.set_random_seed(0)
+    net = spec.constructor_fn()(include_top=False, weights=None, input_shape=(size, size, 3), pooling="avg",
+                                **dict(spec.extra_kwargs))
+    if images is not None:
+        from tltool.images import load_image
+
+        files = sorted(p for p in Path(images).rglob("*") if p.suffix in (".png", ".jpg"))
+        pixels = np.stack([load_image(p, size) for p in files]).astype(np.float32)
+    else:
+        pixels = np.random.default_rng(0).uniform(0, 255, (32, size, size, 3)).astype(np.float32)
+    prep = preprocessing_layer(spec)
+    x = prep(pixels) if prep is not None else pixels
+    for layer in net.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = 0.0
+    net(x, training=True)
+    path = Path(path)
+    net.save_weights(path)
+    keras.backend.clear_session()
+    return path
+
+
+def tiny_trained_run(root: Path) -> Path:
+    """A finished run in root/run, trained on root/images, whose probabilities differ from image to image.
+
+    Stage 1 only, on a calibrated backbone, trained to confident outputs: export and inference tests need
+    a model whose answers depend on the image, or every parity check would pass trivially.
+    """
+    import tltool
+
+    images = make_image_folder(Path(root) / "images")
+    weights = calibrated_backbone_weights(Path(root) / "backbone.weights.h5", images=images)
+    tltool.finetune(data=images, out=Path(root) / "run", verbose=0,
+                    overrides=tiny_values(32) + ["fine_tune.epochs=0", "frozen.epochs=20", "frozen.learning_rate=0.01",
+                                                 "frozen.early_stopping=0", f"backbone.weights={weights}"])
+    return Path(root) / "run"

@@ -188,10 +188,10 @@ def test_evaluate_default_out_is_inside_the_run(tmp_path, image_folder):
 
 
 def test_evaluate_errors(tmp_path, image_folder, swapped_run):
-    with pytest.raises(RunDirError, match="Run directory not found"):
+    with pytest.raises(RunDirError, match="Model not found: .*nope. Pass a run directory"):
         tltool.evaluate(tmp_path / "nope", image_folder)
     (tmp_path / "half").mkdir()
-    with pytest.raises(RunDirError, match="has no model.keras"):
+    with pytest.raises(RunDirError, match=r"No model in .*half: expected a run directory \(model.keras \+ labels.txt\)"):
         tltool.evaluate(tmp_path / "half", image_folder)
     odd = tmp_path / "odd"
     (odd / "purple").mkdir(parents=True)
@@ -217,7 +217,7 @@ def test_cli_evaluate_errors(tmp_path, image_folder):
     runner = CliRunner()
     missing = runner.invoke(main, ["evaluate", str(tmp_path / "nope"), "--data", str(image_folder)])
     assert missing.exit_code == 2
-    assert "Run directory not found" in missing.output and "Traceback" not in missing.output
+    assert "Model not found" in missing.output and "Traceback" not in missing.output
     no_data = runner.invoke(main, ["evaluate", str(tmp_path)])
     assert no_data.exit_code == 2 and "Missing option '--data'" in no_data.output
     bad_k = runner.invoke(main, ["evaluate", str(tmp_path), "--data", str(image_folder), "--top-k", "0"])

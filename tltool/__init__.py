@@ -27,6 +27,9 @@ _LAZY = {
     "TltoolError": "tltool.errors",
     "evaluate": "tltool.evaluation",
     "compute_metrics": "tltool.evaluation",
+    "export": "tltool.exporting",
+    "load_predictor": "tltool.predict",
+    "predict_files": "tltool.predict",
     "check_data": "tltool.datacheck",
     "format_report": "tltool.datacheck",
 }

@@ -223,6 +223,79 @@ def evaluate(model, data, out, top_k):
             click.secho(f"Warning: on a {probe['name']} image the model says {probe['predicted']} "
                         f"({probe['confidence']:.0%}); see the sanity probes in the report.", fg="yellow", err=True)
 
+@main.command()
+@click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--format", "fmt", required=True, type=click.Choice(["savedmodel", "keras", "tflite", "onnx"]),
+              help="savedmodel (TF Serving), keras (.keras), tflite (mobile, edge) or onnx (onnxruntime).")
+@click.option("--quantize", default="none", show_default=True,
+              type=click.Choice(["none", "dynamic", "float16", "int8"]),
+              help="TFLite only: dynamic (int8 weights), float16, or int8 (full integer, calibrated on training "
+                   "images).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder to write (default: RUN/export/FORMAT, or RUN/export/tflite-QUANTIZE).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@handle_errors
+def export(run, fmt, quantize, out, force):
+    """Export RUN's model and check it against the Keras model on the validation images."""
+    result = tltool.export(run, fmt, quantize=quantize, out=out, force=force)
+    what = fmt + (f" ({quantize})" if quantize != "none" else "")
+    size = f"{result['size_bytes'] / 1e6:.2f} MB" + (f", {result['size_ratio']:.3f}x float32"
+                                                    if "size_ratio" in result else "")
+    echo(f"Exported {what} to {result['path']} ({size}).")
+    echo(f"Check on {result['n_images']} validation images: top-1 agreement {result['top1_agreement']:.4f}, "
+         f"max |prob diff| {result['max_abs_prob_diff']:.2g}, accuracy {result['accuracy_keras']:.4f} (Keras) "
+         f"vs {result['accuracy_export']:.4f} (export).")
+
+
+@main.command()
+@click.argument("model", type=click.Path(exists=True, path_type=Path))
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--top-k", type=click.IntRange(1), default=3, show_default=True, help="Classes listed per image.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of results.")
+@click.option("--csv", "as_csv", is_flag=True, help="Print CSV, one row per file.")
+@click.option("--threshold", type=click.FloatRange(0, 1),
+              help="Below this top probability the label is `unknown` (none of the classes).")
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Images per batch.")
+@handle_errors
+def predict(model, files, top_k, as_json, as_csv, threshold, batch_size):
+    """Classify image FILES (or folders of them) with MODEL: a run directory or an exported model.
+
+    A file that cannot be read is reported with its reason and the others go on; the exit code is 1
+    when any failed.
+    """
+    if as_json and as_csv:
+        raise click.UsageError("Pass at most one of --json and --csv.")
+    predictor = tltool.load_predictor(model)
+    results = tltool.predict_files(predictor, files, top_k=top_k, threshold=threshold, batch_size=batch_size)
+    if as_json:
+        import json
+
+        echo(json.dumps(results, indent=2))
+    elif as_csv:
+        import csv
+        import io
+
+        from tltool.predict import results_to_csv_rows
+
+        header, rows = results_to_csv_rows(results)
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+        click.echo(buffer.getvalue(), nl=False)
+    else:
+        width = max((len(r["path"]) for r in results), default=0)
+        for r in results:
+            if r["error"] is None:
+                others = ", ".join(f"{t['label']} {t['score']:.3f}" for t in r["top_k"][1:])
+                echo(f"{r['path']:<{width}}  {r['label']} {r['score']:.3f}" + (f"  ({others})" if others else ""))
+    failed = [r for r in results if r["error"] is not None]
+    for r in failed:
+        click.echo(f"Error: {r['path']}: {r['error']}", err=True)
+    if failed:
+        click.echo(f"{len(failed)} of {len(results)} file(s) could not be classified.", err=True)
+        sys.exit(1)
+
 
 if __name__ == "__main__":
     main()

@@ -46,3 +46,9 @@ class ExportError(TltoolError):
     """An export failed or did not pass its own parity check."""
 
     exit_code = 1
+
+
+class ExportOptionError(ExportError):
+    """An export was asked for with options that do not fit (format, quantization, missing package)."""
+
+    exit_code = 2

@@ -23,8 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tltool import rundir
-from tltool.errors import DataError, RunDirError
+from tltool.errors import DataError
 
 ECE_BINS = 15
 THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
@@ -185,55 +184,11 @@ def compute_metrics(y_true, probs, labels: list[str], top_k: int = 5,
 # ------------------------------------------------------------------------------------------ models
 
 
-class KerasRunModel:
-    """A trained Keras model behind the predictor interface that every evaluated model offers.
+def _load_model(path):
+    """A run directory or an exported model, behind the predictor interface (see `tltool.predict`)."""
+    from tltool.predict import load_predictor
 
-    Attributes: `labels` (class names in output order), `image_size` (square input size in pixels),
-    `predict(uint8 array N x H x W x 3) -> float probabilities N x classes`.
-    """
-
-    def __init__(self, model, labels: list[str], image_size: int, batch_size: int = 32):
-        self.model = model
-        self.labels = list(labels)
-        self.image_size = int(image_size)
-        self.batch_size = batch_size
-
-    def predict(self, pixels) -> np.ndarray:
-        x = np.asarray(pixels, dtype=np.float32)
-        n = len(x)
-        if n == 0:
-            return np.zeros((0, len(self.labels)))
-        # Padding to whole batches gives the model one input shape, so it is traced once (a second
-        # trace for a ragged last batch or the probes costs seconds on CPU; the padding costs far less).
-        pad = -n % self.batch_size
-        if pad:
-            x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), np.float32)])
-        # predict_on_batch: model.predict's per-call set-up costs more than a small batch's inference.
-        probs = [np.asarray(self.model.predict_on_batch(x[i:i + self.batch_size]))
-                 for i in range(0, len(x), self.batch_size)]
-        return np.concatenate(probs)[:n].astype(np.float64)
-
-
-def _load_model(path) -> KerasRunModel:
-    """The predictor of a run directory (model.keras + labels.txt; image size from summary.json or the model).
-
-    The one place where `evaluate` turns a path into a model: exported models plug in here.
-    """
-    run_dir = rundir.require_run_dir(Path(path))
-    import keras
-
-    try:
-        model = keras.models.load_model(run_dir / rundir.MODEL_FILE, compile=False)
-    except Exception as exc:  # Keras raises ValueError, OSError, zipfile errors ... for a damaged file
-        raise RunDirError(f"Cannot load {run_dir / rundir.MODEL_FILE} ({type(exc).__name__}: {str(exc)[:120]}). "
-                          f"Train the run again with `tltool finetune`.") from None
-    labels = rundir.read_labels(run_dir)
-    outputs = model.output_shape[-1]
-    if outputs != len(labels):
-        raise RunDirError(f"{run_dir} is inconsistent: the model has {outputs} outputs but labels.txt lists "
-                          f"{len(labels)} classes. Train the run again with `tltool finetune`.")
-    size = rundir.read_summary(run_dir).get("image_size") or model.input_shape[1]
-    return KerasRunModel(model, labels, size)
+    return load_predictor(path)
 
 
 def _is_predictor(model) -> bool:
@@ -413,7 +368,9 @@ def report_run(run_dir, model, labels: list[str], image_size: int, datasets: dic
     # Training leaves much garbage behind (traced functions, graphs). Collected now it takes well under
     # 2 s; left to a collection that the plotting triggers, it took 5-10 s (measured on a 2-core CPU).
     gc.collect()
-    predictor = KerasRunModel(model, labels, image_size)
+    from tltool.predict import KerasPredictor
+
+    predictor = KerasPredictor(model, labels)
     names = {"val": "validation", "test": "test"}
     sets = [evaluate_folder(predictor, folder, skips, name=names.get(key, key), key=f"{key}_", top_k=top_k)
             for key, folder in datasets.items() if folder is not None]

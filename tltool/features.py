@@ -150,7 +150,6 @@ def compute_features(extractor, paths: list[str], image_size: int, batch_size: i
     `ok` is False for them (they are recorded in `skips`).
     """
     import keras
-    import tensorflow as tf
 
     forward = _forward_fn(extractor, image_size, augment, jit_compile)
     width = extractor.output_shape[-1]

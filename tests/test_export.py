@@ -1,0 +1,188 @@
+"""`tltool export`: every format exports, reloads through `load_predictor` and passes its own check."""
+
+import importlib
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from helpers import tiny_trained_run
+
+import tltool
+from tltool.cli import main
+from tltool.errors import ExportError, ExportOptionError, RunDirError
+from tltool.images import load_image
+
+export_module = importlib.import_module("tltool.exporting")
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return tiny_trained_run(tmp_path_factory.mktemp("export-run"))
+
+
+def val_pixels(run_dir, n=6):
+    files = sorted(p for p in (run_dir.parent / "images").rglob("*") if p.suffix in (".png", ".jpg"))[::4][:n]
+    return files, np.stack([load_image(p, 32) for p in files])
+
+
+def keras_probs(run_dir, pixels):
+    import keras
+
+    model = keras.models.load_model(run_dir / "model.keras", compile=False)
+    return np.asarray(model(pixels.astype(np.float32), training=False))
+
+
+def check_report(result, out, fmt, quantize="none"):
+    assert result["format"] == fmt and result["quantize"] == quantize
+    assert result["n_images"] == 6  # the run's validation split: 2 of 8 images per class
+    assert result["size_bytes"] > 0
+    assert 0.0 <= result["accuracy_export"] <= 1.0
+    saved = json.loads((out / "export.json").read_text())
+    for key in ("format", "quantize", "size_bytes", "max_abs_prob_diff", "top1_agreement", "accuracy_keras",
+                "accuracy_export", "n_images"):
+        assert saved[key] == result[key]
+
+
+def test_keras_export_reloads_identically(run_dir):
+    result = CliRunner().invoke(main, ["export", str(run_dir), "--format", "keras"])
+    assert result.exit_code == 0, result.output
+    assert "Exported keras to" in result.output and "top-1 agreement 1.0000" in result.output
+    out = run_dir / "export" / "keras"
+    report = json.loads((out / "export.json").read_text())
+    check_report(report, out, "keras")
+    assert report["max_abs_prob_diff"] <= 1e-4 and report["top1_agreement"] == 1.0
+    predictor = tltool.load_predictor(out)
+    assert predictor.format == "keras" and predictor.labels == ["blue", "green", "red"]
+    _, pixels = val_pixels(run_dir)
+    # Same inference path on both sides, so any difference would come from the exported file itself.
+    np.testing.assert_allclose(predictor.predict(pixels), tltool.load_predictor(run_dir).predict(pixels), atol=1e-6)
+
+
+def test_export_refuses_to_overwrite_without_force(run_dir, tmp_path):
+    out = tmp_path / "keras-out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(RunDirError, match="already exists. Pass --force"):
+        tltool.export(run_dir, "keras", out=out)
+    assert (out / "keep.txt").exists()
+
+
+def test_export_outside_tolerance_fails_and_leaves_nothing(run_dir, tmp_path, monkeypatch):
+    strict = export_module.Tolerance(max_abs_prob_diff=-1.0)
+    monkeypatch.setattr(export_module, "tolerance_for", lambda fmt, q: strict)
+    out = tmp_path / "strict"
+    with pytest.raises(ExportError, match="probabilities differ from the Keras model's by up to"):
+        tltool.export(run_dir, "keras", out=out)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".strict")]  # no temporary folder left
+
+
+def test_savedmodel_signatures_labels_asset_and_serving_layout(run_dir):
+    import tensorflow as tf
+
+    result = tltool.export(run_dir, "savedmodel")
+    out = run_dir / "export" / "savedmodel"
+    check_report(result, out, "savedmodel")
+    assert result["max_abs_prob_diff"] <= 1e-4
+    version = out / "1"  # TF Serving's numbered version folder
+    assert (version / "saved_model.pb").is_file()
+    assert (version / "assets" / "labels.txt").read_text().split() == ["blue", "green", "red"]
+
+    loaded = tf.saved_model.load(str(version))
+    assert {"serving_default", "serving_pixels"} <= set(loaded.signatures)
+    files, pixels = val_pixels(run_dir)
+    expected = keras_probs(run_dir, pixels)
+    by_pixels = loaded.signatures["serving_pixels"](pixels=tf.constant(pixels))
+    np.testing.assert_allclose(by_pixels["probabilities"].numpy(), expected, atol=1e-4)
+    # The default signature decodes the files' own bytes in the graph. Lossless PNGs at the model's size
+    # (one with a transparent border, which must come out white as with Pillow) give the very same pixels.
+    encoded = []
+    for i, image in enumerate(pixels):
+        rgba = np.concatenate([image, np.full((32, 32, 1), 255, np.uint8)], axis=-1)
+        if i == 0:
+            rgba[:4, :, 3] = 0
+            pixels[0, :4] = 255
+        encoded.append(tf.io.encode_png(rgba).numpy())
+    expected = keras_probs(run_dir, pixels)
+    by_bytes = loaded.signatures["serving_default"](images=tf.constant(encoded))
+    np.testing.assert_allclose(by_bytes["probabilities"].numpy(), expected, atol=1e-4)
+    labels = [s.decode() for s in by_bytes["label"].numpy()]
+    assert labels == [["blue", "green", "red"][i] for i in expected.argmax(1)]
+    assert by_bytes["top_k_labels"].shape == (len(files), 3)
+    # The run's JPEG and PNG files themselves (40 px, resized in the graph) were checked by the export.
+    assert result["encoded_images_signature"]["n_images"] == 6
+    assert result["encoded_images_signature"]["undecodable"] == 0
+    assert tltool.load_predictor(out).format == "savedmodel"
+
+
+def test_tflite_float32_embeds_labels_and_matches(run_dir):
+    from tltool.predict import tflite_metadata
+
+    result = tltool.export(run_dir, "tflite")
+    out = run_dir / "export" / "tflite"
+    check_report(result, out, "tflite")
+    assert result["max_abs_prob_diff"] <= 1e-3 and result["top1_agreement"] == 1.0
+    meta = tflite_metadata(out / "model.tflite")
+    assert meta["labels"] == ["blue", "green", "red"] and meta["image_size"] == 32
+    (out / "labels.txt").unlink()  # the labels inside the file are enough
+    predictor = tltool.load_predictor(out / "model.tflite")
+    assert predictor.labels == ["blue", "green", "red"]
+    _, pixels = val_pixels(run_dir)
+    np.testing.assert_allclose(predictor.predict(pixels), keras_probs(run_dir, pixels), atol=1e-3)
+
+
+@pytest.mark.slow
+def test_tflite_int8_is_full_integer_small_and_accurate(run_dir):
+    result = tltool.export(run_dir, "tflite", quantize="int8")
+    out = run_dir / "export" / "tflite-int8"
+    check_report(result, out, "tflite", "int8")
+    assert result["size_ratio"] <= 0.32 and result["size_bytes"] < result["float32_size_bytes"]
+    assert result["accuracy_keras"] - result["accuracy_export"] <= 0.015
+    predictor = tltool.load_predictor(out)
+    details = predictor.interpreter.get_input_details()[0]
+    assert details["dtype"] == np.uint8 and predictor.interpreter.get_output_details()[0]["dtype"] == np.uint8
+    _, pixels = val_pixels(run_dir)
+    probs = predictor.predict(pixels)
+    assert (probs.argmax(1) == keras_probs(run_dir, pixels).argmax(1)).mean() >= 0.8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantize", ["float16", "dynamic"])
+def test_tflite_float16_and_dynamic(run_dir, quantize):
+    result = tltool.export(run_dir, "tflite", quantize=quantize)
+    check_report(result, run_dir / "export" / f"tflite-{quantize}", "tflite", quantize)
+    assert result["top1_agreement"] >= 0.8
+    if quantize == "float16":
+        assert result["max_abs_prob_diff"] <= 2e-2
+
+
+def test_onnx_export_checked_with_onnxruntime(run_dir):
+    result = tltool.export(run_dir, "onnx")
+    out = run_dir / "export" / "onnx"
+    check_report(result, out, "onnx")
+    assert result["max_abs_prob_diff"] <= 1e-3
+    predictor = tltool.load_predictor(out / "model.onnx")
+    assert predictor.format == "onnx" and predictor.labels == ["blue", "green", "red"]
+    assert predictor.image_size == 32
+
+
+@pytest.mark.parametrize("fmt, quantize, message", [
+    ("keras", "int8", "Quantization applies to --format tflite only"),
+    ("coreml", "none", "Expected `format` to be one of savedmodel, keras, tflite, onnx. Received: format=coreml"),
+    ("tflite", "int4", "Expected `quantize` to be one of none, dynamic, float16, int8. Received: quantize=int4"),
+])
+def test_bad_options_are_rejected_before_any_work(tmp_path, fmt, quantize, message):
+    with pytest.raises(ExportOptionError, match=message):
+        tltool.export(tmp_path / "no-such-run", fmt, quantize=quantize)
+
+
+def test_cli_export_errors(run_dir, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["export", str(run_dir), "--format", "keras", "--quantize", "int8"])
+    assert result.exit_code == 2
+    assert "Quantization applies to --format tflite only" in result.output
+    assert "Traceback" not in result.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = runner.invoke(main, ["export", str(empty), "--format", "tflite"])
+    assert result.exit_code == 2 and "has no model.keras: it is not a finished tltool run" in result.output

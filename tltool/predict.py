@@ -1,0 +1,340 @@
+"""`predict`: load any tltool model (run directory or export) and classify image files.
+
+`load_predictor` gives one interface over every format: `.labels`, `.image_size`, `.format` and
+`.predict(uint8 pixels N x H x W x 3) -> probabilities N x C`. Images are read with Pillow
+(`tltool.images.load_image`: EXIF rotation, CMYK, alpha on white) for every format, so the same file gives
+the same pixels, and the same answer, whichever model it goes to.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from tltool import rundir
+from tltool.errors import RunDirError
+from tltool.images import ImageReadError, is_image_name, load_image
+
+UNKNOWN_LABEL = "unknown"
+
+
+class Predictor:
+    """A loaded model: `predict(uint8 pixels) -> probabilities`, with the labels of its outputs."""
+
+    format = "?"
+
+    def __init__(self, source: Path, labels: list[str], image_size: int):
+        self.source = Path(source)
+        self.labels = list(labels)
+        self.image_size = int(image_size)
+
+    def predict(self, pixels: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """Class probabilities (float32, N x num_classes) for uint8 RGB pixels N x size x size x 3."""
+        pixels = np.asarray(pixels)
+        expected = (self.image_size, self.image_size, 3)
+        if pixels.ndim != 4 or pixels.shape[1:] != expected:
+            raise ValueError(f"Expected pixels of shape (N, {self.image_size}, {self.image_size}, 3). "
+                             f"Received: shape={pixels.shape}")
+        if len(pixels) == 0:
+            return np.zeros((0, len(self.labels)), np.float32)
+        pixels = np.clip(pixels, 0, 255).astype(np.uint8) if pixels.dtype != np.uint8 else pixels
+        parts = [self._predict_batch(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)]
+        return np.concatenate(parts).astype(np.float32)
+
+    def _predict_batch(self, pixels: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.format} {self.source} ({len(self.labels)} classes, {self.image_size}px)>"
+
+
+class KerasPredictor(Predictor):
+    """A Keras model (pixels in, probabilities out), loaded from a file or already in memory."""
+
+    format = "keras"
+
+    def __init__(self, model, labels: list[str], source: Path | str = "<memory>", batch_size: int = 32):
+        outputs = model.output_shape[-1]
+        if outputs != len(labels):
+            raise RunDirError(f"{source} is inconsistent: the model has {outputs} outputs but its labels list "
+                              f"{len(labels)} classes. Train the run again with `tltool finetune`.")
+        self.model = model
+        self.batch_size = batch_size
+        super().__init__(Path(source), labels, model.input_shape[1])
+
+    @classmethod
+    def from_file(cls, model_file: Path, labels: list[str]) -> "KerasPredictor":
+        import keras
+
+        try:
+            model = keras.models.load_model(model_file, compile=False, safe_mode=True)
+        except Exception as exc:  # Keras raises ValueError, OSError, zipfile errors ... for a damaged file
+            raise RunDirError(f"Cannot load {model_file} ({type(exc).__name__}: {str(exc)[:120]}). "
+                              f"Train the run again with `tltool finetune`.") from None
+        return cls(model, labels, model_file)
+
+    def predict(self, pixels: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+        return super().predict(pixels, batch_size or self.batch_size)
+
+    def _predict_batch(self, pixels):
+        x = pixels.astype(np.float32)
+        # Padding to whole batches gives the model one input shape, so it is traced once (a second trace
+        # for a ragged last batch costs seconds on CPU; the padding costs far less). predict_on_batch:
+        # model.predict's per-call set-up costs more than a small batch's inference.
+        pad = -len(x) % self.batch_size
+        if pad:
+            x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), np.float32)])
+        return np.asarray(self.model.predict_on_batch(x))[:len(pixels)]
+
+
+class SavedModelPredictor(Predictor):
+    format = "savedmodel"
+
+    def __init__(self, path: Path):
+        import tensorflow as tf
+
+        self.loaded = tf.saved_model.load(str(path))
+        self.signatures = self.loaded.signatures
+        if "serving_pixels" not in self.signatures:
+            raise RunDirError(f"The SavedModel at {path} has no `serving_pixels` signature: it was not written "
+                              f"by `tltool export`. Export the run again.")
+        spec = self.signatures["serving_pixels"].structured_input_signature[1]["pixels"]
+        super().__init__(path, rundir.read_labels(path / "assets" / rundir.LABELS_FILE), spec.shape[1])
+
+    def _predict_batch(self, pixels):
+        import tensorflow as tf
+
+        return self.signatures["serving_pixels"](pixels=tf.constant(pixels))["probabilities"].numpy()
+
+
+class TFLitePredictor(Predictor):
+    format = "tflite"
+
+    def __init__(self, path: Path):
+        meta = tflite_metadata(path)
+        self.interpreter = _tflite_interpreter(path)
+        details = self.interpreter.get_input_details()[0]
+        labels = meta.get("labels") or _labels_next_to(path)
+        super().__init__(path, labels, meta.get("image_size") or details["shape"][1])
+        self.quantize = meta.get("quantize", "none")
+        self._batch = None
+
+    def _predict_batch(self, pixels):
+        it = self.interpreter
+        index = it.get_input_details()[0]["index"]
+        if self._batch != len(pixels):
+            it.resize_tensor_input(index, [len(pixels), self.image_size, self.image_size, 3])
+            it.allocate_tensors()
+            self._batch = len(pixels)
+        inp, out = it.get_input_details()[0], it.get_output_details()[0]
+        it.set_tensor(index, _quantize(pixels.astype(np.float32), inp))
+        it.invoke()
+        return _dequantize(it.get_tensor(out["index"]), out)
+
+
+class OnnxPredictor(Predictor):
+    format = "onnx"
+
+    def __init__(self, path: Path):
+        import onnxruntime
+
+        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        meta = json.loads(self.session.get_modelmeta().custom_metadata_map.get("tltool", "{}"))
+        self._input = self.session.get_inputs()[0].name
+        labels = meta.get("labels") or _labels_next_to(path)
+        super().__init__(path, labels, meta.get("image_size") or self.session.get_inputs()[0].shape[1])
+
+    def _predict_batch(self, pixels):
+        return self.session.run(None, {self._input: pixels.astype(np.float32)})[0]
+
+
+def load_predictor(path) -> Predictor:
+    """Load a model for inference from whatever tltool wrote.
+
+    Args:
+        path: a run directory (or an `export --format keras` folder), a SavedModel folder (the version
+            folder or the folder holding numbered versions), a .tflite or .onnx file, or a folder holding
+            exactly one of them.
+
+    Returns:
+        A `Predictor` with `.labels`, `.image_size`, `.format` and `.predict(uint8 pixels) -> probabilities`.
+
+    Raises:
+        RunDirError: nothing loadable at `path`.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise RunDirError(f"Model not found: {path}. Pass a run directory, an exported SavedModel folder, or a "
+                          f".tflite / .onnx file.")
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".tflite":
+            return TFLitePredictor(path)
+        if suffix == ".onnx":
+            return OnnxPredictor(path)
+        if suffix == ".keras":
+            return KerasPredictor.from_file(path, _labels_next_to(path))
+        raise RunDirError(f"Expected a .tflite, .onnx or .keras file, or a folder. Received: {path}")
+    if (path / rundir.MODEL_FILE).is_file():
+        return KerasPredictor.from_file(path / rundir.MODEL_FILE, rundir.read_labels(path))
+    if (path / "saved_model.pb").is_file():
+        return SavedModelPredictor(path)
+    versions = sorted((p for p in path.iterdir() if p.name.isdigit() and (p / "saved_model.pb").is_file()),
+                      key=lambda p: int(p.name))
+    if versions:
+        return SavedModelPredictor(versions[-1])  # TF Serving serves the highest version too
+    for suffix, cls in ((".tflite", TFLitePredictor), (".onnx", OnnxPredictor)):
+        found = sorted(path.glob(f"*{suffix}"))
+        if len(found) == 1:
+            return cls(found[0])
+        if len(found) > 1:
+            raise RunDirError(f"{path} holds {len(found)} {suffix} files; pass the one to use.")
+    raise RunDirError(f"No model in {path}: expected a run directory (model.keras + labels.txt), a SavedModel, "
+                      f"or a .tflite / .onnx file written by `tltool export`.")
+
+
+# ------------------------------------------------------------------------------------------ predicting files
+
+
+def collect_files(paths_or_dirs) -> list[tuple[Path, str | None]]:
+    """Expand folders (recursively, image files only, sorted) and keep files as given.
+
+    Returns (path, error) pairs: error is None, or why the path cannot be used at all.
+    """
+    items: list[tuple[Path, str | None]] = []
+    for raw in paths_or_dirs:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_name(p))
+            items.extend((p, None) for p in found)
+            if not found:
+                items.append((path, "folder holds no image files"))
+        elif path.is_file():
+            items.append((path, None))
+        else:
+            items.append((path, "file not found"))
+    return items
+
+
+def predict_files(model, paths_or_dirs, top_k: int = 3, threshold: float | None = None,
+                  batch_size: int = 32) -> list[dict]:
+    """Classify image files; a file that cannot be read gets its reason and the others go on.
+
+    Args:
+        model: a `Predictor`, or a path for `load_predictor`.
+        paths_or_dirs: image files and folders (searched recursively for image files).
+        top_k: how many of the most likely classes to list per image (at most the number of classes).
+        threshold: below this top probability the label is `unknown` (`top_k` still lists the classes).
+        batch_size: images per forward pass.
+
+    Returns:
+        One dict per file, in input order: {path, label, score, top_k: [{label, score}], error}; for a
+        failed file label and score are None, top_k is empty and error says why.
+    """
+    predictor = model if isinstance(model, Predictor) else load_predictor(model)
+    k = max(1, min(int(top_k), len(predictor.labels)))
+    results: list[dict] = []
+    pending: list[tuple[dict, np.ndarray]] = []
+
+    def flush():
+        if not pending:
+            return
+        probs = predictor.predict(np.stack([pixels for _, pixels in pending]), batch_size=batch_size)
+        for (row, _), p in zip(pending, probs):
+            order = np.argsort(-p, kind="stable")[:k]
+            score = float(p[order[0]])
+            row["label"] = predictor.labels[order[0]] if threshold is None or score >= threshold else UNKNOWN_LABEL
+            row["score"] = round(score, 6)
+            row["top_k"] = [{"label": predictor.labels[i], "score": round(float(p[i]), 6)} for i in order]
+        pending.clear()
+
+    for path, error in collect_files(paths_or_dirs):
+        row = {"path": str(path), "label": None, "score": None, "top_k": [], "error": error}
+        results.append(row)
+        if error is not None:
+            continue
+        try:
+            pending.append((row, load_image(path, predictor.image_size)))
+        except ImageReadError as exc:
+            row["error"] = str(exc)
+        if len(pending) >= batch_size:
+            flush()
+    flush()
+    return results
+
+
+def results_to_csv_rows(results: list[dict]) -> tuple[list[str], list[list]]:
+    """The results flattened: path, label, score, error, then label_i / score_i for each of the top k."""
+    k = max((len(r["top_k"]) for r in results), default=0)
+    header = ["path", "label", "score", "error"]
+    for i in range(1, k + 1):
+        header += [f"label_{i}", f"score_{i}"]
+    rows = []
+    for r in results:
+        row = [r["path"], r["label"] or "", "" if r["score"] is None else r["score"], r["error"] or ""]
+        for i in range(k):
+            entry = r["top_k"][i] if i < len(r["top_k"]) else {"label": "", "score": ""}
+            row += [entry["label"], entry["score"]]
+        rows.append(row)
+    return header, rows
+
+
+# ------------------------------------------------------------------------------------------ TFLite helpers
+
+
+def _labels_next_to(path: Path) -> list[str]:
+    return rundir.read_labels(Path(path).parent / rundir.LABELS_FILE)
+
+
+def tflite_metadata(path: Path) -> dict:
+    """The `tltool` metadata entry of a .tflite file (labels, image size, quantize), or {} if absent."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    data = Path(path).read_bytes()
+    try:
+        model = schema.Model.GetRootAs(data, 0)
+        for i in range(model.MetadataLength()):
+            entry = model.Metadata(i)
+            if entry.Name() == b"tltool":
+                buffer = model.Buffers(entry.Buffer())
+                if buffer.Offset() > 1:  # large models keep buffers after the flatbuffer
+                    raw = data[buffer.Offset():buffer.Offset() + buffer.Size()]
+                else:
+                    raw = buffer.DataAsNumpy().tobytes()
+                return json.loads(raw.decode("utf-8"))
+    except Exception as exc:  # a damaged file fails in many ways inside the flatbuffer reader
+        raise RunDirError(f"{path} is not a readable TFLite model ({type(exc).__name__}).") from None
+    return {}
+
+
+def _tflite_interpreter(path: Path):
+    try:  # LiteRT is TFLite's successor; TensorFlow's own interpreter still works but warns on creation
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        import tensorflow as tf
+
+        Interpreter = tf.lite.Interpreter
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return Interpreter(model_path=str(path))
+        except ValueError as exc:
+            raise RunDirError(f"{path} is not a readable TFLite model: {str(exc)[:120]}") from None
+
+
+def _quantize(pixels: np.ndarray, detail: dict) -> np.ndarray:
+    if detail["dtype"] == np.float32:
+        return pixels
+    scale, zero_point = detail["quantization"]
+    info = np.iinfo(detail["dtype"])
+    return np.clip(np.round(pixels / scale + zero_point), info.min, info.max).astype(detail["dtype"])
+
+
+def _dequantize(values: np.ndarray, detail: dict) -> np.ndarray:
+    if detail["dtype"] == np.float32:
+        return values
+    scale, zero_point = detail["quantization"]
+    return (values.astype(np.float32) - zero_point) * scale
