@@ -120,3 +120,17 @@ def test_invalid_recipes_give_their_expected_error(path):
     expected = path.read_text().splitlines()[0].removeprefix("# error:").strip()
     with pytest.raises(RecipeError, match=expected):
         load_recipe(path)
+
+
+def test_cli_recipe_fields_and_show(tmp_path):
+    from click.testing import CliRunner
+
+    from tltool.cli import main
+
+    result = CliRunner().invoke(main, ["recipe", "fields", "fine_tune"])
+    assert result.exit_code == 0
+    assert "fine_tune.unfreeze" in result.output and "20" in result.output and "head.dropout" not in result.output
+    shown = CliRunner().invoke(main, ["recipe", "show", "--set", "head.dense=[64]"])
+    assert shown.exit_code == 0 and yaml.safe_load(shown.output)["head"]["dense"] == [64]
+    bad = CliRunner().invoke(main, ["recipe", "show", "--set", "head.dropuot=1"])
+    assert bad.exit_code == 2 and "Did you mean `head.dropout`?" in bad.output

@@ -176,6 +176,30 @@ def _count_params(spec) -> int:
 
 
 @main.group()
+def recipe():
+    """Inspect recipes: every field, or a recipe with its overrides resolved."""
+
+
+@recipe.command("fields")
+@click.argument("prefix", default="")
+def recipe_fields(prefix):
+    """List every recipe field with its default and description (PREFIX: e.g. `fine_tune`)."""
+    for path, default, help_text in tltool.describe_fields():
+        if path.startswith(prefix):
+            shown = "null" if default is None else default
+            echo(f"{path:<28} {str(shown):<14} {help_text}")
+
+
+@recipe.command("show")
+@click.argument("recipe_file", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a field (repeatable).")
+@handle_errors
+def recipe_show(recipe_file, overrides):
+    """Validate RECIPE_FILE (default: the built-in defaults) and print it with every field resolved."""
+    echo(tltool.load_recipe(recipe_file, overrides=overrides).to_yaml().rstrip())
+
+
+@main.group()
 def data():
     """Inspect image folders before training."""
 
