@@ -30,7 +30,7 @@ class SkipLog:
         self._lock = threading.Lock()
         self._reasons: dict[str, tuple[str, str]] = {}
 
-    def add(self, path: str | Path, reason: str, kind: str = "corrupt") -> None:
+    def add(self, path: str | Path, reason: str, kind: str) -> None:
         """Record `path` as skipped (the first reason given for a file is kept)."""
         with self._lock:
             self._reasons.setdefault(str(path), (reason, kind))
@@ -238,7 +238,7 @@ def decoded_batches(paths: list[str], image_size: int, batch_size: int, skips: S
         try:
             return load_image(path, image_size), True
         except ImageReadError as exc:
-            skips.add(path, str(exc))
+            skips.add(path, str(exc), exc.kind)
             return blank, False
 
     chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
