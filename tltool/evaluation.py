@@ -153,6 +153,14 @@ def threshold_table(confidence, correct, thresholds=THRESHOLDS, target_accuracy:
             "rule": f"lowest threshold whose accuracy on the accepted images is at least {target_accuracy:g}"}
 
 
+def log_loss(y_true, probs) -> float:
+    """Mean cross-entropy of the true classes (the training loss without label smoothing)."""
+    if len(y_true) == 0:
+        return 0.0
+    picked = np.asarray(probs, dtype=np.float64)[np.arange(len(y_true)), np.asarray(y_true)]
+    return float(-np.mean(np.log(np.clip(picked, 1e-7, 1.0))))
+
+
 def compute_metrics(y_true, probs, labels: list[str], top_k: int = 5,
                     target_accuracy: float = TARGET_ACCURACY) -> dict:
     """Every number of metrics.json for one labelled set: accuracy, top-k, per class, confusion, calibration."""
@@ -168,6 +176,7 @@ def compute_metrics(y_true, probs, labels: list[str], top_k: int = 5,
     return {
         "num_images": int(len(y_true)),
         "accuracy": accuracy(y_true, probs),
+        "log_loss": log_loss(y_true, probs),
         "top_k": k,
         "top_k_accuracy": top_k_accuracy(y_true, probs, k),
         "per_class": per_class,
@@ -348,33 +357,40 @@ def evaluate(model, data, out=None, top_k: int = 5, log=None) -> dict:
     return {**metrics, "out": str(out)}
 
 
-def report_run(run_dir, model, labels: list[str], image_size: int, datasets: dict, skips, top_k: int = 5) -> dict:
-    """The end-of-run report of `finetune`: metrics.json, pictures and report.html inside the run directory.
+def evaluate_run_sets(model, labels: list[str], datasets: dict, skips, top_k: int = 5):
+    """Predictions and metrics of a just-trained model on its validation (and test) images, and probes.
 
     Args:
-        run_dir: the run directory (its recipe.yaml, summary.json and history.csv go into the report).
         model: the trained Keras model (pixels in, probabilities out).
-        labels, image_size: the model's classes and input size.
+        labels: its classes, in output order.
         datasets: {"val": ImageFolder, "test": ImageFolder or None}.
         skips: the run's SkipLog.
 
     Returns:
-        metrics.json's content: {"val": {...}, "test": {...}} with the sets that were given.
+        (list of EvalSet, list of Probe): what `write_run_report` turns into the report.
     """
     import gc
 
-    from tltool.report import write_report
+    from tltool.predict import KerasPredictor
 
     # Training leaves much garbage behind (traced functions, graphs). Collected now it takes well under
     # 2 s; left to a collection that the plotting triggers, it took 5-10 s (measured on a 2-core CPU).
     gc.collect()
-    from tltool.predict import KerasPredictor
-
     predictor = KerasPredictor(model, labels)
     names = {"val": "validation", "test": "test"}
     sets = [evaluate_folder(predictor, folder, skips, name=names.get(key, key), key=f"{key}_", top_k=top_k)
             for key, folder in datasets.items() if folder is not None]
-    probes = sanity_probes(predictor)
+    return sets, sanity_probes(predictor)
+
+
+def write_run_report(run_dir, sets, probes, labels: list[str]) -> dict:
+    """The end-of-run report of `finetune`: metrics.json, pictures and report.html inside the run directory.
+
+    Returns:
+        metrics.json's content: {"val": {...}, "test": {...}, "probes": [...]} for the sets given.
+    """
+    from tltool.report import write_report
+
     metrics = {s.key.rstrip("_"): s.metrics for s in sets}
     metrics["probes"] = [p.as_dict(labels) for p in probes]
     write_report(Path(run_dir), sets, probes, metrics, run_dir=Path(run_dir), title="Run report")

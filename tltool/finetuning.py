@@ -308,13 +308,15 @@ def finetune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=
         timings["stage2_s"] = round(timings.get("stage2_s", 0.0) + time.perf_counter() - t0, 3)
         progress.finish_stage(2, tm.model, timings)
 
-    # ---- evaluation of the full image-level model
+    # ---- evaluation of the full image-level model: one prediction pass gives the summary and the report
     t0 = time.perf_counter()
-    compile_model(tm.model, "adam", 1e-3, 0.0)
-    val_loss, val_acc = tm.model.evaluate(ctx.images(split.val, False), verbose=0)
-    test_loss = test_acc = None
-    if split.test is not None:
-        test_loss, test_acc = tm.model.evaluate(ctx.images(split.test, False), verbose=0)
+    from tltool.evaluation import evaluate_run_sets
+
+    eval_sets, probes = evaluate_run_sets(tm.model, classes, {"val": split.val, "test": split.test}, split.skips)
+    by_key = {s.key.rstrip("_"): s.metrics for s in eval_sets}
+    val_acc, val_loss = by_key["val"]["accuracy"], by_key["val"]["log_loss"]
+    test_acc = by_key["test"]["accuracy"] if "test" in by_key else None
+    test_loss = by_key["test"]["log_loss"] if "test" in by_key else None
     timings["evaluate_s"] = round(time.perf_counter() - t0, 3)
     # Saved uncompiled (a fresh functional wrapper over the same layers): users load it for inference or
     # their own training, and a stale optimizer state would only cause warnings on load.
@@ -346,7 +348,7 @@ def finetune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=
         "versions": _versions(),
     }
     rundir.atomic_write_json(run_dir / rundir.SUMMARY_FILE, summary)
-    _write_report(run_dir, tm.model, classes, size, split, say)
+    _write_report(run_dir, eval_sets, probes, classes, say)
     progress.finish_run()
     say(f"Done in {timings['total_s']:.1f}s: val_accuracy {val_acc:.4f}"
         + (f", test_accuracy {test_acc:.4f}" if test_acc is not None else "")
@@ -361,14 +363,13 @@ def _tensorboard(enabled: bool, run_dir: Path, stage: int) -> list:
     return [keras.callbacks.TensorBoard(str(run_dir / "tb" / f"stage{stage}"))] if enabled else []
 
 
-def _write_report(run_dir: Path, model, classes, size, split: SplitData, say) -> None:
-    """metrics.json, plots/ and report.html for the validation (and test) images; a failure only warns,
-    since the run itself is complete by now."""
-    from tltool.evaluation import report_run
+def _write_report(run_dir: Path, eval_sets, probes, classes, say) -> None:
+    """metrics.json, plots/ and report.html; a failure only warns, since the run itself is complete by now."""
+    from tltool.evaluation import write_run_report
 
     try:
         t0 = time.perf_counter()
-        report_run(run_dir, model, classes, size, {"val": split.val, "test": split.test}, split.skips)
+        write_run_report(run_dir, eval_sets, probes, classes)
         say(f"Report ({time.perf_counter() - t0:.1f}s): {run_dir / 'report.html'}")
     except Exception as exc:  # noqa: BLE001 - a report bug must not cost a finished training run
         warnings.warn(f"The run report could not be written ({type(exc).__name__}: {exc}). Write it with "
