@@ -198,6 +198,82 @@ def _backup(backup_dir: Path):
     return keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True, delete_checkpoint=False)
 
 
+def prepare_runtime(recipe: Recipe):
+    """A fresh Keras session seeded from the recipe, with its precision and strategy: (strategy, jit_compile)."""
+    import keras
+    import tensorflow as tf
+
+    # Keras warns about things tltool does on purpose (shuffling inside tf.data; datasets whose length is
+    # unknown until the first epoch ends, because unreadable files are filtered out).
+    warnings.filterwarnings("ignore", message=r".*`shuffle=True` was passed")
+    warnings.filterwarnings("ignore", message=r"Your input ran out of data")
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(recipe.seed)
+    if recipe.train.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    gpus = tf.config.list_physical_devices("GPU")
+    _configure_precision(recipe, gpus)
+    return _strategy(recipe, gpus), bool(recipe.train.xla and gpus)
+
+
+def train_stages(ctx: TrainingContext, tm, strategy, spec, weights, features: StageFeatures | None = None,
+                 progress: "RunProgress | None" = None, run_dir: Path | None = None, extra_callbacks=(),
+                 tensorboard: bool = False) -> dict:
+    """Stage 1 then stage 2 of `ctx.recipe` on `tm`: the training of `finetune` and of every `tune` trial.
+
+    Args:
+        ctx: recipe, data and settings.
+        tm: the TransferModel to train (a head-only one when `features` is given and stage 2 is off).
+        strategy: the distribution strategy models were built under.
+        spec, weights: the backbone's spec and resolved weights (for the feature cache's key).
+        features: stage-1 features computed beforehand (tune computes them once per search); None
+            computes them here when `frozen.cache_features` is on.
+        progress: resume state of a run directory; stages it lists as done are skipped.
+        run_dir: where history.csv (and TensorBoard logs) go; None for none.
+        extra_callbacks: more Keras callbacks for both stages.
+        tensorboard: log both stages under RUN/tb.
+
+    Returns:
+        timings: features_s, feature_images, stage1_s, stage2_s.
+    """
+    recipe = ctx.recipe
+    history_path = Path(run_dir) / rundir.HISTORY_FILE if run_dir is not None else None
+    timings = dict(progress.state.get("timings", {}) if progress else {})
+    for key, zero in (("features_s", 0.0), ("feature_images", 0), ("stage1_s", 0.0), ("stage2_s", 0.0)):
+        timings.setdefault(key, zero)
+
+    def callbacks(stage: int) -> list:
+        return list(extra_callbacks) + (_tensorboard(tensorboard, run_dir, stage) if run_dir else [])
+
+    if recipe.frozen.epochs > 0 and not (progress and progress.done(1)):
+        if ctx.verbose:
+            ctx.log(f"Stage 1: frozen backbone, training the head for up to {recipe.frozen.epochs} epochs.")
+        if progress:
+            progress.trim_history(1, history_path)
+        t0 = time.perf_counter()
+        with strategy.scope():
+            if features is None and recipe.frozen.cache_features:
+                features = stage1_features(ctx, tm.feature_extractor, spec, weights.fingerprint)
+                timings["features_s"] = round(features.seconds, 3)
+                timings["feature_images"] = features.computed
+            run_stage1(ctx, tm, features, history_path, progress.backup_dir(1) if progress else None,
+                       callbacks(1))
+        timings["stage1_s"] = round(timings["stage1_s"] + time.perf_counter() - t0, 3)
+        if progress:
+            progress.finish_stage(1, tm.model, timings)
+
+    if recipe.fine_tune.epochs > 0 and not (progress and progress.done(2)):
+        if progress:
+            progress.trim_history(2, history_path)
+        t0 = time.perf_counter()
+        with strategy.scope():
+            run_stage2(ctx, tm, history_path, progress.backup_dir(2) if progress else None, callbacks(2))
+        timings["stage2_s"] = round(timings["stage2_s"] + time.perf_counter() - t0, 3)
+        if progress:
+            progress.finish_stage(2, tm.model, timings)
+    return timings
+
+
 def finetune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=None, weights=None,
              image_size=None, epochs=None, fine_tune_epochs=None, batch_size=None, seed=None, out=None,
              overrides=(), force=False, resume=False, verbose: int = 1, log=print,
@@ -256,57 +332,19 @@ def finetune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=
         say(f"Skipping {len(split.skips)} unreadable file(s); see skipped_files in summary.json.")
 
     import keras
-    import tensorflow as tf
 
-    # Keras warns about things tltool does on purpose (shuffling inside tf.data; datasets whose length is
-    # unknown until the first epoch ends, because unreadable files are filtered out).
-    warnings.filterwarnings("ignore", message=r".*`shuffle=True` was passed")
-    warnings.filterwarnings("ignore", message=r"Your input ran out of data")
-    keras.backend.clear_session()
-    keras.utils.set_random_seed(recipe.seed)
-    if recipe.train.deterministic:
-        tf.config.experimental.enable_op_determinism()
-    gpus = tf.config.list_physical_devices("GPU")
-    _configure_precision(recipe, gpus)
-    strategy = _strategy(recipe, gpus)
-    ctx = TrainingContext(recipe, split, size, resolved_weights.pretrained, verbose, say,
-                          jit_compile=bool(recipe.train.xla and gpus))
-
+    strategy, jit = prepare_runtime(recipe)
+    ctx = TrainingContext(recipe, split, size, resolved_weights.pretrained, verbose, say, jit_compile=jit)
     with strategy.scope():
         tm = build_transfer_model(spec, resolved_weights, len(classes), size, recipe.head, seed=recipe.seed)
     if not resume:
         save_recipe(recipe, run_dir / rundir.RECIPE_FILE)
         rundir.write_labels(run_dir, classes)
     progress = RunProgress(run_dir)
-    history_path = run_dir / rundir.HISTORY_FILE
-    timings = progress.state.get("timings", {"features_s": 0.0, "feature_images": 0, "stage1_s": 0.0,
-                                             "stage2_s": 0.0})
     if resume:
         progress.restore(tm.model, say)
-
-    # ---- stage 1: frozen backbone, head only
-    if recipe.frozen.epochs > 0 and not progress.done(1):
-        say(f"Stage 1: frozen backbone, training the head for up to {recipe.frozen.epochs} epochs.")
-        progress.trim_history(1, history_path)
-        t0 = time.perf_counter()
-        with strategy.scope():
-            features = None
-            if recipe.frozen.cache_features:
-                features = stage1_features(ctx, tm.feature_extractor, spec, resolved_weights.fingerprint)
-                timings["features_s"] = round(features.seconds, 3)
-                timings["feature_images"] = features.computed
-            run_stage1(ctx, tm, features, history_path, progress.backup_dir(1), _tensorboard(tensorboard, run_dir, 1))
-        timings["stage1_s"] = round(timings.get("stage1_s", 0.0) + time.perf_counter() - t0, 3)
-        progress.finish_stage(1, tm.model, timings)
-
-    # ---- stage 2: top layers unfrozen, low learning rate, augmented images
-    if recipe.fine_tune.epochs > 0 and not progress.done(2):
-        progress.trim_history(2, history_path)
-        t0 = time.perf_counter()
-        with strategy.scope():
-            run_stage2(ctx, tm, history_path, progress.backup_dir(2), _tensorboard(tensorboard, run_dir, 2))
-        timings["stage2_s"] = round(timings.get("stage2_s", 0.0) + time.perf_counter() - t0, 3)
-        progress.finish_stage(2, tm.model, timings)
+    timings = train_stages(ctx, tm, strategy, spec, resolved_weights, progress=progress, run_dir=run_dir,
+                           tensorboard=tensorboard)
 
     # ---- evaluation of the full image-level model: one prediction pass gives the summary and the report
     t0 = time.perf_counter()
