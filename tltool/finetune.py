@@ -134,82 +134,19 @@ def finetune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=
     if len(split.skips):
         say(f"Skipping {len(split.skips)} unreadable file(s); see skipped_files in summary.json.")
 
-    import keras
-    import tensorflow as tf
-
-    keras.backend.clear_session()
-    keras.utils.set_random_seed(recipe.seed)
-    if recipe.train.deterministic:
-        tf.config.experimental.enable_op_determinism()
-    gpus = tf.config.list_physical_devices("GPU")
-    jit = bool(recipe.train.xla and gpus)
-    _configure_precision(recipe, gpus)
-    strategy = _strategy(recipe, gpus)
-
+    strategy, jit = prepare_runtime(recipe)
     with strategy.scope():
         tm = build_transfer_model(spec, resolved_weights, len(classes), size, recipe.head, seed=recipe.seed)
     save_recipe(recipe, run_dir / rundir.RECIPE_FILE)
     rundir.write_labels(run_dir, classes)
     history_path = run_dir / rundir.HISTORY_FILE
-    class_weight = (balanced_class_weights(split.train.labels, len(classes))
-                    if recipe.train.class_weights == "auto" else None)
-    augment = augmentation_layer(recipe.augment, seed=recipe.seed)
-    timings = {"features_s": 0.0, "feature_images": 0, "stage1_s": 0.0, "stage2_s": 0.0}
-    bs = recipe.data.batch_size
     n = len(classes)
 
     def images(folder: ImageFolder, training: bool):
-        return image_dataset(folder.paths, folder.labels, size, bs, split.skips, n, shuffle=training,
-                             seed=recipe.seed, augment=augment if training else None)
+        return image_batches(recipe, split, folder, size, training=training)
 
-    # ---- stage 1: frozen backbone, head only
-    if recipe.frozen.epochs > 0:
-        say(f"Stage 1: frozen backbone, training the head for up to {recipe.frozen.epochs} epochs.")
-        t0 = time.perf_counter()
-        with strategy.scope():
-            if recipe.frozen.cache_features:
-                cache = FeatureCache(_cache_root(recipe) / extractor_key(
-                    spec.name, resolved_weights.fingerprint, size, spec.preprocessing, recipe.head.mode,
-                    recipe.head.pooling))
-                train_x, train_rows, s1 = cached_features(
-                    tm.feature_extractor, cache, split.train.paths, size, bs, split.skips,
-                    views=recipe.frozen.feature_views, augment=augment,
-                    augment_key=_augment_key(recipe), verbose=verbose, log=say, jit_compile=jit)
-                val_x, val_rows, s2 = cached_features(tm.feature_extractor, cache, split.val.paths, size, bs,
-                                                      split.skips, verbose=verbose, log=say, jit_compile=jit)
-                timings["features_s"] = round(s1.seconds + s2.seconds, 3)
-                timings["feature_images"] = s1.computed + s2.computed
-                train_y = np.asarray(split.train.labels)[train_rows]
-                val_y = np.asarray(split.val.labels)[val_rows]
-                compile_model(tm.head, recipe.frozen.optimizer, recipe.frozen.learning_rate,
-                              recipe.train.label_smoothing, jit_compile=jit)
-                fit_stage(tm.head, features_dataset(train_x, train_y, n, bs, True, recipe.seed),
-                          features_dataset(val_x, val_y, n, bs, False, None), recipe.frozen.epochs,
-                          stage_callbacks(history_path, 1, recipe.frozen.early_stopping), class_weight,
-                          verbose=verbose)
-            else:
-                compile_model(tm.model, recipe.frozen.optimizer, recipe.frozen.learning_rate,
-                              recipe.train.label_smoothing, jit_compile=jit)
-                fit_stage(tm.model, images(split.train, True), images(split.val, False), recipe.frozen.epochs,
-                          stage_callbacks(history_path, 1, recipe.frozen.early_stopping), class_weight,
-                          verbose=verbose)
-        timings["stage1_s"] = round(time.perf_counter() - t0, 3)
-
-    # ---- stage 2: top layers unfrozen, low learning rate, augmented images
-    if recipe.fine_tune.epochs > 0:
-        t0 = time.perf_counter()
-        with strategy.scope():
-            trainable = set_fine_tune_layers(tm.backbone, recipe.fine_tune.unfreeze,
-                                            freeze_batchnorm=resolved_weights.pretrained)
-            say(f"Stage 2: {trainable} backbone layers unfrozen, up to {recipe.fine_tune.epochs} epochs at "
-                f"learning rate {recipe.fine_tune.learning_rate:g}.")
-            compile_model(tm.model, recipe.fine_tune.optimizer, recipe.fine_tune.learning_rate,
-                          recipe.train.label_smoothing, jit_compile=jit)
-            fit_stage(tm.model, images(split.train, True), images(split.val, False), recipe.fine_tune.epochs,
-                      stage_callbacks(history_path, 2, recipe.fine_tune.early_stopping), class_weight,
-                      verbose=verbose)
-        timings["stage2_s"] = round(time.perf_counter() - t0, 3)
-        tm.backbone.trainable = False
+    timings = train_stages(recipe, tm, split, spec=spec, weights=resolved_weights, size=size, strategy=strategy,
+                           jit=jit, history_path=history_path, verbose=verbose, log=say)
 
     # ---- evaluation of the full image-level model
     t0 = time.perf_counter()
@@ -245,6 +182,142 @@ def finetune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=
     say(f"Done in {timings['total_s']:.1f}s: val_accuracy {val_acc:.4f}"
         + (f", test_accuracy {test_acc:.4f}" if test_acc is not None else "") + f". Run directory: {run_dir}")
     return FinetuneResult(run_dir, summary, tm.model)
+
+
+@dataclass
+class StageFeatures:
+    """Backbone features of the training and validation images, for training the head (stage 1)."""
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    val_x: np.ndarray
+    val_y: np.ndarray
+    seconds: float = 0.0   # time spent computing (not reading from the cache)
+    computed: int = 0      # images (views included) run through the extractor
+
+
+def prepare_runtime(recipe: Recipe):
+    """Fresh Keras session, seeds, precision and distribution strategy for one training run.
+
+    Returns:
+        (strategy, jit): the `tf.distribute` strategy to build and train under, and whether to XLA-compile.
+    """
+    import keras
+    import tensorflow as tf
+
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(recipe.seed)
+    if recipe.train.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    gpus = tf.config.list_physical_devices("GPU")
+    jit = bool(recipe.train.xla and gpus)
+    _configure_precision(recipe, gpus)
+    return _strategy(recipe, gpus), jit
+
+
+def image_batches(recipe: Recipe, split: SplitData, folder: ImageFolder, size: int, training: bool, augment=None):
+    """Batches of (pixels, one-hot labels) of `folder`; shuffled (and augmented, if given) when training."""
+    return image_dataset(folder.paths, folder.labels, size, recipe.data.batch_size, split.skips,
+                         len(split.train.classes), shuffle=training, seed=recipe.seed,
+                         augment=augment if training else None)
+
+
+def frozen_features(recipe: Recipe, extractor, split: SplitData, *, spec, weights, size: int, augment=None,
+                    jit: bool = False, verbose: int = 1, log=print) -> StageFeatures:
+    """Features of the training (plus `frozen.feature_views` augmented views) and validation images.
+
+    Read from the on-disk feature cache where present; the rest is computed with `extractor` and stored.
+    """
+    cache = FeatureCache(_cache_root(recipe) / extractor_key(
+        spec.name, weights.fingerprint, size, spec.preprocessing, recipe.head.mode, recipe.head.pooling))
+    bs = recipe.data.batch_size
+    train_x, train_rows, s1 = cached_features(
+        extractor, cache, split.train.paths, size, bs, split.skips,
+        views=recipe.frozen.feature_views, augment=augment,
+        augment_key=_augment_key(recipe), verbose=verbose, log=log, jit_compile=jit)
+    val_x, val_rows, s2 = cached_features(extractor, cache, split.val.paths, size, bs,
+                                          split.skips, verbose=verbose, log=log, jit_compile=jit)
+    return StageFeatures(train_x, np.asarray(split.train.labels)[train_rows], val_x,
+                         np.asarray(split.val.labels)[val_rows], s1.seconds + s2.seconds, s1.computed + s2.computed)
+
+
+def train_stages(recipe: Recipe, tm, split: SplitData, *, spec, weights, size: int, strategy, jit: bool = False,
+                 history_path: Path | None = None, features: StageFeatures | None = None, extra_callbacks=(),
+                 verbose: int = 1, log=print) -> dict:
+    """Stage 1 (frozen backbone) then stage 2 (top layers unfrozen) of `recipe` on the model `tm`.
+
+    The one training code path of `finetune` and of every `tune` trial.
+
+    Args:
+        recipe: the resolved recipe; its `frozen` and `fine_tune` sections say what trains and how long.
+        tm: the `TransferModel` to train in place. With `features` given and no stage 2, only `tm.head`
+            is used.
+        split: the training / validation images.
+        spec, weights, size: the backbone spec, its resolved weights and the input size.
+        strategy, jit: from `prepare_runtime`.
+        history_path: `history.csv` to append epochs to; None keeps no history.
+        features: stage-1 features computed beforehand (see `frozen_features`); None computes them here
+            when `frozen.cache_features` is on.
+        extra_callbacks: more Keras callbacks for both stages.
+        verbose: 0 silent, 1 progress bars.
+        log: where messages go.
+
+    Returns:
+        Timings in seconds: features_s, feature_images, stage1_s, stage2_s.
+    """
+    say = log
+    classes = split.train.classes
+    class_weight = (balanced_class_weights(split.train.labels, len(classes))
+                    if recipe.train.class_weights == "auto" else None)
+    augment = augmentation_layer(recipe.augment, seed=recipe.seed)
+    timings = {"features_s": 0.0, "feature_images": 0, "stage1_s": 0.0, "stage2_s": 0.0}
+    bs = recipe.data.batch_size
+    n = len(classes)
+
+    def images(folder: ImageFolder, training: bool):
+        return image_batches(recipe, split, folder, size, training=training, augment=augment)
+
+    # ---- stage 1: frozen backbone, head only
+    if recipe.frozen.epochs > 0:
+        say(f"Stage 1: frozen backbone, training the head for up to {recipe.frozen.epochs} epochs.")
+        t0 = time.perf_counter()
+        with strategy.scope():
+            if recipe.frozen.cache_features:
+                if features is None:
+                    features = frozen_features(recipe, tm.feature_extractor, split, spec=spec, weights=weights,
+                                               size=size, augment=augment, jit=jit, verbose=verbose, log=say)
+                    timings["features_s"] = round(features.seconds, 3)
+                    timings["feature_images"] = features.computed
+                compile_model(tm.head, recipe.frozen.optimizer, recipe.frozen.learning_rate,
+                              recipe.train.label_smoothing, jit_compile=jit)
+                fit_stage(tm.head, features_dataset(features.train_x, features.train_y, n, bs, True, recipe.seed),
+                          features_dataset(features.val_x, features.val_y, n, bs, False, None), recipe.frozen.epochs,
+                          stage_callbacks(history_path, 1, recipe.frozen.early_stopping, extra_callbacks),
+                          class_weight, verbose=verbose)
+            else:
+                compile_model(tm.model, recipe.frozen.optimizer, recipe.frozen.learning_rate,
+                              recipe.train.label_smoothing, jit_compile=jit)
+                fit_stage(tm.model, images(split.train, True), images(split.val, False), recipe.frozen.epochs,
+                          stage_callbacks(history_path, 1, recipe.frozen.early_stopping, extra_callbacks),
+                          class_weight, verbose=verbose)
+        timings["stage1_s"] = round(time.perf_counter() - t0, 3)
+
+    # ---- stage 2: top layers unfrozen, low learning rate, augmented images
+    if recipe.fine_tune.epochs > 0:
+        t0 = time.perf_counter()
+        with strategy.scope():
+            trainable = set_fine_tune_layers(tm.backbone, recipe.fine_tune.unfreeze,
+                                            freeze_batchnorm=weights.pretrained)
+            say(f"Stage 2: {trainable} backbone layers unfrozen, up to {recipe.fine_tune.epochs} epochs at "
+                f"learning rate {recipe.fine_tune.learning_rate:g}.")
+            compile_model(tm.model, recipe.fine_tune.optimizer, recipe.fine_tune.learning_rate,
+                          recipe.train.label_smoothing, jit_compile=jit)
+            fit_stage(tm.model, images(split.train, True), images(split.val, False), recipe.fine_tune.epochs,
+                      stage_callbacks(history_path, 2, recipe.fine_tune.early_stopping, extra_callbacks),
+                      class_weight, verbose=verbose)
+        timings["stage2_s"] = round(time.perf_counter() - t0, 3)
+        tm.backbone.trainable = False
+    return timings
 
 
 def _cache_root(recipe: Recipe) -> Path:
