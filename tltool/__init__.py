@@ -5,6 +5,8 @@ The public API; the CLI uses only these. Heavy modules (TensorFlow) load on firs
 """
 
 import os
+import sys
+import types
 
 # TensorFlow's C++ start-up chatter (CUDA probing, CPU feature notes) is noise for tltool's users.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -26,6 +28,22 @@ _LAZY = {
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
+
+
+class _Package(types.ModuleType):
+    """The `tltool` package, whose API functions `finetune` and `tune` share their names with modules.
+
+    Importing `tltool.finetune` (the module) would otherwise replace `tltool.finetune` (the function) with
+    the module, so that the second `tltool.finetune(...)` of a process fails.
+    """
+
+    def __setattr__(self, name, value):
+        if name in _LAZY and isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{name}":
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name):
