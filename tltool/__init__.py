@@ -25,6 +25,8 @@ _LAZY = {
     "load_image": "tltool.images",
     "scan_folder": "tltool.data",
     "TltoolError": "tltool.errors",
+    "tune": "tltool.tune",
+    "TuneResult": "tltool.tune",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -46,3 +46,15 @@ class ExportError(TltoolError):
     """An export failed or did not pass its own parity check."""
 
     exit_code = 1
+
+
+class TuneError(TltoolError):
+    """A search cannot run as set up (distributed settings, output folder)."""
+
+    exit_code = 2
+
+
+class SearchFailedError(TuneError):
+    """A search ran but no trial succeeded."""
+
+    exit_code = 1
