@@ -73,6 +73,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
 
+def current_rss_mb() -> float:
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    except OSError:  # not Linux
+        return float("nan")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="data/sample", help="Image folder (default: data/sample).")
@@ -91,16 +98,18 @@ def main() -> int:
         # A fresh feature cache: the search pays for its one feature extraction.
         os.environ["TLTOOL_CACHE_DIR"] = str(Path(tmp) / "cache")
         if args.memory:
-            marks: dict[int, float] = {}
+            marks: dict[int, tuple[float, float]] = {}
 
             def log(message="", **kwargs):
                 if message.startswith("Trial "):
-                    marks[len(marks) + 1] = peak_rss_mb()
+                    marks[len(marks) + 1] = (peak_rss_mb(), current_rss_mb())
 
             seconds = search(args, args.memory_trials, Path(tmp) / "search", log=log)
-            early, late = marks.get(5), marks.get(max(marks))
-            print(f"peak RSS after trial 5: {early:.0f} MB; after trial {max(marks)}: {late:.0f} MB; "
-                  f"growth {100 * (late / early - 1):.1f}% (target <= 10%); {seconds:.0f}s for {len(marks)} trials")
+            last = max(marks)
+            (early, early_now), (late, late_now) = marks[5], marks[last]
+            print(f"peak RSS after trial 5: {early:.0f} MB; after trial {last}: {late:.0f} MB; "
+                  f"growth {100 * (late / early - 1):.1f}% (target <= 10%); {seconds:.0f}s for {last} trials")
+            print(f"current RSS after trial 5: {early_now:.0f} MB; after trial {last}: {late_now:.0f} MB")
             return 0 if late <= 1.10 * early else 1
 
         fit_s = guide_fit(args)

@@ -46,6 +46,7 @@ def _run(recipe, data, out, lines=None, **kwargs):
     ({"min": 0.0, "max": 0.5, "sampling": "log"}, "log scale, so `min` must be above 0"),
     ({"min": 0.0, "max": 0.5, "smapling": "log"}, "Did you mean `sampling`?"),
     ({"boolean": True}, "needs a true/false field"),
+    ({"min": 0.1, "max": 0.5, "step": 0.5, "sampling": "log"}, "`tune.space.head.dropout.step` is a factor"),
     (0.3, "to be one of {choice: [...]}"),
 ])
 def test_space_entries_are_checked_against_the_field(entry, message):

@@ -483,6 +483,9 @@ def _check_space_entry(key: str, entry: Any, fld: dataclasses.Field, source: str
         if sampling == "log" and lo <= 0:
             raise RecipeError(f"{source}: `{where}` samples on a log scale, so `min` must be above 0. "
                               f"Received: min={lo}")
+        if sampling == "log" and step is not None and kind(step) <= 1:
+            raise RecipeError(f"{source}: on a log scale `{where}.step` is a factor (10: 1e-4, 1e-3, ...) and "
+                              f"must be above 1. Received: step={step}")
         check(lo, where + ".min")
         check(hi, where + ".max")
 
