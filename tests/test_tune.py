@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 
 import pytest
 import yaml
@@ -210,7 +209,6 @@ def test_cli_tune_errors(tmp_path, image_folder, monkeypatch):
     # A folder holding a search of another recipe is not silently mixed with this one.
     other = tmp_path / "other"
     (other / "search").mkdir(parents=True)
-    shutil.copy(bad, other / "recipe.yaml")
     (other / "recipe.yaml").write_text(yaml.safe_dump(from_dict({"head": {"dropout": 0.4}}).to_dict()))
     result = runner.invoke(main, ["tune", "--data", str(image_folder), *sets, "--out", str(other)])
     assert result.exit_code == 2 and "holds a search of a different recipe" in result.output
