@@ -30,6 +30,7 @@ _LAZY = {
     "export": "tltool.exporting",
     "load_predictor": "tltool.predict",
     "predict_files": "tltool.predict",
+    "tune": "tltool.tuning",
     "check_data": "tltool.datacheck",
     "format_report": "tltool.datacheck",
 }

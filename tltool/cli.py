@@ -146,6 +146,31 @@ def finetune(recipe, data, val_data, test_data, backbone, weights, image_size, b
 
 
 @main.command()
+@recipe_options
+@click.option("--algorithm", type=click.Choice(["hyperband", "bayesian", "random", "grid"]),
+              help="Search algorithm (default: the recipe's tune.algorithm, hyperband).")
+@click.option("--max-trials", type=click.IntRange(1), help="Most trials (default: the recipe's tune.max_trials).")
+@click.option("--objective", type=click.Choice(["val_accuracy", "val_loss"]),
+              help="What the search optimises (default: the recipe's tune.objective, val_accuracy).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder (default: runs/NAME-tune); re-running with it resumes the search.")
+@click.option("--overwrite", is_flag=True, help="Delete what --out holds and start the search afresh.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+@handle_errors
+def tune(recipe, data, val_data, test_data, backbone, weights, image_size, batch_size, seed, overrides,
+         algorithm, max_trials, objective, out, overwrite, quiet):
+    """Search hyperparameters with Keras Tuner (RECIPE: optional YAML recipe with a tune.space).
+
+    Distributed: set KERASTUNER_ORACLE_IP, KERASTUNER_ORACLE_PORT and KERASTUNER_TUNER_ID (chief on one
+    machine, worker0, worker1, ... on the others) and run the same command everywhere.
+    """
+    tltool.tune(recipe, data=data, val_data=val_data, test_data=test_data, backbone=backbone, weights=weights,
+                image_size=image_size, batch_size=batch_size, seed=seed, algorithm=algorithm,
+                max_trials=max_trials, objective=objective, out=out, overwrite=overwrite, overrides=overrides,
+                verbose=0 if quiet else 1, log=echo)
+
+
+@main.command()
 @click.argument("pattern", default="*")
 @click.option("--params/--no-params", default=True, help="Count parameters (builds each network; slower).")
 @handle_errors

@@ -52,3 +52,15 @@ class ExportOptionError(ExportError):
     """An export was asked for with options that do not fit (format, quantization, missing package)."""
 
     exit_code = 2
+
+
+class TuneError(TltoolError):
+    """A search cannot run as set up (distributed settings, output folder)."""
+
+    exit_code = 2
+
+
+class SearchFailedError(TuneError):
+    """A search ran but no trial succeeded."""
+
+    exit_code = 1

@@ -116,7 +116,8 @@ class AugmentConfig:
 @dataclass
 class TuneConfig:
     algorithm: str = _f("hyperband", "Search algorithm.", choices=("hyperband", "bayesian", "random", "grid"))
-    objective: str = _f("val_accuracy", "Metric the search maximises (or minimises, for losses).")
+    objective: str = _f("val_accuracy", "Metric the search maximises (val_accuracy) or minimises (val_loss).",
+                        choices=("val_accuracy", "val_loss"))
     max_trials: int = _f(20, "Most trials the search runs.", minimum=1)
     space: dict = _f({}, "Search space: dotted recipe keys mapped to {choice: [...]}, {min, max, step, "
                          "sampling} or {boolean: true}; empty = a sensible default space.")
@@ -399,10 +400,95 @@ def _cross_checks(recipe: Recipe, source: str) -> None:
         except re.error as exc:
             raise RecipeError(f"{source}: `data.group_by` is not a valid regular expression: {exc}.") from None
     known = field_paths()
-    for key in recipe.tune.space:
+    for key, entry in recipe.tune.space.items():
         if key not in known:
             raise RecipeError(f"{source}: unknown key `{key}` in `tune.space`."
                               f"{_did_you_mean(key, known, '')}")
+        _check_space_entry(key, entry, known[key], source)
+
+
+# Keys a search cannot vary: what is searched, or the identity of the run.
+_UNTUNABLE = ("version", "name", "tune.")
+SPACE_FORMS = "{choice: [...]}, {min: A, max: B, step: S, sampling: linear|log} or {boolean: true}"
+
+
+def field_type(key: str):
+    """The type of a dotted schema field with Optional removed, e.g. float for `head.dropout`."""
+    section, _, name = key.rpartition(".")
+    tp = typing.get_type_hints(_SECTIONS[section] if section else Recipe)[name]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp
+
+
+def _check_space_entry(key: str, entry: Any, fld: dataclasses.Field, source: str) -> None:
+    """One `tune.space` entry: a known form whose values fit the field's type and bounds."""
+    where = f"tune.space.{key}"
+    if key.startswith(_UNTUNABLE) or key in _UNTUNABLE:
+        raise RecipeError(f"{source}: `{key}` cannot be searched over; remove it from `tune.space`.")
+    if not isinstance(entry, dict):
+        raise RecipeError(f"{source}: expected `{where}` to be one of {SPACE_FORMS}. Received: {entry!r}")
+    tp = field_type(key)
+    units = typing.get_origin(tp) is list  # head.dense: a number is the size of one hidden layer (0 = none)
+    forms = {"choice": {"choice"}, "boolean": {"boolean"}, "min": {"min", "max", "step", "sampling"}}
+    form = next((f for f in ("choice", "boolean", "min") if f in entry or (f == "min" and "max" in entry)), None)
+    extra = set(entry) - forms[form] if form else set(entry)
+    if form is None or extra:
+        name = sorted(extra)[0] if extra else None
+        hint = _did_you_mean(name, ["choice", "boolean", "min", "max", "step", "sampling"], "") if name else ""
+        raise RecipeError(f"{source}: expected `{where}` to be one of {SPACE_FORMS}. Received: {entry!r}.{hint}")
+
+    def check(value, path=where):
+        if units and isinstance(value, int) and not isinstance(value, bool):
+            value = [value] if value else []
+        checked = _check_value(path, value, tp, fld.metadata, source)
+        if units and any(n < 1 for n in checked):
+            raise RecipeError(f"{source}: expected `{path}` to hold layer sizes of at least 1 (or 0 for no hidden "
+                              f"layer). Received: {value!r}")
+        return checked
+
+    if form == "choice":
+        values = entry["choice"]
+        if not isinstance(values, list) or not values:
+            raise RecipeError(f"{source}: expected `{where}.choice` to be a non-empty list. Received: {values!r}")
+        for value in values:
+            check(value)
+    elif form == "boolean":
+        if entry["boolean"] is not True or tp is not bool:
+            raise RecipeError(f"{source}: `{where}: {{boolean: true}}` needs a true/false field and the value "
+                              f"true; `{key}` is {_type_name(tp)}. Use {{choice: [...]}} instead.")
+    else:
+        if tp not in (int, float) and not units:
+            raise RecipeError(f"{source}: `{where}` is a range but `{key}` is {_type_name(tp)}, not a number. "
+                              f"Use {{choice: [...]}} instead.")
+        if "min" not in entry or "max" not in entry:
+            raise RecipeError(f"{source}: expected `{where}` to give both `min` and `max`. Received: {entry!r}")
+        kind = float if tp is float else int
+        for name in ("min", "max", "step"):
+            value = entry.get(name)
+            if value is None and name == "step":
+                continue
+            ok, _ = _coerce(value, kind)
+            if not ok:
+                raise RecipeError(f"{source}: expected `{where}.{name}` to be {_type_name(kind)}. "
+                                  f"Received: {name}={value!r}")
+        lo, hi, step = kind(entry["min"]), kind(entry["max"]), entry.get("step")
+        sampling = entry.get("sampling", "linear")
+        if lo >= hi:
+            raise RecipeError(f"{source}: expected `{where}.min` to be below `max`. Received: min={lo}, max={hi}")
+        if step is not None and kind(step) <= 0:
+            raise RecipeError(f"{source}: expected `{where}.step` to be above 0. Received: step={step}")
+        if sampling not in ("linear", "log"):
+            raise RecipeError(f"{source}: expected `{where}.sampling` to be one of `linear`, `log`. "
+                              f"Received: sampling={sampling!r}")
+        if sampling == "log" and lo <= 0:
+            raise RecipeError(f"{source}: `{where}` samples on a log scale, so `min` must be above 0. "
+                              f"Received: min={lo}")
+        if sampling == "log" and step is not None and kind(step) <= 1:
+            raise RecipeError(f"{source}: on a log scale `{where}.step` is a factor (10: 1e-4, 1e-3, ...) and "
+                              f"must be above 1. Received: step={step}")
+        check(lo, where + ".min")
+        check(hi, where + ".max")
 
 
 def _flatten(tree: dict, prefix: str = ""):

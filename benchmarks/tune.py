@@ -1,0 +1,127 @@
+"""Benchmark of `tltool tune`: N head trials against one plain frozen-stage fit, and memory across trials.
+
+Speed (default): in one run, on the same data,
+  1. the "guide recipe" frozen stage: backbone frozen inside the model, images through it every epoch,
+     E epochs (no early stopping), timed from building the model to the end of `fit`;
+  2. `tltool.tune` with N random-search trials of the default head space, E epochs each (no early
+     stopping), timed as a whole: scanning the data, extracting features once (fresh feature cache),
+     every trial, the reports.
+Target: (2) <= 2x (1).
+
+Memory (--memory): one search of --memory-trials trials; peak RSS after the 5th trial and after the last
+(target: within 10%).
+
+    python benchmarks/tune.py                                   # data/sample, mobilenet_v2, 96 px
+    python benchmarks/tune.py --data ~/photos --image-size 160 --trials 20 --epochs 10
+    python benchmarks/tune.py --memory --memory-trials 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import tltool  # noqa: E402
+
+
+def _overrides(args) -> list[str]:
+    return [f"backbone.name={args.backbone}", f"backbone.weights={args.weights}", "backbone.fallback=none",
+            f"data.image_size={args.image_size}", f"data.batch_size={args.batch_size}",
+            f"frozen.epochs={args.epochs}", "frozen.early_stopping=0", "fine_tune.epochs=0", f"seed={args.seed}"]
+
+
+def guide_fit(args) -> float:
+    """Seconds of one plain frozen-stage fit: frozen backbone inside the model, images every epoch."""
+    from tltool.backbones import get_backbone_spec, resolve_weights
+    from tltool.finetuning import TrainingContext, load_split_data, prepare_runtime, resolve_recipe
+    from tltool.model import build_transfer_model
+    from tltool.train import compile_model, fit_stage, stage_callbacks
+
+    recipe = resolve_recipe(None, data=args.data, overrides=_overrides(args))
+    spec = get_backbone_spec(recipe.backbone.name)
+    weights = resolve_weights(spec, recipe.backbone.weights, recipe.backbone.fallback)
+    split = load_split_data(recipe)
+    t0 = time.perf_counter()
+    strategy, _ = prepare_runtime(recipe)
+    with strategy.scope():
+        tm = build_transfer_model(spec, weights, len(split.train.classes), args.image_size, recipe.head,
+                                  seed=recipe.seed)
+    compile_model(tm.model, recipe.frozen.optimizer, recipe.frozen.learning_rate, recipe.train.label_smoothing)
+    ctx = TrainingContext(recipe, split, args.image_size, weights.pretrained, verbose=0)
+    fit_stage(tm.model, ctx.images(split.train, training=True), ctx.images(split.val, training=False),
+              recipe.frozen.epochs,
+              stage_callbacks(None, 1, 0), verbose=0)
+    return time.perf_counter() - t0
+
+
+def search(args, trials: int, out: Path, log=print) -> float:
+    t0 = time.perf_counter()
+    tltool.tune(data=args.data, algorithm="random", max_trials=trials, out=out, overwrite=True,
+                overrides=_overrides(args), verbose=1, log=log)
+    return time.perf_counter() - t0
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+
+
+def current_rss_mb() -> float:
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    except OSError:  # not Linux
+        return float("nan")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="data/sample", help="Image folder (default: data/sample).")
+    parser.add_argument("--backbone", default="mobilenet_v2")
+    parser.add_argument("--weights", default="none", help="imagenet, none or a file (timings do not depend on it).")
+    parser.add_argument("--image-size", type=int, default=96)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=10, help="Epochs of the fit and of every trial.")
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--memory", action="store_true", help="Measure peak RSS across trials instead.")
+    parser.add_argument("--memory-trials", type=int, default=50)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # A fresh feature cache: the search pays for its one feature extraction.
+        os.environ["TLTOOL_CACHE_DIR"] = str(Path(tmp) / "cache")
+        if args.memory:
+            marks: dict[int, tuple[float, float]] = {}
+
+            def log(message="", **kwargs):
+                if message.startswith("Trial "):
+                    marks[len(marks) + 1] = (peak_rss_mb(), current_rss_mb())
+
+            seconds = search(args, args.memory_trials, Path(tmp) / "search", log=log)
+            last = max(marks)
+            (early, early_now), (late, late_now) = marks[5], marks[last]
+            print(f"peak RSS after trial 5: {early:.0f} MB; after trial {last}: {late:.0f} MB; "
+                  f"growth {100 * (late / early - 1):.1f}% (target <= 10%); {seconds:.0f}s for {last} trials")
+            print(f"current RSS after trial 5: {early_now:.0f} MB; after trial {last}: {late_now:.0f} MB")
+            return 0 if late <= 1.10 * early else 1
+
+        fit_s = guide_fit(args)
+        print(f"guide recipe: frozen backbone inside the model, {args.epochs} epochs on images: {fit_s:.1f}s",
+              flush=True)
+        tune_s = search(args, args.trials, Path(tmp) / "search", log=lambda *a, **k: None)
+        ratio = tune_s / fit_s
+        print(f"tltool tune: {args.trials} head trials x {args.epochs} epochs, feature extraction included: "
+              f"{tune_s:.1f}s ({tune_s / args.trials:.2f}s per trial)")
+        print(f"ratio: {ratio:.2f}x the single fit (target <= 2x)")
+        return 0 if ratio <= 2.0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""`tltool tune`: search space, head trials on cached features, reports, resume, failures, CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+import tltool
+from tltool.cli import main
+from tltool.errors import RecipeError, SearchFailedError
+from tltool.recipe import from_dict, load_recipe
+
+TINY = ["backbone.weights=none", "data.image_size=32", "data.batch_size=8", "frozen.epochs=2",
+        "frozen.early_stopping=0", "fine_tune.epochs=0"]
+HEAD_SPACE = {
+    "head.dropout": {"choice": [0.0, 0.5]},
+    "head.dense": {"choice": [0, 8]},
+    "frozen.learning_rate": {"min": 1e-3, "max": 1e-2, "sampling": "log"},
+}
+
+
+def _recipe_file(tmp_path, space, **tune):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"tune": {"space": space, **tune}}))
+    return path
+
+
+def _run(recipe, data, out, lines=None, **kwargs):
+    lines = [] if lines is None else lines
+    return tltool.tune(recipe, data=data, out=out, overrides=TINY, verbose=1,
+                       log=lambda message="", **_: lines.append(str(message)), **kwargs)
+
+
+# ------------------------------------------------------------------------------------------ the space
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"choice": [0.1, 2.0]}, "`tune.space.head.dropout` to be between 0.0 and 0.95"),
+    ({"min": 0.1}, "to give both `min` and `max`"),
+    ({"min": 0.5, "max": 0.1}, "`tune.space.head.dropout.min` to be below `max`"),
+    ({"min": 0.0, "max": 0.5, "sampling": "log"}, "log scale, so `min` must be above 0"),
+    ({"min": 0.0, "max": 0.5, "smapling": "log"}, "Did you mean `sampling`?"),
+    ({"boolean": True}, "needs a true/false field"),
+    ({"min": 0.1, "max": 0.5, "step": 0.5, "sampling": "log"}, "`tune.space.head.dropout.step` is a factor"),
+    (0.3, "to be one of {choice: [...]}"),
+])
+def test_space_entries_are_checked_against_the_field(entry, message):
+    with pytest.raises(RecipeError, match="tune.space") as info:
+        from_dict({"tune": {"space": {"head.dropout": entry}}})
+    assert message in str(info.value)
+
+
+def test_space_int_fields_and_untunable_keys_are_rejected():
+    with pytest.raises(RecipeError, match=r"`tune.space.fine_tune.unfreeze.min` to be an integer"):
+        from_dict({"tune": {"space": {"fine_tune.unfreeze": {"min": 1.5, "max": 3}}}})
+    with pytest.raises(RecipeError, match="cannot be searched over"):
+        from_dict({"tune": {"space": {"tune.max_trials": {"choice": [1, 2]}}}})
+    with pytest.raises(RecipeError, match="layer sizes of at least 1"):
+        from_dict({"tune": {"space": {"head.dense": {"choice": [-1]}}}})
+
+
+def test_space_values_become_recipe_values():
+    import keras_tuner as kt
+
+    from tltool.tuning import SearchSpace, trial_recipe
+
+    space = SearchSpace({
+        "head.dense": {"choice": [0, [16, 8]]},          # lists travel as JSON strings
+        "fine_tune.unfreeze": {"min": 10, "max": 30, "step": 10},
+        "head.dropout": {"min": 0.0, "max": 0.5, "step": 0.1},
+        "train.deterministic": {"boolean": True},
+        "data.image_size": {"choice": [None, 64]},
+    })
+    hp = kt.HyperParameters()
+    space.declare(hp)
+    assert isinstance(hp.values["fine_tune.unfreeze"], int) and isinstance(hp.values["head.dropout"], float)
+    hp.values.update({"head.dense": json.dumps([16, 8]), "head.dropout": 0.1 + 0.1 + 0.1,
+                      "data.image_size": "null", "tuner/epochs": 3})
+    values = space.values(hp.values)
+    assert values["head.dense"] == [16, 8] and values["head.dropout"] == 0.3 and values["data.image_size"] is None
+    assert "tuner/epochs" not in values
+    recipe = trial_recipe(from_dict({"frozen": {"epochs": 10}, "fine_tune": {"epochs": 4}}), values, budget=(2, 10))
+    assert recipe.head.dense == [16, 8] and recipe.frozen.epochs == 2 and recipe.fine_tune.epochs == 1
+    assert SearchSpace({"head.dense": {"choice": [0, 32]}}).values({"head.dense": 0}) == {"head.dense": []}
+
+
+def test_default_space_adds_stage_two_only_when_it_runs():
+    from tltool.tuning import default_space
+
+    assert "fine_tune.unfreeze" not in default_space(from_dict({"fine_tune": {"epochs": 0}}))
+    space = default_space(from_dict({}))
+    assert {"head.dropout", "head.dense", "frozen.learning_rate", "train.label_smoothing",
+            "fine_tune.unfreeze", "fine_tune.learning_rate"} == set(space)
+    from_dict({"tune": {"space": space}})  # valid by the recipe's own rules
+
+
+# ------------------------------------------------------------------------------------------ searches
+
+
+def test_head_search_reports_resumes_and_overwrites(tmp_path, image_folder):
+    recipe = _recipe_file(tmp_path, HEAD_SPACE, algorithm="random")
+    out = tmp_path / "search"
+    lines = []
+    result = _run(recipe, image_folder, out, lines, max_trials=3)
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary == json.loads(json.dumps(result.summary))
+    assert summary["trials_completed"] == 3 and len(summary["trials"]) == 3
+    for trial in summary["trials"]:
+        assert trial["status"] == "completed" and trial["worker"] == "tuner0" and trial["seconds"] > 0
+        assert trial["cached_features"] is True  # head-only space: no trial ran the backbone
+        assert set(trial["hyperparameters"]) == set(HEAD_SPACE) and 0.0 <= trial["val_accuracy"] <= 1.0
+    best = summary["best"]
+    assert best["val_accuracy"] == max(t["val_accuracy"] for t in summary["trials"])
+    assert sum("Computing features of" in line for line in lines) == 2  # train + val, once for all trials
+    assert any(line.startswith("Trial 3/3 [tuner0] val_accuracy") for line in lines)
+    assert "Best: trial" in lines[-1]
+
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    assert [r["trial_id"] for r in rows] == [t["trial_id"] for t in summary["trials"]]
+    assert (out / "trials.png").read_bytes()[:4] == b"\x89PNG"
+    best_recipe = load_recipe(out / "best.yaml")
+    assert best_recipe == result.best_recipe
+    for key, value in best["hyperparameters"].items():
+        section, name = key.split(".")
+        assert getattr(getattr(best_recipe, section), name) == value
+    assert best_recipe.data.train == str(image_folder.resolve())
+
+    # Same command, more trials: the three finished ones are kept as they are, one new one runs.
+    lines = []
+    resumed = _run(recipe, image_folder, out, lines, max_trials=4).summary
+    assert any("3 trial(s) already done" in line for line in lines)
+    assert resumed["trials_completed"] == 4 and resumed["trials"][:3] == summary["trials"]
+    # Nothing left to do: no trial, no feature extraction.
+    lines = []
+    _run(recipe, image_folder, out, lines, max_trials=4)
+    assert not any(line.startswith("Trial ") or "Computing features" in line for line in lines)
+
+    fresh = _run(recipe, image_folder, out, max_trials=1, overwrite=True).summary
+    assert len(fresh["trials"]) == 1
+
+
+def test_failed_trials_are_recorded_and_the_search_goes_on(tmp_path, image_folder):
+    space = {"frozen.epochs": {"choice": [0, 2]},           # 0: the trial's recipe trains nothing
+             "frozen.learning_rate": {"choice": [1e-3, 1e38]},  # 1e38: the loss becomes NaN
+             "frozen.optimizer": {"choice": ["sgd"]}}
+    recipe = _recipe_file(tmp_path, space, algorithm="grid")
+    summary = _run(recipe, image_folder, tmp_path / "out", max_trials=4).summary
+
+    by_values = {(t["hyperparameters"]["frozen.epochs"], t["hyperparameters"]["frozen.learning_rate"]): t
+                 for t in summary["trials"]}
+    assert len(by_values) == 4 and summary["trials_completed"] == 1 and summary["trials_failed"] == 3
+    assert by_values[(2, 1e-3)]["status"] == "completed"
+    assert "nothing would train" in by_values[(0, 1e-3)]["error"]
+    assert "NaN" in by_values[(2, 1e38)]["error"] and by_values[(2, 1e38)]["val_accuracy"] is None
+    assert summary["best"]["hyperparameters"]["frozen.learning_rate"] == 1e-3
+
+
+def test_a_search_where_every_trial_fails_says_so(tmp_path, image_folder):
+    recipe = _recipe_file(tmp_path, {"frozen.epochs": {"choice": [0]}}, algorithm="grid")
+    with pytest.raises(SearchFailedError, match="All 1 trial\\(s\\) failed; the last error: .*nothing would train"):
+        _run(recipe, image_folder, tmp_path / "out", max_trials=2)
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["best"] is None
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_tune_then_finetune_the_best_recipe(tmp_path, image_folder):
+    recipe = _recipe_file(tmp_path, {"head.dropout": {"choice": [0.1, 0.4]}})
+    out = tmp_path / "search"
+    sets = [arg for item in TINY for arg in ("--set", item)]
+    runner = CliRunner()
+    result = runner.invoke(main, ["tune", str(recipe), "--data", str(image_folder), *sets, "--algorithm", "random",
+                                  "--max-trials", "2", "--objective", "val_loss", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "Best: trial" in result.output and f"tltool finetune {out / 'best.yaml'}" in result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["objective"] == {"name": "val_loss", "direction": "min"}
+    assert summary["best"]["val_loss"] == min(t["val_loss"] for t in summary["trials"])
+
+    # best.yaml is a complete recipe: finetune takes it as it is.
+    result = runner.invoke(main, ["finetune", str(out / "best.yaml"), "--out", str(tmp_path / "run"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["val_accuracy"] is not None
+
+
+def test_cli_tune_errors(tmp_path, image_folder, monkeypatch):
+    runner = CliRunner()
+    bad = _recipe_file(tmp_path, {"head.dropout": {"min": 0.5, "max": 0.1}})
+    result = runner.invoke(main, ["tune", str(bad), "--data", str(image_folder)])
+    assert result.exit_code == 2 and "`tune.space.head.dropout.min` to be below `max`" in result.output
+    assert "Traceback" not in result.output
+
+    result = runner.invoke(main, ["tune", "--data", str(image_folder), "--algorithm", "annealing"])
+    assert result.exit_code == 2 and "'annealing' is not one of" in result.output
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    sets = [arg for item in TINY for arg in ("--set", item)]
+    result = runner.invoke(main, ["tune", "--data", str(image_folder), *sets, "--out", str(busy)])
+    assert result.exit_code == 2 and "holds no tltool search" in result.output
+
+    # A folder holding a search of another recipe is not silently mixed with this one.
+    other = tmp_path / "other"
+    (other / "search").mkdir(parents=True)
+    (other / "recipe.yaml").write_text(yaml.safe_dump(from_dict({"head": {"dropout": 0.4}}).to_dict()))
+    result = runner.invoke(main, ["tune", "--data", str(image_folder), *sets, "--out", str(other)])
+    assert result.exit_code == 2 and "holds a search of a different recipe" in result.output
+    assert "--overwrite" in result.output
+
+    monkeypatch.setenv("KERASTUNER_ORACLE_IP", "127.0.0.1")
+    result = runner.invoke(main, ["tune", "--data", str(image_folder), *sets])
+    assert result.exit_code == 2 and "KERASTUNER_ORACLE_PORT and KERASTUNER_TUNER_ID are not" in result.output

@@ -1,0 +1,74 @@
+"""Distributed `tltool tune`: a chief and two workers on 127.0.0.1, through Keras Tuner's own gRPC oracle."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+LIMIT_S = 300  # the whole search; each process is killed once it is over
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for(predicate, process, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if process.poll() is not None:
+            raise AssertionError(f"process exited early with code {process.returncode}")
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_chief_and_two_workers_share_one_search(tmp_path, image_folder):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"tune": {"space": {"head.dropout": {"choice": [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]}},
+                                               "algorithm": "random"}}))
+    out = tmp_path / "search"
+    port = _free_port()
+    command = [sys.executable, "-m", "tltool", "tune", str(recipe), "--data", str(image_folder), "--weights", "none",
+               "--image-size", "32", "--batch-size", "8", "--set", "frozen.epochs=10", "--set", "fine_tune.epochs=0",
+               "--max-trials", "6", "--out", str(out)]
+    base_env = {**os.environ, "KERASTUNER_ORACLE_IP": "127.0.0.1", "KERASTUNER_ORACLE_PORT": str(port),
+                "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    logs, processes = {}, {}
+    try:
+        for tuner_id in ("chief", "worker0", "worker1"):
+            logs[tuner_id] = tmp_path / f"{tuner_id}.log"
+            processes[tuner_id] = subprocess.Popen(
+                command, env={**base_env, "KERASTUNER_TUNER_ID": tuner_id}, cwd=ROOT,
+                stdout=logs[tuner_id].open("w"), stderr=subprocess.STDOUT)
+            if tuner_id == "chief":  # workers start once the chief listens, so neither waits on gRPC back-off
+                _wait_for(lambda: "Chief: serving" in logs["chief"].read_text(), processes["chief"], 120)
+        deadline = time.monotonic() + LIMIT_S
+        for tuner_id, process in processes.items():
+            code = process.wait(timeout=max(1.0, deadline - time.monotonic()))
+            assert code == 0, f"{tuner_id} exited with {code}:\n{logs[tuner_id].read_text()[-3000:]}"
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["trials_completed"] == 6
+    workers = [trial["worker"] for trial in summary["trials"]]
+    assert set(workers) == {"worker0", "worker1"}, workers  # both ran trials, the chief none
+    for tuner_id in ("worker0", "worker1"):
+        ran = workers.count(tuner_id)
+        assert f"Worker {tuner_id}: ran {ran} trial(s)" in logs[tuner_id].read_text()
+    assert (out / "best.yaml").is_file() and "Best: trial" in logs["chief"].read_text()
