@@ -74,3 +74,17 @@ def test_offline_imagenet_fails_fast_with_instructions(monkeypatch, tmp_path):
     with pytest.warns(UserWarning, match="RANDOM initialisation"):
         resolved = resolve_weights(spec, "imagenet", fallback="none")
     assert resolved.kind == "none" and resolved.fell_back
+
+
+@pytest.mark.parametrize("name", ["vgg16", "mobilenet", "mobilenet_v3_small", "resnet50"])
+def test_classic_head_keeps_everything_up_to_the_original_classifier(name):
+    """Classic mode cuts at the input of the 1000-way layer, even where that layer is a 1x1 convolution."""
+    from tltool.backbones import ResolvedWeights
+    from tltool.model import build_transfer_model
+    from tltool.recipe import HeadConfig
+
+    spec = get_backbone_spec(name)
+    tm = build_transfer_model(spec, ResolvedWeights("none", None, "random"), 3, 32, HeadConfig(mode="classic"))
+    assert tm.feature_extractor.output_shape == (None, spec.classic_feature_size)
+    assert tm.model.output_shape == (None, 3)
+    keras.backend.clear_session()

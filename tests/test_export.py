@@ -186,3 +186,20 @@ def test_cli_export_errors(run_dir, tmp_path):
     empty.mkdir()
     result = runner.invoke(main, ["export", str(empty), "--format", "tflite"])
     assert result.exit_code == 2 and "has no model.keras: it is not a finished tltool run" in result.output
+
+
+def test_export_without_format_uses_the_recipe_defaults(run_dir, tmp_path):
+    import shutil
+
+    import yaml
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("export"))
+    recipe = yaml.safe_load((copy / "recipe.yaml").read_text())
+    recipe["export"] = {"formats": ["keras"], "quantize": "int8"}  # quantize applies to tflite only
+    (copy / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(main, ["export", str(copy)])
+    assert result.exit_code == 0, result.output
+    assert "Exported keras to" in result.output and (copy / "export" / "keras" / "model.keras").is_file()
+    refused = CliRunner().invoke(main, ["export", str(copy), "--out", str(copy)])
+    assert refused.exit_code == 2 and "would replace the run directory" in refused.output

@@ -59,6 +59,8 @@ def test_space_int_fields_and_untunable_keys_are_rejected():
         from_dict({"tune": {"space": {"fine_tune.unfreeze": {"min": 1.5, "max": 3}}}})
     with pytest.raises(RecipeError, match="cannot be searched over"):
         from_dict({"tune": {"space": {"tune.max_trials": {"choice": [1, 2]}}}})
+    with pytest.raises(RecipeError, match="`train.deterministic` cannot be searched over"):
+        from_dict({"tune": {"space": {"train.deterministic": {"boolean": True}}}})
     with pytest.raises(RecipeError, match="layer sizes of at least 1"):
         from_dict({"tune": {"space": {"head.dense": {"choice": [-1]}}}})
 
@@ -72,7 +74,7 @@ def test_space_values_become_recipe_values():
         "head.dense": {"choice": [0, [16, 8]]},          # lists travel as JSON strings
         "fine_tune.unfreeze": {"min": 10, "max": 30, "step": 10},
         "head.dropout": {"min": 0.0, "max": 0.5, "step": 0.1},
-        "train.deterministic": {"boolean": True},
+        "frozen.cache_features": {"boolean": True},
         "data.image_size": {"choice": [None, 64]},
     })
     hp = kt.HyperParameters()

@@ -157,12 +157,13 @@ class ResolvedWeights:
 
 
 def resolve_weights(spec: BackboneSpec, weights: str, fallback: str | None = None,
-                    classic: bool = False) -> ResolvedWeights:
+                    classic: bool = False, image_size: int | None = None) -> ResolvedWeights:
     """Decide where a backbone's weights come from, before any heavy work.
 
     For "imagenet" this makes sure the weights file is in Keras's cache (downloading it when online) so
     that an offline machine fails here, at once, with a message saying what to do, instead of after
     reading the data. With `fallback="none"` it warns loudly and continues with random weights.
+    `image_size` matters for networks whose weight file depends on it (MobileNet, MobileNetV2).
     """
     if weights == "none":
         return ResolvedWeights("none", None, "random")
@@ -175,7 +176,7 @@ def resolve_weights(spec: BackboneSpec, weights: str, fallback: str | None = Non
             raise WeightsError(f"Expected a Keras weights file (.weights.h5 or .h5) for --weights. Received: {path}")
         return ResolvedWeights("file", path.resolve(), "file:" + file_digest(path))
     try:
-        _ensure_imagenet_cached(spec, classic)
+        _ensure_imagenet_cached(spec, classic, image_size or spec.default_size)
     except WeightsError:
         if fallback != "none":
             raise
@@ -188,11 +189,11 @@ def resolve_weights(spec: BackboneSpec, weights: str, fallback: str | None = Non
     return ResolvedWeights("imagenet", None, f"imagenet:{spec.constructor}:{'top' if classic else 'notop'}")
 
 
-def _ensure_imagenet_cached(spec: BackboneSpec, classic: bool) -> None:
+def _ensure_imagenet_cached(spec: BackboneSpec, classic: bool, size: int) -> None:
     """Build the backbone once with ImageNet weights: Keras downloads into its cache or reads from it."""
     import keras
 
-    size = spec.default_size
+    size = spec.default_size if classic else size
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(20)  # an unreachable server must not hang the run
     try:
@@ -200,15 +201,23 @@ def _ensure_imagenet_cached(spec: BackboneSpec, classic: bool) -> None:
         kwargs = dict(spec.extra_kwargs)
         fn(include_top=classic, weights="imagenet", input_shape=(size, size, 3), **kwargs)
     except Exception as exc:  # urllib and Keras raise several types for "could not download"
-        cache = Path(keras.config.keras_home() if hasattr(keras.config, "keras_home") else "~/.keras").expanduser()
-        raise WeightsError(
-            f"Cannot get ImageNet weights for {spec.name} ({type(exc).__name__}: {str(exc)[:120]}). "
-            f"On a machine without internet: copy Keras's weight file into {cache / 'models'}, or pass "
-            f"--weights PATH to a {spec.name} weights file without its top, or --weights none to train "
-            f"from scratch.") from None
+        raise imagenet_unavailable(spec, exc) from None
     finally:
         socket.setdefaulttimeout(previous)
         keras.backend.clear_session()
+
+
+def imagenet_unavailable(spec: BackboneSpec, exc: Exception) -> WeightsError:
+    """The one-line error for ImageNet weights that cannot be downloaded, with what to do instead."""
+    import os
+
+    # Where keras.utils.get_file caches downloads (Keras reads KERAS_HOME once, at import).
+    cache = Path(os.environ.get("KERAS_HOME", "~/.keras")).expanduser()
+    return WeightsError(
+        f"Cannot get ImageNet weights for {spec.name} ({type(exc).__name__}: {str(exc)[:120]}). "
+        f"On a machine without internet: copy Keras's weight file into {cache / 'models'}, or pass "
+        f"--weights PATH to a {spec.name} weights file without its top, or --weights none to train "
+        f"from scratch.")
 
 
 def file_digest(path: Path, chunk: int = 1 << 20) -> str:

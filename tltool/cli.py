@@ -63,7 +63,7 @@ def interruptible(out, resume_hint: bool):
         yield
     except (KeyboardInterrupt, Interrupted) as exc:
         code = 143 if isinstance(exc, Interrupted) else 130
-        where = f" --out {out}" if out else " --out RUN_DIR"
+        where = f" --out {out}" if out else " --out RUN_DIR (the run directory printed at the start)"
         hint = (f" Progress up to the last finished epoch is saved; continue with: tltool finetune --resume{where}"
                 if resume_hint else "")
         click.echo(f"\nInterrupted.{hint}", err=True)
@@ -131,6 +131,9 @@ def finetune(recipe, data, val_data, test_data, backbone, weights, image_size, b
     """Fine-tune a pretrained backbone on an image folder (RECIPE: optional YAML recipe)."""
     if resume and force:
         raise click.UsageError("--resume and --force contradict each other: --force would delete the run.")
+    if resume and deterministic:
+        raise click.UsageError("--resume continues with the settings saved in the run's recipe.yaml, "
+                               "train.deterministic included; drop --deterministic.")
     if deterministic:
         overrides = (*overrides, "train.deterministic=true")
     with interruptible(out, resume_hint=True):
@@ -259,14 +262,15 @@ def check(folder, val_data, test_data, group_by, as_json, quiet):
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for metrics.json, plots/ and report.html (default: MODEL/eval-DATANAME).")
 @click.option("--top-k", type=click.IntRange(1), default=5, show_default=True, help="k of the top-k accuracy.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
 @handle_errors
-def evaluate(model, data, out, top_k):
+def evaluate(model, data, out, top_k, force):
     """Evaluate a trained model on a labelled image folder (MODEL: a run directory).
 
     Writes metrics.json (accuracy, per-class precision/recall/F1, confusion matrix, calibration,
     confidence thresholds), the plots, and report.html: one page that opens offline in any browser.
     """
-    metrics = tltool.evaluate(model, data, out=out, top_k=top_k, log=echo)
+    metrics = tltool.evaluate(model, data, out=out, top_k=top_k, force=force, log=echo)
     for probe in metrics["probes"]:
         if probe["overconfident"]:
             click.secho(f"Warning: on a {probe['name']} image the model says {probe['predicted']} "
@@ -274,18 +278,28 @@ def evaluate(model, data, out, top_k):
 
 @main.command()
 @click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--format", "fmt", required=True, type=click.Choice(["savedmodel", "keras", "tflite", "onnx"]),
-              help="savedmodel (TF Serving), keras (.keras), tflite (mobile, edge) or onnx (onnxruntime).")
-@click.option("--quantize", default="none", show_default=True,
-              type=click.Choice(["none", "dynamic", "float16", "int8"]),
+@click.option("--format", "fmt", type=click.Choice(["savedmodel", "keras", "tflite", "onnx"]),
+              help="savedmodel (TF Serving), keras (.keras), tflite (mobile, edge) or onnx (onnxruntime). "
+                   "Default: every format in the run recipe's export.formats.")
+@click.option("--quantize", type=click.Choice(["none", "dynamic", "float16", "int8"]),
               help="TFLite only: dynamic (int8 weights), float16, or int8 (full integer, calibrated on training "
-                   "images).")
+                   "images). Default: the recipe's export.quantize for tflite, none otherwise.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Folder to write (default: RUN/export/FORMAT, or RUN/export/tflite-QUANTIZE).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @handle_errors
 def export(run, fmt, quantize, out, force):
     """Export RUN's model and check it against the Keras model on the validation images."""
+    defaults = tltool.load_recipe(run / "recipe.yaml").export if (run / "recipe.yaml").is_file() else None
+    formats = [fmt] if fmt else (defaults.formats if defaults else ["savedmodel"])
+    if out is not None and len(formats) > 1:
+        raise click.UsageError(f"--out takes one format; the recipe lists {', '.join(formats)}. Add --format.")
+    for name in formats:
+        q = quantize or (defaults.quantize if defaults and name == "tflite" else "none")
+        _export_one(run, name, q, out, force)
+
+
+def _export_one(run, fmt, quantize, out, force):
     result = tltool.export(run, fmt, quantize=quantize, out=out, force=force)
     what = fmt + (f" ({quantize})" if quantize != "none" else "")
     size = f"{result['size_bytes'] / 1e6:.2f} MB" + (f", {result['size_ratio']:.3f}x float32"

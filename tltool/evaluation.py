@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tltool import rundir
 from tltool.errors import DataError
 
 ECE_BINS = 15
@@ -303,7 +304,7 @@ def sanity_probes(predictor, seed: int = 0) -> list[Probe]:
 # ------------------------------------------------------------------------------------------ entry points
 
 
-def evaluate(model, data, out=None, top_k: int = 5, log=None) -> dict:
+def evaluate(model, data, out=None, top_k: int = 5, force: bool = False, log=None) -> dict:
     """Evaluate a model on a labelled image folder; write metrics.json, pictures and report.html.
 
     Args:
@@ -312,6 +313,7 @@ def evaluate(model, data, out=None, top_k: int = 5, log=None) -> dict:
         data: image folder with one sub-folder per class; its classes must be among the model's.
         out: folder for the results; default `MODEL/eval-DATA` for a run directory, else `./eval-DATA`.
         top_k: k of the top-k accuracy (clipped to the number of classes). Default 5.
+        force: replace `out` if it exists and is not empty (default: refuse).
         log: callable for progress messages, or None for silence.
 
     Returns:
@@ -332,13 +334,15 @@ def evaluate(model, data, out=None, top_k: int = 5, log=None) -> dict:
     if _is_predictor(model):
         predictor = model
     else:
-        run_dir = Path(model)
-        predictor = _load_model(run_dir)
+        predictor = _load_model(model)
+        if (Path(model) / rundir.MODEL_FILE).is_file():  # a run directory, not an exported model
+            run_dir = Path(model)
     t_load = time.perf_counter() - t0
     skips = SkipLog()
     folder = scan_folder(data, skips, classes=predictor.labels, role="evaluation")
     data_name = Path(folder.root).resolve().name or "data"
     out = Path(out) if out is not None else (run_dir if run_dir is not None else Path.cwd()) / f"eval-{data_name}"
+    out = rundir.prepare_output_dir(out, force=force)
     say(f"Evaluating on {len(folder)} images of {len(predictor.labels)} classes from {folder.root}.")
     t1 = time.perf_counter()
     result = evaluate_folder(predictor, folder, skips, name=data_name, top_k=top_k)
@@ -351,7 +355,6 @@ def evaluate(model, data, out=None, top_k: int = 5, log=None) -> dict:
                "timings": {"load_s": round(t_load, 3), "predict_s": round(t_predict, 3)}}
     result.metrics = metrics
     write_report(out, [result], probes, metrics, run_dir=run_dir, title=f"Evaluation on {data_name}")
-    metrics["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
     say(f"accuracy {metrics['accuracy']:.4f}, top-{metrics['top_k']} {metrics['top_k_accuracy']:.4f}, "
         f"macro F1 {metrics['macro_avg']['f1']:.4f}. Report: {out / 'report.html'}")
     return {**metrics, "out": str(out)}

@@ -99,19 +99,19 @@ def export(run_dir, format: str, quantize: str = "none", out=None, force: bool =
     run_dir = rundir.require_run_dir(Path(run_dir))
     name = format if quantize == "none" else f"{format}-{quantize}"
     out = Path(out) if out is not None else run_dir / "export" / name
+    if out.resolve() == run_dir.resolve() or out.resolve() in run_dir.resolve().parents:
+        raise RunDirError(f"--out {out} would replace the run directory {run_dir} itself. Choose another --out.")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise RunDirError(f"Export folder {out} already exists. Pass --force to replace it, or choose "
                           f"another --out.")
     t_start = time.perf_counter()
 
-    import keras
-
     from tltool.finetuning import load_split_data
-    from tltool.predict import load_predictor
+    from tltool.predict import KerasPredictor, load_predictor
     from tltool.recipe import load_recipe
 
     labels = rundir.read_labels(run_dir)
-    model = keras.models.load_model(run_dir / rundir.MODEL_FILE, compile=False)
+    model = KerasPredictor.from_file(run_dir / rundir.MODEL_FILE, labels).model
     size = int(model.input_shape[1])
     recipe = load_recipe(run_dir / rundir.RECIPE_FILE)
     split = load_split_data(recipe)

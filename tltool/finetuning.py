@@ -63,10 +63,13 @@ def resolve_recipe(recipe=None, *, data=None, val_data=None, test_data=None, bac
         resolved = from_dict(base)
     else:
         resolved = load_recipe(recipe, overrides=overrides, values=flags)
-    for key in ("train", "val", "test"):  # absolute paths make the saved recipe repeatable from anywhere
-        value = getattr(resolved.data, key)
+    # Absolute paths make the saved recipe repeatable (and resumable) from any working directory.
+    for section, key in (("data", "train"), ("data", "val"), ("data", "test"), ("train", "cache_dir")):
+        value = getattr(getattr(resolved, section), key)
         if value is not None:
-            setattr(resolved.data, key, str(Path(value).expanduser().resolve()))
+            setattr(getattr(resolved, section), key, str(Path(value).expanduser().resolve()))
+    if resolved.backbone.weights not in ("imagenet", "none"):
+        resolved.backbone.weights = str(Path(resolved.backbone.weights).expanduser().resolve())
     return resolved
 
 
@@ -318,16 +321,16 @@ def finetune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=
     if recipe.data.train is None:
         raise RecipeError("No training data: pass --data DIR (a folder with one sub-folder per class) or set "
                           "`data.train` in the recipe.")
-    if not resume and run_dir.is_dir() and any(run_dir.iterdir()) and not force:
-        rundir.prepare_output_dir(run_dir, force=False)  # raises the standard message, before any heavy work
+    rundir.check_output_dir(run_dir, force, resume, resumable=True)  # before any heavy work
     # Weights before data: an offline machine must learn at once that it cannot get them.
     resolved_weights = resolve_weights(spec, recipe.backbone.weights, recipe.backbone.fallback,
-                                       classic=recipe.head.mode == "classic")
+                                       classic=recipe.head.mode == "classic", image_size=size)
     split = load_split_data(recipe)
-    run_dir = rundir.prepare_output_dir(run_dir, force=force, resume=resume)
+    run_dir = rundir.prepare_output_dir(run_dir, force=force, resume=resume, resumable=True)
     classes = split.train.classes
     say(f"tltool: {spec.name} at {size}px, {len(classes)} classes, {len(split.train)} training / "
-        f"{len(split.val)} validation" + (f" / {len(split.test)} test" if split.test else "") + " images.")
+        f"{len(split.val)} validation" + (f" / {len(split.test)} test" if split.test else "") + " images. "
+        f"Run directory: {run_dir}")
     if len(split.skips):
         say(f"Skipping {len(split.skips)} unreadable file(s); see skipped_files in summary.json.")
 
@@ -419,7 +422,9 @@ def _check_resumable(out, recipe, other_args: dict) -> Path:
         raise RecipeError("--resume needs --out: the run directory of the interrupted run.")
     given = [name for name, value in other_args.items() if value not in (None, (), [], False)]
     if recipe is not None or given:
-        names = ", ".join(["RECIPE"] * (recipe is not None) + [f"--{n.replace('_', '-')}" for n in given])
+        flags = {"overrides": "--set", "epochs": "--epochs", "fine_tune_epochs": "--fine-tune-epochs"}
+        names = ", ".join(["RECIPE"] * (recipe is not None)
+                          + [flags.get(n, f"--{n.replace('_', '-')}") for n in given])
         raise RecipeError(f"--resume continues a run with the settings saved in its recipe.yaml; drop {names}.")
     run_dir = Path(out)
     if not (run_dir / rundir.RECIPE_FILE).is_file():

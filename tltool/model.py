@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tltool.backbones import BackboneSpec, ResolvedWeights, check_image_size, preprocessing_layer
+from tltool.backbones import (BackboneSpec, ResolvedWeights, check_image_size, imagenet_unavailable,
+                              preprocessing_layer)
 from tltool.errors import BackboneError, WeightsError
 from tltool.recipe import HeadConfig
 
@@ -81,12 +82,15 @@ def _build_backbone(spec: BackboneSpec, weights: ResolvedWeights, image_size: in
     try:
         if classic:
             full = fn(include_top=True, weights=weights.keras_arg, input_shape=shape, **kwargs)
-            # Everything up to (not including) the original 1000-way classifier.
-            net = keras.Model(full.inputs, full.layers[-2].output, name=f"{spec.name}_classic")
+            net = keras.Model(full.inputs, _classic_features(full), name=f"{spec.name}_classic")
         else:
             net = fn(include_top=False, weights=weights.keras_arg, input_shape=shape, pooling=pooling, **kwargs)
     except ValueError as exc:
         raise BackboneError(f"{spec.name} cannot be built for {image_size} px inputs: {exc}") from None
+    except Exception as exc:  # a download that fails after resolve_weights' check (e.g. went offline)
+        if weights.kind != "imagenet":
+            raise
+        raise imagenet_unavailable(spec, exc) from None
     if weights.kind == "file":
         load_backbone_weights(net, weights.path, spec)
     if not weights.pretrained:
@@ -98,6 +102,21 @@ def _build_backbone(spec: BackboneSpec, weights: ResolvedWeights, image_size: in
                 layer.momentum = 0.9
     net.trainable = False
     return net
+
+
+def _classic_features(full):
+    """The input of a full network's original 1000-way classifier (its last layer with weights), flattened.
+
+    The classifier is a Dense layer in most families but a 1x1 convolution followed by a reshape in
+    MobileNet and MobileNetV3, so "the layer before the last" would be the ImageNet logits there.
+    """
+    import keras
+
+    classifier = next(layer for layer in reversed(full.layers) if layer.weights)
+    features = classifier.input
+    if len(features.shape) > 2:
+        features = keras.layers.Flatten(name="classic_features")(features)
+    return features
 
 
 def load_backbone_weights(net, path: Path, spec: BackboneSpec) -> None:

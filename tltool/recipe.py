@@ -125,8 +125,10 @@ class TuneConfig:
 
 @dataclass
 class ExportConfig:
-    formats: list[str] = _f(["savedmodel"], "Formats `tltool export` writes by default.")
-    quantize: str = _f("none", "TFLite quantization.", choices=("none", "dynamic", "float16", "int8"))
+    formats: list[str] = _f(["savedmodel"], "Formats `tltool export RUN` writes when no --format is given.",
+                            choices=("savedmodel", "keras", "tflite", "onnx"))
+    quantize: str = _f("none", "TFLite quantization `tltool export RUN` applies when no --quantize is given.",
+                       choices=("none", "dynamic", "float16", "int8"))
 
 
 @dataclass
@@ -369,7 +371,8 @@ def _check_value(path: str, value: Any, tp, meta, source: str) -> Any:
     if not ok:
         raise RecipeError(f"{source}: expected `{path}` to be {_type_name(tp)}. Received: {path}={value!r}")
     choices = meta.get("choices")
-    if choices is not None and converted not in choices:
+    items = converted if isinstance(converted, list) else [converted]
+    if choices is not None and any(item not in choices for item in items):
         shown = ", ".join("null" if c is None else f"`{c}`" for c in choices)
         hint = difflib.get_close_matches(str(converted), [str(c) for c in choices if c], n=1)
         extra = f" Did you mean `{hint[0]}`?" if hint else ""
@@ -408,7 +411,9 @@ def _cross_checks(recipe: Recipe, source: str) -> None:
 
 
 # Keys a search cannot vary: what is searched, or the identity of the run.
-_UNTUNABLE = ("version", "name", "tune.")
+# Not searchable: identity fields, the search itself, and process-wide switches (op determinism cannot be
+# turned off again within a process, so one trial would change every later one).
+_UNTUNABLE = ("version", "name", "tune.", "train.deterministic", "train.strategy", "train.mixed_precision")
 SPACE_FORMS = "{choice: [...]}, {min: A, max: B, step: S, sampling: linear|log} or {boolean: true}"
 
 

@@ -76,15 +76,22 @@ def _json_default(obj):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def prepare_output_dir(out: Path, force: bool = False, resume: bool = False) -> Path:
-    """Create `out`, refusing to write into a non-empty folder unless `force` (wipe) or `resume` (keep)."""
+def check_output_dir(out: Path, force: bool = False, resume: bool = False, resumable: bool = False) -> None:
+    """Refuse a non-empty `out` unless `force` (it will be wiped) or `resume` (kept); never touches it."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--out {out} is a file, not a folder. Choose another --out.")
-    if out.exists() and any(out.iterdir()) and not resume:
-        if not force:
-            raise RunDirError(f"Output folder {out} already exists and is not empty. Choose another --out, "
-                              f"pass --force to overwrite it, or --resume to continue that run.")
+    if out.exists() and any(out.iterdir()) and not (force or resume):
+        hint = ", or --resume to continue that run" if resumable else ""
+        raise RunDirError(f"Output folder {out} already exists and is not empty. Choose another --out or "
+                          f"pass --force to overwrite it{hint}.")
+
+
+def prepare_output_dir(out: Path, force: bool = False, resume: bool = False, resumable: bool = False) -> Path:
+    """Create `out` after `check_output_dir`; with `force` a non-empty folder is wiped first."""
+    out = Path(out)
+    check_output_dir(out, force, resume, resumable)
+    if force and not resume and out.is_dir() and any(out.iterdir()):
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out

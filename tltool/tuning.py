@@ -231,7 +231,7 @@ class TrialRunner:
             spec = get_backbone_spec(base.backbone.name)
             size = base.data.image_size or spec.default_size
             weights = resolve_weights(spec, base.backbone.weights, base.backbone.fallback,
-                                      classic=base.head.mode == "classic")
+                                      classic=base.head.mode == "classic", image_size=size)
             split = self.split_for(base)
             strategy, jit = prepare_runtime(base)
             with strategy.scope():
@@ -260,7 +260,7 @@ class TrialRunner:
             return _Trial(recipe, TransferModel(head, None, None, head), split, spec, None, size, strategy, jit,
                           features)
         weights = resolve_weights(spec, recipe.backbone.weights, recipe.backbone.fallback,
-                                  classic=recipe.head.mode == "classic")
+                                  classic=recipe.head.mode == "classic", image_size=size)
         strategy, jit = prepare_runtime(recipe)
         with strategy.scope():
             tm = build_transfer_model(spec, weights, num_classes, size, recipe.head, seed=recipe.seed)
@@ -777,15 +777,16 @@ def tune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=None
         spec = get_backbone_spec(base.backbone.name)
         size = base.data.image_size or spec.default_size
         check_image_size(spec, size)
-        resolve_weights(spec, base.backbone.weights, base.backbone.fallback, classic=base.head.mode == "classic")
+        resolve_weights(spec, base.backbone.weights, base.backbone.fallback, classic=base.head.mode == "classic",
+                        image_size=size)
         if base.data.train is None:
             raise RecipeError("No training data: pass --data DIR (a folder with one sub-folder per class) or set "
                               "`data.train` in the recipe.")
+    split = load_split_data(base) if role != "chief" else None  # the data is checked before --overwrite wipes
     resuming = False
     if role != "worker":
         resuming = _prepare_out(out, base, overwrite)
     if role != "chief":
-        split = load_split_data(base)
         runner = TrialRunner(base, split, verbose=verbose, log=say)
         say(f"tltool tune: {base.tune.algorithm} search of {len(space.keys)} value(s) "
             f"({', '.join(space.keys)}), up to {base.tune.max_trials} trials; {spec.name} at {size}px, "
