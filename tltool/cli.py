@@ -123,19 +123,23 @@ def recipe_options(fn):
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists and is not empty.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out from its last finished epoch.")
 @click.option("--deterministic", is_flag=True, help="Deterministic ops: the same seed gives the same metrics.")
+@click.option("--strategy", type=click.Choice(["default", "mirrored"]),
+              help="mirrored: train on all visible GPUs (the recipe's train.strategy).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--tensorboard", is_flag=True, help="Also log both stages for TensorBoard, under OUT/tb.")
 @handle_errors
 def finetune(recipe, data, val_data, test_data, backbone, weights, image_size, batch_size, seed, overrides,
-             epochs, fine_tune_epochs, out, force, resume, deterministic, quiet, tensorboard):
+             epochs, fine_tune_epochs, out, force, resume, deterministic, strategy, quiet, tensorboard):
     """Fine-tune a pretrained backbone on an image folder (RECIPE: optional YAML recipe)."""
     if resume and force:
         raise click.UsageError("--resume and --force contradict each other: --force would delete the run.")
-    if resume and deterministic:
-        raise click.UsageError("--resume continues with the settings saved in the run's recipe.yaml, "
-                               "train.deterministic included; drop --deterministic.")
+    if resume and (deterministic or strategy):
+        raise click.UsageError("--resume continues with the settings saved in the run's recipe.yaml; drop "
+                               + ("--deterministic." if deterministic else "--strategy."))
     if deterministic:
         overrides = (*overrides, "train.deterministic=true")
+    if strategy:
+        overrides = (*overrides, f"train.strategy={strategy}")
     with interruptible(out, resume_hint=True):
         result = tltool.finetune(recipe, data=data, val_data=val_data, test_data=test_data, backbone=backbone,
                                  weights=weights, image_size=image_size, epochs=epochs,

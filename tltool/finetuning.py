@@ -216,6 +216,8 @@ def prepare_runtime(recipe: Recipe):
         tf.config.experimental.enable_op_determinism()
     gpus = tf.config.list_physical_devices("GPU")
     _configure_precision(recipe, gpus)
+    if recipe.train.xla and not gpus:
+        warnings.warn("train.xla is ignored: no GPU is visible.", UserWarning, stacklevel=2)
     return _strategy(recipe, gpus), bool(recipe.train.xla and gpus)
 
 

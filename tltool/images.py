@@ -35,8 +35,6 @@ UNSUPPORTED_EXTENSIONS = frozenset({".heic", ".heif", ".avif", ".jxl", ".svg", "
 # Transparent pixels are shown on white, as image viewers and browsers do.
 _BACKGROUND = (255, 255, 255)
 
-#: The kinds of unreadable file, as `ImageReadError.kind`.
-READ_ERROR_KINDS = ("empty", "truncated", "not_image", "unsupported", "too_large", "corrupt", "unreadable")
 
 
 class ImageReadError(Exception):

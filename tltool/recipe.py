@@ -228,14 +228,6 @@ def set_dotted(tree: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def get_dotted(recipe: Recipe | dict, key: str) -> Any:
-    """Read a dotted key from a Recipe or its dict form."""
-    node: Any = recipe.to_dict() if isinstance(recipe, Recipe) else recipe
-    for part in key.split("."):
-        node = node[part]
-    return node
-
-
 def from_dict(raw: dict, source: str = "recipe") -> Recipe:
     """Validate a nested dict against the schema and build a `Recipe` (see `load_recipe`)."""
     recipe = _build(Recipe, raw, prefix="", source=source)

@@ -126,24 +126,3 @@ def require_run_dir(run_dir: Path) -> Path:
 def read_summary(run_dir: Path) -> dict:
     path = Path(run_dir) / SUMMARY_FILE
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
-def safe_filename(name: str, max_length: int = 80) -> str:
-    """A file name made from free text (e.g. a class name) that stays inside the folder it is joined to.
-
-    Path separators, `..`, control and shell-special characters become `_`; the result is never empty,
-    hidden, or a reserved Windows device name, and is cut to `max_length` characters.
-    """
-    import re
-    import unicodedata
-
-    text = unicodedata.normalize("NFKC", str(name))
-    text = re.sub(r"[^\w.\- ]", "_", text, flags=re.UNICODE).strip(" .")
-    text = re.sub(r"\.{2,}", "_", text).replace(" ", "_")[:max_length].strip(" .")
-    if not text or text.split(".")[0].upper() in _RESERVED_NAMES:
-        text = f"_{text}"
-    return text
-
-
-_RESERVED_NAMES = frozenset({"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
-                             *(f"LPT{i}" for i in range(1, 10))})
