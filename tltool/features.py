@@ -31,9 +31,10 @@ from tltool.rundir import atomic_write_text
 CACHE_FORMAT = 1
 
 
-def default_cache_dir() -> Path:
-    env = os.environ.get("TLTOOL_CACHE_DIR")
-    return Path(env).expanduser() if env else Path("~/.cache/tltool/features").expanduser()
+def cache_dir(configured: str | None = None) -> Path:
+    """The feature cache folder: the recipe's `train.cache_dir`, else $TLTOOL_CACHE_DIR, else ~/.cache/tltool."""
+    chosen = configured or os.environ.get("TLTOOL_CACHE_DIR") or "~/.cache/tltool/features"
+    return Path(chosen).expanduser()
 
 
 def extractor_key(backbone: str, weights_fingerprint: str, image_size: int, preprocessing: str,

@@ -17,7 +17,7 @@ from tltool.backbones import check_image_size, get_backbone_spec, resolve_weight
 from tltool.data import (ImageFolder, SkipLog, augmentation_layer, balanced_class_weights, image_dataset,
                          scan_folder, stratified_split)
 from tltool.errors import DataError, RecipeError, RunDirError
-from tltool.features import FeatureCache, cached_features, default_cache_dir, extractor_key
+from tltool.features import FeatureCache, cache_dir, cached_features, extractor_key
 from tltool.model import build_transfer_model, set_fine_tune_layers
 from tltool.recipe import Recipe, load_recipe, save_recipe
 from tltool.train import compile_model, features_dataset, fit_stage, stage_callbacks
@@ -51,18 +51,7 @@ def resolve_recipe(recipe=None, *, data=None, val_data=None, test_data=None, bac
         "fine_tune": {"epochs": fine_tune_epochs},
         "seed": seed,
     }
-    if isinstance(recipe, Recipe):
-        base = recipe.to_dict()
-        from tltool.recipe import _flatten, from_dict, parse_override, set_dotted
-
-        for item in overrides:
-            set_dotted(base, *parse_override(item))
-        for key, value in _flatten(flags):
-            if value is not None:
-                set_dotted(base, key, value)
-        resolved = from_dict(base)
-    else:
-        resolved = load_recipe(recipe, overrides=overrides, values=flags)
+    resolved = load_recipe(recipe, overrides=overrides, values=flags)
     # Absolute paths make the saved recipe repeatable (and resumable) from any working directory.
     for section, key in (("data", "train"), ("data", "val"), ("data", "test"), ("train", "cache_dir")):
         value = getattr(getattr(resolved, section), key)
@@ -77,11 +66,15 @@ def _path_or_none(value):
     return None if value is None else str(value)
 
 
-def load_split_data(recipe: Recipe, skips: SkipLog | None = None) -> SplitData:
-    """Scan the recipe's folders and split off validation data when no folder is given."""
+def require_training_data(recipe: Recipe) -> None:
     if recipe.data.train is None:
         raise RecipeError("No training data: pass --data DIR (a folder with one sub-folder per class) or set "
                           "`data.train` in the recipe.")
+
+
+def load_split_data(recipe: Recipe, skips: SkipLog | None = None) -> SplitData:
+    """Scan the recipe's folders and split off validation data when no folder is given."""
+    require_training_data(recipe)
     skips = skips if skips is not None else SkipLog()
     full = scan_folder(recipe.data.train, skips, role="training")
     if recipe.data.val:
@@ -138,7 +131,7 @@ class TrainingContext:
 def stage1_features(ctx: TrainingContext, extractor, spec, weights_fingerprint: str) -> StageFeatures:
     """Features of the training and validation images, from the on-disk cache where possible."""
     recipe = ctx.recipe
-    cache = FeatureCache(_cache_root(recipe) / extractor_key(
+    cache = FeatureCache(cache_dir(recipe.train.cache_dir) / extractor_key(
         spec.name, weights_fingerprint, ctx.image_size, spec.preprocessing, recipe.head.mode, recipe.head.pooling))
     bs = recipe.data.batch_size
     augment = augmentation_layer(recipe.augment, seed=recipe.seed)
@@ -320,9 +313,7 @@ def finetune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=
     spec = get_backbone_spec(recipe.backbone.name)
     size = recipe.data.image_size or spec.default_size
     check_image_size(spec, size)
-    if recipe.data.train is None:
-        raise RecipeError("No training data: pass --data DIR (a folder with one sub-folder per class) or set "
-                          "`data.train` in the recipe.")
+    require_training_data(recipe)
     rundir.check_output_dir(run_dir, force, resume, resumable=True)  # before any heavy work
     # Weights before data: an offline machine must learn at once that it cannot get them.
     resolved_weights = resolve_weights(spec, recipe.backbone.weights, recipe.backbone.fallback,
@@ -496,10 +487,6 @@ class RunProgress:
     def _save(self) -> None:
         self.state["elapsed_s"] = round(self.elapsed_before + time.perf_counter() - self._t0, 3)
         rundir.atomic_write_json(self.dir / "state.json", self.state)
-
-
-def _cache_root(recipe: Recipe) -> Path:
-    return Path(recipe.train.cache_dir).expanduser() if recipe.train.cache_dir else default_cache_dir()
 
 
 def _augment_key(recipe: Recipe) -> str:

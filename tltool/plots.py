@@ -183,3 +183,26 @@ def wrong_predictions(items: list[dict], columns: int = 4) -> bytes | None:
                 fontsize=7, color="dimgrey")
     fig.suptitle("Most confidently wrong predictions", y=1 - 0.12 / height, va="top")
     return _png(fig)
+
+
+def trials(records: list[dict], name: str, direction: str) -> bytes:
+    """The objective of each trial of a search, the best so far, and failed trials marked at the bottom."""
+    xs = [i for i, r in enumerate(records) if r.get(name) is not None]
+    ys = [records[i][name] for i in xs]
+    failed = [i for i, r in enumerate(records) if r["status"] in ("failed", "invalid")]
+    fig = _figure(7, 4)
+    ax = fig.add_subplot()
+    if xs:
+        ax.plot(xs, ys, "o", label=name)
+        running = np.minimum.accumulate(ys) if direction == "min" else np.maximum.accumulate(ys)
+        ax.step(xs, running, where="post", label="best so far")
+    if failed:
+        low = min(ys) if ys else 0.0
+        ax.plot(failed, [low] * len(failed), "x", color=_WRONG, label="failed")
+    ax.set_xlabel("trial")
+    ax.set_ylabel(name)
+    ax.set_title(f"{name} per trial")
+    ax.grid(alpha=0.3)
+    if xs or failed:
+        ax.legend(loc="best")
+    return _png(fig)

@@ -160,12 +160,12 @@ class Recipe:
 # --------------------------------------------------------------------------------------------- loading
 
 
-def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+def load_recipe(path: "str | Path | Recipe | None" = None, overrides: list[str] | tuple[str, ...] = (),
                 values: dict | None = None) -> Recipe:
     """Load, override and validate a recipe.
 
     Args:
-        path: YAML file; None starts from the defaults.
+        path: YAML file, or a `Recipe` to start from; None starts from the defaults.
         overrides: `dotted.key=value` strings (values parsed as YAML scalars), applied after the file.
         values: a nested dict of values applied last (used by the CLI flags and the Python API);
             None values are ignored.
@@ -178,6 +178,8 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
     """
     raw: dict = {}
     source = "recipe"
+    if isinstance(path, Recipe):
+        raw, path = path.to_dict(), None
     if path is not None:
         path = Path(path)
         source = str(path)

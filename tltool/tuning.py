@@ -36,7 +36,7 @@ import numpy as np
 import yaml
 
 from tltool import rundir
-from tltool.errors import RecipeError, RunDirError, SearchFailedError, TltoolError, TuneError
+from tltool.errors import RunDirError, SearchFailedError, TltoolError, TuneError
 from tltool.recipe import Recipe, field_type, from_dict, set_dotted
 
 SEARCH_DIR = "search"            # the Keras Tuner project inside --out
@@ -281,7 +281,11 @@ class TrialRunner:
             raise kt.errors.FailedTrialError(f"The loss became NaN in epoch {watch.epoch + 1}: the learning rate "
                                              f"is probably too high.")
         if trial.features is not None:
-            val_loss, val_acc = _score(trial.tm.head, trial.features.val_x, trial.features.val_y)
+            # One eager call of the head on the validation features (no tracing), scored as evaluate() would.
+            from tltool.evaluation import accuracy, log_loss
+
+            probs = np.asarray(trial.tm.head(trial.features.val_x.astype(np.float32), training=False))
+            val_loss, val_acc = log_loss(trial.features.val_y, probs), accuracy(trial.features.val_y, probs)
         else:
             compile_model(trial.tm.model, "adam", 1e-3, 0.0)
             val_loss, val_acc = trial.tm.model.evaluate(ctx.images(trial.split.val, training=False), verbose=0)
@@ -289,13 +293,6 @@ class TrialRunner:
             raise kt.errors.FailedTrialError("The validation loss is NaN: the learning rate is probably too high.")
         return {"val_accuracy": float(val_acc), "val_loss": float(val_loss),
                 "cached_features": float(trial.features is not None)}
-
-
-def _score(head, features: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """Plain cross-entropy and accuracy of the head on validation features, in one eager call (no tracing)."""
-    probs = np.asarray(head(features.astype(np.float32), training=False), dtype=np.float64)
-    picked = np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1.0)
-    return float(-np.log(picked).mean()), float((probs.argmax(axis=1) == labels).mean())
 
 
 class _NanWatch(keras.callbacks.Callback):
@@ -608,7 +605,9 @@ def write_reports(out: Path, oracle, base: Recipe, space: SearchSpace, plot: boo
     rundir.atomic_write_json(out / rundir.SUMMARY_FILE, summary)
     _write_csv(out / TRIALS_CSV, records, space, name)
     if plot:
-        _plot(out / TRIALS_PLOT, records, name, direction)
+        from tltool import plots
+
+        rundir.atomic_write_bytes(out / TRIALS_PLOT, plots.trials(records, name, direction))
     return summary
 
 
@@ -626,35 +625,6 @@ def _write_csv(path: Path, records: list[dict], space: SearchSpace, name: str) -
             row[key] = json.dumps(value) if isinstance(value, (list, dict)) else value
         writer.writerow(row)
     rundir.atomic_write_text(path, buffer.getvalue())
-
-
-def _plot(path: Path, records: list[dict], name: str, direction: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    xs = [i for i, r in enumerate(records) if r.get(name) is not None]
-    ys = [records[i][name] for i in xs]
-    failed = [i for i, r in enumerate(records) if r["status"] in ("failed", "invalid")]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    if xs:
-        ax.plot(xs, ys, "o", label=name)
-        running = np.minimum.accumulate(ys) if direction == "min" else np.maximum.accumulate(ys)
-        ax.step(xs, running, where="post", label="best so far")
-    if failed:
-        low = min(ys) if ys else 0.0
-        ax.plot(failed, [low] * len(failed), "x", color="tab:red", label="failed")
-    ax.set_xlabel("trial")
-    ax.set_ylabel(name)
-    ax.set_title(f"{name} per trial")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    rundir.atomic_write_bytes(path, buffer.getvalue())
 
 
 def format_table(summary: dict, limit: int = 10) -> str:
@@ -757,7 +727,7 @@ def tune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=None
         SearchFailedError: when every trial failed (the reports are written first).
     """
     from tltool.backbones import check_image_size, get_backbone_spec, resolve_weights
-    from tltool.finetuning import load_split_data, resolve_recipe
+    from tltool.finetuning import load_split_data, require_training_data, resolve_recipe
 
     extra = [f"tune.{key}={value}" for key, value in
              (("algorithm", algorithm), ("max_trials", max_trials), ("objective", objective)) if value is not None]
@@ -779,9 +749,7 @@ def tune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=None
         check_image_size(spec, size)
         resolve_weights(spec, base.backbone.weights, base.backbone.fallback, classic=base.head.mode == "classic",
                         image_size=size)
-        if base.data.train is None:
-            raise RecipeError("No training data: pass --data DIR (a folder with one sub-folder per class) or set "
-                              "`data.train` in the recipe.")
+        require_training_data(base)
     split = load_split_data(base) if role != "chief" else None  # the data is checked before --overwrite wipes
     resuming = False
     if role != "worker":
