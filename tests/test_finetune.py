@@ -161,3 +161,28 @@ def test_cli_backbones_lists_the_registry():
     assert "mobilenet_v2" in result.output and "1280" in result.output and "vgg16" not in result.output
     result = CliRunner().invoke(main, ["backbones", "nothing*"])
     assert result.exit_code == 2 and "No backbone matches" in result.output
+
+
+def test_gpu_options_are_ignored_with_a_warning_on_cpu(tmp_path, image_folder):
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("checks the CPU fallback")
+    with pytest.warns(UserWarning) as caught:
+        result = tltool.finetune(data=image_folder, out=tmp_path / "run", verbose=0,
+                                 overrides=tiny_values(32) + ["train.mixed_precision=true", "train.xla=true",
+                                                              "train.strategy=mirrored", "fine_tune.epochs=0"])
+    messages = " ".join(str(w.message) for w in caught)
+    assert "mixed_precision is ignored" in messages and "xla is ignored" in messages and "mirrored" in messages
+    assert result.summary["val_accuracy"] >= 0.0 and (result.run_dir / "model.keras").is_file()
+
+
+def test_run_files_get_ordinary_permissions(tiny_run):
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("summary.json", "labels.txt", "recipe.yaml"):
+        mode = stat.S_IMODE((tiny_run.run_dir / name).stat().st_mode)
+        assert mode == 0o666 & ~umask, name
