@@ -225,6 +225,15 @@ def balanced_class_weights(labels, num_classes: int) -> dict[int, float]:
 # ------------------------------------------------------------------------------------------ tf.data
 
 
+def _load_or_blank(path: str, image_size: int, skips: SkipLog) -> tuple[np.ndarray, bool]:
+    """(pixels, True), or black pixels and False for a file that cannot be decoded (recorded in `skips`)."""
+    try:
+        return load_image(path, image_size), True
+    except ImageReadError as exc:
+        skips.add(path, str(exc), exc.kind)
+        return np.zeros((image_size, image_size, 3), np.uint8), False
+
+
 def decoded_batches(paths: list[str], image_size: int, batch_size: int, skips: SkipLog, ahead: int = 2):
     """Yield (uint8 pixels [B, S, S, 3], ok [B]) batches, decoded by a thread pool while the model runs.
 
@@ -232,14 +241,8 @@ def decoded_batches(paths: list[str], image_size: int, batch_size: int, skips: S
     TensorFlow's own thread pools, which the forward pass needs. At most `ahead` batches wait decoded,
     so memory does not grow with the number of images.
     """
-    blank = np.zeros((image_size, image_size, 3), np.uint8)
-
     def load(path):
-        try:
-            return load_image(path, image_size), True
-        except ImageReadError as exc:
-            skips.add(path, str(exc), exc.kind)
-            return blank, False
+        return _load_or_blank(path, image_size, skips)
 
     chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
     workers = max(1, min(4, os.cpu_count() or 1))
@@ -260,15 +263,8 @@ def _decoder(image_size: int, skips: SkipLog):
     """A `tf.data` map function: path -> (uint8 pixels, ok). Failures give black pixels and ok=False."""
     import tensorflow as tf
 
-    blank = np.zeros((image_size, image_size, 3), np.uint8)
-
     def _decode(path_bytes):
-        path = path_bytes.decode("utf-8")
-        try:
-            return load_image(path, image_size), True
-        except ImageReadError as exc:
-            skips.add(path, str(exc), exc.kind)
-            return blank, False
+        return _load_or_blank(path_bytes.decode("utf-8"), image_size, skips)
 
     def decode(path):
         pixels, ok = tf.numpy_function(_decode, [path], [tf.uint8, tf.bool], stateful=False)
