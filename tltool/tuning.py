@@ -19,7 +19,6 @@ every other process is a worker that asks it for trials and runs them.
 from __future__ import annotations
 
 import contextlib
-import csv
 import gc
 import io
 import json
@@ -37,19 +36,12 @@ import yaml
 
 from tltool import rundir
 from tltool.errors import RunDirError, SearchFailedError, TltoolError, TuneError
-from tltool.recipe import Recipe, field_type, from_dict, set_dotted
+from tltool.recipe import Recipe, from_dict
+from tltool.search_space import HEAD_KEYS, SearchSpace, default_space, stripped_recipe, trial_recipe
+from tltool.tune_reports import BEST_FILE, fmt_value, format_table, last_line, write_reports
 
 SEARCH_DIR = "search"            # the Keras Tuner project inside --out
-BEST_FILE = "best.yaml"
-TRIALS_CSV = "trials.csv"
-TRIALS_PLOT = "trials.png"
 _ENDED = ("COMPLETED", "FAILED", "INVALID")
-
-#: Keys a trial may change and still train on the search's precomputed features (with no stage 2).
-HEAD_KEYS = frozenset({
-    "head.dense", "head.dropout", "frozen.epochs", "frozen.learning_rate", "frozen.optimizer",
-    "frozen.early_stopping", "train.label_smoothing", "train.class_weights", "data.batch_size",
-})
 
 
 @dataclass
@@ -59,116 +51,6 @@ class TuneResult:
     out_dir: Path
     summary: dict
     best_recipe: Recipe | None = None
-
-
-def default_space(recipe: Recipe) -> dict:
-    """The space searched when the recipe has no `tune.space`: head, learning rate, loss, and stage 2 if on."""
-    space = {
-        "head.dropout": {"min": 0.0, "max": 0.5, "step": 0.1},
-        "head.dense": {"choice": [0, 128, 256]},
-        "frozen.learning_rate": {"min": 1e-4, "max": 1e-2, "sampling": "log"},
-        "train.label_smoothing": {"choice": [0.0, 0.1]},
-    }
-    if recipe.fine_tune.epochs > 0:
-        space["fine_tune.unfreeze"] = {"choice": [10, 20, 40, 80]}
-        space["fine_tune.learning_rate"] = {"min": 1e-6, "max": 1e-4, "sampling": "log"}
-    return space
-
-
-# ------------------------------------------------------------------------------------------ the space
-
-
-class SearchSpace:
-    """A validated `tune.space` as Keras Tuner hyperparameters, and their values back as recipe values.
-
-    Keras Tuner's `Choice` takes only one of int, float, str or bool; choices of anything else (lists for
-    `head.dense`, null) travel as JSON strings. A number for `head.dense` is one hidden layer of that
-    size, 0 none.
-    """
-
-    def __init__(self, space: dict):
-        self.space = dict(space)
-        self._json = set()
-        for key, entry in self.space.items():
-            if "choice" in entry and self._native(key, entry["choice"]) is None:
-                self._json.add(key)
-
-    @staticmethod
-    def _native(key: str, values: list):
-        tp = field_type(key)
-        if tp is float and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            return [float(v) for v in values]
-        for kind in (bool, int, str):
-            if all(type(v) is kind for v in values):
-                return list(values)
-        return None
-
-    @property
-    def keys(self) -> list[str]:
-        return list(self.space)
-
-    def declare(self, hp) -> None:
-        for key, entry in self.space.items():
-            if "choice" in entry:
-                values = self._native(key, entry["choice"])
-                if key in self._json:
-                    values = [json.dumps(v) for v in entry["choice"]]
-                hp.Choice(key, values)
-            elif "boolean" in entry:
-                hp.Boolean(key)
-            elif field_type(key) is float:
-                hp.Float(key, float(entry["min"]), float(entry["max"]), step=entry.get("step"),
-                         sampling=entry.get("sampling", "linear"))
-            else:
-                hp.Int(key, int(entry["min"]), int(entry["max"]), step=entry.get("step"),
-                       sampling=entry.get("sampling", "linear"))
-
-    def values(self, hp_values: dict) -> dict:
-        """Recipe values of the space's keys from a trial's hyperparameter values (Keras Tuner's own dropped)."""
-        out = {}
-        for key in self.space:
-            if key not in hp_values:
-                continue
-            value = hp_values[key]
-            if key in self._json:
-                value = json.loads(value)
-            if isinstance(value, float):
-                value = float(f"{value:.10g}")  # 0.30000000000000004 from min + 3 * step is 0.3
-            if _is_list_field(key) and isinstance(value, int) and not isinstance(value, bool):
-                value = [value] if value else []
-            out[key] = value
-        return out
-
-
-def _is_list_field(key: str) -> bool:
-    import typing
-
-    return typing.get_origin(field_type(key)) is list
-
-
-def trial_recipe(base: Recipe, values: dict, budget: tuple[int, int] | None = None) -> Recipe:
-    """The base recipe with a trial's values set; `budget` (epochs, max_epochs) scales both stages' epochs."""
-    tree = base.to_dict()
-    for key, value in values.items():
-        set_dotted(tree, key, value)
-    if budget is not None:
-        epochs, max_epochs = budget
-        for stage in ("frozen", "fine_tune"):
-            if tree[stage]["epochs"] > 0:
-                tree[stage]["epochs"] = max(1, round(tree[stage]["epochs"] * epochs / max_epochs))
-    return from_dict(tree, source="trial")
-
-
-def _stripped(recipe: Recipe) -> dict:
-    """What a trial shares with the base recipe when it can train on the base's features."""
-    tree = recipe.to_dict()
-    for key in HEAD_KEYS:
-        section, name = key.split(".")
-        tree[section].pop(name, None)
-    for section in ("tune", "export", "fine_tune"):
-        tree.pop(section)
-    tree.pop("name")
-    return tree
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -213,7 +95,7 @@ class TrialRunner:
 
     def is_head_trial(self, recipe: Recipe) -> bool:
         return (recipe.fine_tune.epochs == 0 and recipe.frozen.epochs > 0 and recipe.frozen.cache_features
-                and _stripped(recipe) == _stripped(self.base))
+                and stripped_recipe(recipe) == stripped_recipe(self.base))
 
     def all_head_trials(self, space: SearchSpace) -> bool:
         base = self.base
@@ -469,12 +351,12 @@ class RecipeTuner(kt.Tuner):
         seconds = time.perf_counter() - self._t0
         name = self.oracle.objective.name
         values = self.hypermodel.space.values(trial.hyperparameters.values)
-        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in values.items())
+        shown = ", ".join(f"{k}={fmt_value(v)}" for k, v in values.items())
         if trial.status == "COMPLETED" and self._results:
             how = "on cached features" if self._results.get("cached_features") else "in full"
             outcome = f"{name} {self._results[name]:.4f} ({how})"
         else:
-            outcome = f"FAILED: {_last_line(trial.message)}"
+            outcome = f"FAILED: {last_line(trial.message)}"
         total = self.oracle.max_trials
         self.say(f"Trial {int(trial.trial_id) + 1}{f'/{total}' if total else ''} [{self.tuner_id}] {outcome} in "
                  f"{seconds:.1f}s  {shown}")
@@ -552,112 +434,6 @@ def distributed_role() -> str:
 # ------------------------------------------------------------------------------------------ reports
 
 
-def trial_records(oracle, space: SearchSpace) -> list[dict]:
-    """One dict per trial, in trial order: id, values, metrics, status, worker, seconds, error."""
-    name = oracle.objective.name
-    records = []
-    for trial_id in sorted(oracle.trials):
-        trial = oracle.trials[trial_id]
-        log = getattr(oracle, "trial_log", {}).get(trial_id, {})
-        metrics = {m: (float(trial.metrics.get_last_value(m)) if trial.metrics.exists(m) else None)
-                   for m in ("val_accuracy", "val_loss", "cached_features")}
-        status = str(trial.status).lower()
-        record = {"trial_id": trial_id, "hyperparameters": space.values(trial.hyperparameters.values),
-                  name: metrics[name] if status == "completed" else None, "status": status,
-                  "worker": log.get("worker"), "seconds": log.get("seconds")}
-        for metric in ("val_accuracy", "val_loss"):
-            record.setdefault(metric, metrics[metric] if status == "completed" else None)
-        if metrics["cached_features"] is not None and status == "completed":
-            record["cached_features"] = bool(metrics["cached_features"])
-        if "tuner/epochs" in trial.hyperparameters.values:
-            record["budget_epochs"] = int(trial.hyperparameters.values["tuner/epochs"])
-        if status in ("failed", "invalid"):
-            record["error"] = _last_line(trial.message)
-        records.append(record)
-    return records
-
-
-def write_reports(out: Path, oracle, base: Recipe, space: SearchSpace, plot: bool = False) -> dict:
-    """summary.json, trials.csv and best.yaml (and trials.png if `plot`) from the oracle's trials."""
-    name = oracle.objective.name
-    direction = oracle.objective.direction
-    records = trial_records(oracle, space)
-    done = [r for r in records if r["status"] == "completed" and r[name] is not None]
-    best = None
-    if done:
-        pick = min if direction == "min" else max
-        top = pick(done, key=lambda r: r[name])
-        best = {"trial_id": top["trial_id"], name: top[name], "hyperparameters": top["hyperparameters"]}
-        best_recipe = trial_recipe(base, top["hyperparameters"])
-        header = (f"# Best recipe of a tltool search: trial {top['trial_id']}, {name} {top[name]:.6g}.\n"
-                  f"# Train it with: tltool finetune THIS_FILE --out NEW_DIR\n")
-        rundir.atomic_write_text(out / BEST_FILE, header + best_recipe.to_yaml())
-    summary = {
-        "objective": {"name": name, "direction": direction},
-        "algorithm": base.tune.algorithm,
-        "max_trials": oracle.max_trials,
-        "space": space.space,
-        "trials_completed": len(done),
-        "trials_failed": sum(r["status"] in ("failed", "invalid") for r in records),
-        "best": best,
-        "trials": records,
-    }
-    rundir.atomic_write_json(out / rundir.SUMMARY_FILE, summary)
-    _write_csv(out / TRIALS_CSV, records, space, name)
-    if plot:
-        from tltool import plots
-
-        rundir.atomic_write_bytes(out / TRIALS_PLOT, plots.trials(records, name, direction))
-    return summary
-
-
-def _write_csv(path: Path, records: list[dict], space: SearchSpace, name: str) -> None:
-    columns = ["trial_id", "status", "worker", "seconds", name] + [m for m in ("val_accuracy", "val_loss")
-                                                                     if m != name]
-    columns += space.keys + ["error"]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    for record in records:
-        row = {k: record.get(k) for k in columns}
-        for key in space.keys:
-            value = record["hyperparameters"].get(key)
-            row[key] = json.dumps(value) if isinstance(value, (list, dict)) else value
-        writer.writerow(row)
-    rundir.atomic_write_text(path, buffer.getvalue())
-
-
-def format_table(summary: dict, limit: int = 10) -> str:
-    """The best `limit` trials as a small text table, failed trials counted below it."""
-    name = summary["objective"]["name"]
-    done = [r for r in summary["trials"] if r["status"] == "completed" and r.get(name) is not None]
-    done.sort(key=lambda r: r[name], reverse=summary["objective"]["direction"] == "max")
-    lines = [f"{'trial':<6} {name:>12} {'seconds':>8} {'worker':<10} values", "-" * 72]
-    for r in done[:limit]:
-        values = ", ".join(f"{k}={_fmt(v)}" for k, v in r["hyperparameters"].items())
-        seconds = "-" if r["seconds"] is None else f"{r['seconds']:.1f}"
-        lines.append(f"{r['trial_id']:<6} {r[name]:>12.4f} {seconds:>8} {str(r['worker'] or '-'):<10} {values}")
-    if len(done) > limit:
-        lines.append(f"... and {len(done) - limit} more completed trial(s) in trials.csv")
-    if summary["trials_failed"]:
-        lines.append(f"{summary['trials_failed']} trial(s) failed; their errors are in summary.json.")
-    return "\n".join(lines)
-
-
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    return json.dumps(value) if isinstance(value, (list, dict)) or value is None else str(value)
-
-
-def _last_line(message) -> str:
-    lines = [line.strip() for line in str(message or "").strip().splitlines() if line.strip()]
-    if not lines:
-        return "unknown error"
-    line = lines[-1]
-    for prefix in ("keras_tuner.src.errors.FailedTrialError: ", "FailedTrialError: "):
-        line = line.removeprefix(prefix)
-    return line[:300]
 
 
 # ------------------------------------------------------------------------------------------ the command

@@ -1,0 +1,124 @@
+"""The reports of a search: summary.json, trials.csv, best.yaml, trials.png and the table printed at the end."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from tltool import rundir
+from tltool.recipe import Recipe
+from tltool.search_space import SearchSpace, trial_recipe
+
+BEST_FILE = "best.yaml"
+TRIALS_CSV = "trials.csv"
+TRIALS_PLOT = "trials.png"
+
+
+def trial_records(oracle, space: SearchSpace) -> list[dict]:
+    """One dict per trial, in trial order: id, values, metrics, status, worker, seconds, error."""
+    name = oracle.objective.name
+    records = []
+    for trial_id in sorted(oracle.trials):
+        trial = oracle.trials[trial_id]
+        log = getattr(oracle, "trial_log", {}).get(trial_id, {})
+        metrics = {m: (float(trial.metrics.get_last_value(m)) if trial.metrics.exists(m) else None)
+                   for m in ("val_accuracy", "val_loss", "cached_features")}
+        status = str(trial.status).lower()
+        record = {"trial_id": trial_id, "hyperparameters": space.values(trial.hyperparameters.values),
+                  name: metrics[name] if status == "completed" else None, "status": status,
+                  "worker": log.get("worker"), "seconds": log.get("seconds")}
+        for metric in ("val_accuracy", "val_loss"):
+            record.setdefault(metric, metrics[metric] if status == "completed" else None)
+        if metrics["cached_features"] is not None and status == "completed":
+            record["cached_features"] = bool(metrics["cached_features"])
+        if "tuner/epochs" in trial.hyperparameters.values:
+            record["budget_epochs"] = int(trial.hyperparameters.values["tuner/epochs"])
+        if status in ("failed", "invalid"):
+            record["error"] = last_line(trial.message)
+        records.append(record)
+    return records
+
+
+def write_reports(out: Path, oracle, base: Recipe, space: SearchSpace, plot: bool = False) -> dict:
+    """summary.json, trials.csv and best.yaml (and trials.png if `plot`) from the oracle's trials."""
+    name = oracle.objective.name
+    direction = oracle.objective.direction
+    records = trial_records(oracle, space)
+    done = [r for r in records if r["status"] == "completed" and r[name] is not None]
+    best = None
+    if done:
+        pick = min if direction == "min" else max
+        top = pick(done, key=lambda r: r[name])
+        best = {"trial_id": top["trial_id"], name: top[name], "hyperparameters": top["hyperparameters"]}
+        best_recipe = trial_recipe(base, top["hyperparameters"])
+        header = (f"# Best recipe of a tltool search: trial {top['trial_id']}, {name} {top[name]:.6g}.\n"
+                  f"# Train it with: tltool finetune THIS_FILE --out NEW_DIR\n")
+        rundir.atomic_write_text(out / BEST_FILE, header + best_recipe.to_yaml())
+    summary = {
+        "objective": {"name": name, "direction": direction},
+        "algorithm": base.tune.algorithm,
+        "max_trials": oracle.max_trials,
+        "space": space.space,
+        "trials_completed": len(done),
+        "trials_failed": sum(r["status"] in ("failed", "invalid") for r in records),
+        "best": best,
+        "trials": records,
+    }
+    rundir.atomic_write_json(out / rundir.SUMMARY_FILE, summary)
+    _write_csv(out / TRIALS_CSV, records, space, name)
+    if plot:
+        from tltool import plots
+
+        rundir.atomic_write_bytes(out / TRIALS_PLOT, plots.trials(records, name, direction))
+    return summary
+
+
+def _write_csv(path: Path, records: list[dict], space: SearchSpace, name: str) -> None:
+    columns = ["trial_id", "status", "worker", "seconds", name] + [m for m in ("val_accuracy", "val_loss")
+                                                                     if m != name]
+    columns += space.keys + ["error"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    for record in records:
+        row = {k: record.get(k) for k in columns}
+        for key in space.keys:
+            value = record["hyperparameters"].get(key)
+            row[key] = json.dumps(value) if isinstance(value, (list, dict)) else value
+        writer.writerow(row)
+    rundir.atomic_write_text(path, buffer.getvalue())
+
+
+def format_table(summary: dict, limit: int = 10) -> str:
+    """The best `limit` trials as a small text table, failed trials counted below it."""
+    name = summary["objective"]["name"]
+    done = [r for r in summary["trials"] if r["status"] == "completed" and r.get(name) is not None]
+    done.sort(key=lambda r: r[name], reverse=summary["objective"]["direction"] == "max")
+    lines = [f"{'trial':<6} {name:>12} {'seconds':>8} {'worker':<10} values", "-" * 72]
+    for r in done[:limit]:
+        values = ", ".join(f"{k}={fmt_value(v)}" for k, v in r["hyperparameters"].items())
+        seconds = "-" if r["seconds"] is None else f"{r['seconds']:.1f}"
+        lines.append(f"{r['trial_id']:<6} {r[name]:>12.4f} {seconds:>8} {str(r['worker'] or '-'):<10} {values}")
+    if len(done) > limit:
+        lines.append(f"... and {len(done) - limit} more completed trial(s) in trials.csv")
+    if summary["trials_failed"]:
+        lines.append(f"{summary['trials_failed']} trial(s) failed; their errors are in summary.json.")
+    return "\n".join(lines)
+
+
+def fmt_value(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return json.dumps(value) if isinstance(value, (list, dict)) or value is None else str(value)
+
+
+def last_line(message) -> str:
+    lines = [line.strip() for line in str(message or "").strip().splitlines() if line.strip()]
+    if not lines:
+        return "unknown error"
+    line = lines[-1]
+    for prefix in ("keras_tuner.src.errors.FailedTrialError: ", "FailedTrialError: "):
+        line = line.removeprefix(prefix)
+    return line[:300]
