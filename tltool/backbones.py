@@ -102,6 +102,18 @@ def get_backbone_spec(name: str) -> BackboneSpec:
     raise BackboneError(f"Unknown backbone `{name}`.{hint} Run `tltool backbones` to list them all.")
 
 
+def count_params(name: str) -> int:
+    """Parameters of a backbone without its top, at its default size (builds it with random weights)."""
+    import keras
+
+    spec = get_backbone_spec(name)
+    net = spec.constructor_fn()(include_top=False, weights=None,
+                                input_shape=(spec.default_size, spec.default_size, 3), **dict(spec.extra_kwargs))
+    count = net.count_params()
+    keras.backend.clear_session()
+    return count
+
+
 def check_image_size(spec: BackboneSpec, size: int) -> None:
     if size < spec.min_size:
         raise BackboneError(f"Image size {size} is too small for {spec.name}: it needs at least "

@@ -191,20 +191,10 @@ def backbones(pattern, params):
     echo("-" * len(header))
     for name in names:
         spec = tltool.get_backbone_spec(name)
-        count = _count_params(spec) if params else None
+        count = tltool.count_params(name) if params else None
         shown = f"{count / 1e6:.1f}M" if count is not None else "-"
         prep = "built into the network" if spec.preprocessing_included else spec.preprocessing
         echo(f"{spec.name:<20} {spec.default_size:>6} {spec.feature_size:>9} {shown:>12}  {prep}")
-
-
-def _count_params(spec) -> int:
-    import keras
-
-    net = spec.constructor_fn()(include_top=False, weights=None,
-                                input_shape=(spec.default_size, spec.default_size, 3), **dict(spec.extra_kwargs))
-    count = net.count_params()
-    keras.backend.clear_session()
-    return count
 
 
 @main.group()
@@ -342,9 +332,7 @@ def predict(model, files, top_k, as_json, as_csv, threshold, batch_size):
         import csv
         import io
 
-        from tltool.predict import results_to_csv_rows
-
-        header, rows = results_to_csv_rows(results)
+        header, rows = tltool.results_to_csv_rows(results)
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(header)
