@@ -20,7 +20,6 @@ Layouts (default folder RUN/export/FORMAT, or FORMAT-QUANTIZE for quantized TFLi
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tltool import rundir
+from tltool import rundir, tflite_export
 from tltool.errors import ExportError, ExportOptionError, RunDirError
 from tltool.images import ImageReadError, load_image
 
@@ -42,8 +41,6 @@ EXPORT_FILE = "export.json"
 SAVEDMODEL_VERSION = "1"
 TFLITE_FILE = "model.tflite"
 ONNX_FILE = "model.onnx"
-#: Name of the metadata entry (TFLite) / metadata_props key (ONNX) holding labels and input size as JSON.
-METADATA_KEY = "tltool"
 
 #: Validation images used by the self-check, and training images used to calibrate int8 quantization.
 MAX_CHECK_IMAGES = 1000
@@ -62,11 +59,8 @@ class Tolerance:
 def tolerance_for(format: str, quantize: str) -> Tolerance:
     """The bounds an export of `format` with `quantize` must meet."""
     if quantize == "int8":
-        # Per-channel weight quantization (what keeps MobileNet-style depthwise convolutions accurate) stores
-        # a float32 scale and an int64 zero point per output channel and bias: ~12% on top of the int8
-        # weights of a headless MobileNetV2 (0.308x its float32 size). Per-tensor would reach 0.26x but
-        # lost 5 points on the sample data, so the bound leaves room for those parameters.
-        return Tolerance(max_accuracy_drop=1.5, max_size_ratio=0.32)
+        # The weight schemes that meet both bounds are explained in tflite_export.
+        return Tolerance(max_accuracy_drop=1.5, max_size_ratio=0.3)
     if quantize == "dynamic":
         return Tolerance(max_accuracy_drop=1.5)
     if quantize == "float16":
@@ -122,6 +116,13 @@ def export(run_dir, format: str, quantize: str = "none", out=None, force: bool =
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    probs_keras = _predict_keras(model, check_pixels)
+    tol = tolerance_for(format, quantize)
+
+    def check_artifact() -> dict:
+        """Reload what is in `tmp` the way a user would and compare it with the Keras model."""
+        return _compare(probs_keras, load_predictor(tmp).predict(check_pixels), np.asarray(check_labels))
+
     try:
         extra: dict = {}
         if format == "keras":
@@ -133,30 +134,32 @@ def export(run_dir, format: str, quantize: str = "none", out=None, force: bool =
             _write_savedmodel(model, labels, size, artifact)
         elif format == "tflite":
             artifact = tmp / TFLITE_FILE
+            rundir.write_labels(tmp, labels)
             representative = None
             if quantize == "int8":
                 _, representative, _ = _load_images(split.train.paths, split.train.labels, size,
                                                     REPRESENTATIVE_IMAGES, recipe.seed)
-            data, float32_size = _convert_tflite(model, size, quantize, representative, labels)
-            rundir.atomic_write_bytes(artifact, data)
-            rundir.write_labels(tmp, labels)
+            candidates, float32_size = tflite_export.convert(model, size, quantize, representative,
+                                                             _metadata(labels, size, quantize))
             if float32_size is not None:
                 extra["float32_size_bytes"] = float32_size
+            report, tried = _first_accurate(candidates, artifact, check_artifact, tol)
+            if candidates[0].int8_weights:
+                extra["int8_weights"] = tried[-1][0]
+                extra["int8_accuracy_by_weights"] = {scheme: r["accuracy_export"] for scheme, r in tried}
         else:
             artifact = tmp / ONNX_FILE
             _write_onnx(model, size, labels, artifact)
             rundir.write_labels(tmp, labels)
 
-        predictor = load_predictor(tmp)
-        probs_keras = _predict_keras(model, check_pixels)
-        probs_export = predictor.predict(check_pixels)
-        report = _compare(probs_keras, probs_export, np.asarray(check_labels))
+        if format != "tflite":
+            report = check_artifact()
         if format == "savedmodel":
-            extra["encoded_images_signature"] = _check_encoded_signature(predictor, check_paths, probs_keras)
+            extra["encoded_images_signature"] = _check_encoded_signature(load_predictor(tmp), check_paths,
+                                                                         probs_keras)
         size_bytes = _size_of(artifact)
         if "float32_size_bytes" in extra:
             extra["size_ratio"] = round(size_bytes / extra["float32_size_bytes"], 4)
-        tol = tolerance_for(format, quantize)
         result = {"format": format, "quantize": quantize, "path": str(out), "size_bytes": size_bytes, **report,
                   "n_images": len(check_paths), "image_size": size, "num_classes": len(labels), **extra,
                   "tolerance": {k: v for k, v in asdict(tol).items() if v is not None},
@@ -206,13 +209,34 @@ def _compare(probs_keras: np.ndarray, probs_export: np.ndarray, labels: np.ndarr
     }
 
 
+def _first_accurate(candidates, artifact: Path, check, tol: Tolerance):
+    """Write the candidates to `artifact` in turn until one is within the accuracy bound (or none is left).
+
+    Returns the last check's report and [(int8 weight scheme, report)] for every candidate tried.
+    """
+    max_drop = tol.max_accuracy_drop if tol.max_accuracy_drop is not None else float("inf")
+    tried = []
+    for candidate in candidates:
+        rundir.atomic_write_bytes(artifact, candidate.data)
+        report = check()
+        tried.append((candidate.int8_weights, report))
+        if _accuracy_drop(report) <= max_drop:
+            break
+    return report, tried
+
+
+def _accuracy_drop(report: dict) -> float:
+    """Accuracy lost by the export, in percentage points."""
+    return 100 * (report["accuracy_keras"] - report["accuracy_export"])
+
+
 def _check_tolerance(result: dict, tol: Tolerance) -> None:
     what = f"{result['format']}" + (f" ({result['quantize']})" if result["quantize"] != "none" else "")
     problems = []
     if tol.max_abs_prob_diff is not None and result["max_abs_prob_diff"] > tol.max_abs_prob_diff:
         problems.append(f"probabilities differ from the Keras model's by up to {result['max_abs_prob_diff']:.3g} "
                         f"(allowed {tol.max_abs_prob_diff:g})")
-    drop = 100 * (result["accuracy_keras"] - result["accuracy_export"])
+    drop = _accuracy_drop(result)
     if tol.max_accuracy_drop is not None and drop > tol.max_accuracy_drop:
         problems.append(f"accuracy drops by {drop:.1f} points ({100 * result['accuracy_keras']:.1f}% -> "
                         f"{100 * result['accuracy_export']:.1f}%; allowed {tol.max_accuracy_drop:g})")
@@ -221,6 +245,10 @@ def _check_tolerance(result: dict, tol: Tolerance) -> None:
     if problems:
         hint = (" Try --quantize dynamic or float16, or more varied training images for calibration."
                 if result["quantize"] in ("int8", "dynamic") else "")
+        tried = result.get("int8_accuracy_by_weights", {})
+        if len(tried) > 1:
+            hint = (" Int8 weight schemes tried (validation accuracy): "
+                    + ", ".join(f"{scheme} {100 * acc:.1f}%" for scheme, acc in tried.items()) + "." + hint)
         raise ExportError(f"The {what} export failed its check on {result['n_images']} validation images: "
                           f"{'; '.join(problems)}. Nothing was written.{hint}")
 
@@ -351,81 +379,6 @@ def _write_savedmodel(model, labels: list[str], size: int, path: Path) -> None:
             raise ExportError(f"Writing the SavedModel failed ({type(exc).__name__}: {str(exc)[:200]}).") from None
 
 
-# ------------------------------------------------------------------------------------------ TFLite
-
-
-def _float_savedmodel(model, size: int, path: str) -> None:
-    """The model alone with a float32 pixel signature: the converters' input."""
-    import keras
-    import tensorflow as tf
-
-    archive = keras.export.ExportArchive()
-    archive.add_endpoint("serving_default", functools.partial(model.__call__, training=False),
-                         input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")])
-    archive.write_out(path, verbose=False)
-
-
-def _convert_tflite(model, size: int, quantize: str, representative: np.ndarray | None, labels: list[str]):
-    """TFLite bytes with metadata; for int8 also the float32 model's size (the size check's reference)."""
-    import tensorflow as tf
-
-    with tempfile.TemporaryDirectory() as scratch:
-        _float_savedmodel(model, size, scratch)
-
-        def convert(mode: str) -> bytes:
-            converter = tf.lite.TFLiteConverter.from_saved_model(scratch)
-            if mode != "none":
-                converter.optimizations = [tf.lite.Optimize.DEFAULT]
-            if mode == "float16":
-                converter.target_spec.supported_types = [tf.float16]
-            if mode == "int8":
-                def representative_dataset():
-                    for image in representative:
-                        yield [image[None].astype(np.float32)]
-
-                converter.representative_dataset = representative_dataset
-                converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-                # Full integer: pixels go in as uint8 and probabilities come out as uint8 (scale 1/256), so
-                # the model runs on integer-only accelerators (Edge TPU, NPUs, microcontrollers).
-                converter.inference_input_type = tf.uint8
-                converter.inference_output_type = tf.uint8
-            try:
-                data = converter.convert()
-            except Exception as exc:  # the converter raises ConverterError, RuntimeError, ValueError...
-                last_line = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else ""
-                raise ExportError(f"TFLite conversion ({mode}) failed: {type(exc).__name__}: {last_line}") from None
-            return _embed_tflite_metadata(data, _metadata(labels, size, mode))
-
-        if quantize == "int8" and (representative is None or len(representative) == 0):
-            raise ExportError("No readable training images to calibrate int8 quantization with.")
-        data = convert(quantize)
-        float32_size = None
-        if quantize == "int8":
-            float32_size = len(convert("none"))
-    return data, float32_size
-
-
-def _embed_tflite_metadata(data: bytes, meta: dict) -> bytes:
-    """Add a `tltool` metadata entry (JSON: labels, input size) to a TFLite flatbuffer.
-
-    TFLite keeps named metadata buffers in the model itself (the converter stores its own there);
-    interpreters ignore names they do not know, so the file stays loadable everywhere.
-    """
-    from tensorflow.lite.python import schema_py_generated as schema
-    from tensorflow.lite.tools import flatbuffer_utils
-
-    tree = flatbuffer_utils.convert_bytearray_to_object(bytearray(data))
-    buffer = schema.BufferT()
-    buffer.data = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
-    tree.buffers.append(buffer)
-    entry = schema.MetadataT()
-    entry.name = METADATA_KEY
-    entry.buffer = len(tree.buffers) - 1
-    tree.metadata = [m for m in (tree.metadata or []) if m.name not in (METADATA_KEY, METADATA_KEY.encode())]
-    tree.metadata.append(entry)
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(tree))
-
-
 # ------------------------------------------------------------------------------------------ ONNX
 
 
@@ -450,6 +403,6 @@ def _write_onnx(model, size: int, labels: list[str], path: Path) -> None:
         tf2onnx_logger.setLevel(level)
     proto = onnx.load(str(path))
     entry = proto.metadata_props.add()
-    entry.key = METADATA_KEY
+    entry.key = tflite_export.METADATA_KEY
     entry.value = json.dumps(_metadata(labels, size, "none"))
     rundir.atomic_write_bytes(path, proto.SerializeToString())
