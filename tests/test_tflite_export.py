@@ -14,15 +14,17 @@ def pixels(n: int = 32, seed: int = 1):
     return np.clip(colours + rng.integers(-30, 31, (n, 16, 16, 3)), 0, 255).astype(np.uint8)
 
 
-def small_model(depthwise: bool = True):
-    """Conv, [depthwise], pointwise, pooling, softmax head: the layout of a MobileNet block."""
+def small_model(spatial: str | None = "depthwise"):
+    """Conv, per-channel spatial conv (depthwise, grouped as in ConvNeXt, or none), pointwise, pooling, head."""
     import keras
 
     keras.utils.set_random_seed(0)
     inputs = keras.Input((16, 16, 3))
     x = keras.layers.Conv2D(8, 3, activation="relu")(keras.layers.Rescaling(1 / 255.0)(inputs))
-    if depthwise:
+    if spatial == "depthwise":
         x = keras.layers.DepthwiseConv2D(3, activation="relu")(x)
+    elif spatial == "grouped":
+        x = keras.layers.Conv2D(8, 3, groups=8, activation="relu")(x)
     x = keras.layers.Conv2D(16, 1, activation="relu")(x)
     features = keras.layers.GlobalAveragePooling2D()(x)
     head = keras.layers.Dense(3, activation="softmax")
@@ -110,13 +112,19 @@ def test_mixed_depthwise_filter_is_the_keras_kernel_per_channel(candidates):
     assert np.abs(q).max(axis=(0, 1, 2)).min() >= 126  # every channel uses the whole int8 range
 
 
+def test_grouped_convolution_counts_as_depthwise():
+    converted, _ = tflite_export.convert(small_model("grouped"), 16, "int8", pixels(), {})
+    assert [c.int8_weights for c in converted] == ["mixed", "per-channel"]
+    assert weight_scales(converted[0].data) == {"CONV_2D": [1, 8, 1], "FULLY_CONNECTED": [1]}
+
+
 def test_model_without_depthwise_is_per_tensor():
-    converted, _ = tflite_export.convert(small_model(depthwise=False), 16, "int8", pixels(), {})
+    converted, _ = tflite_export.convert(small_model(None), 16, "int8", pixels(), {})
     assert [c.int8_weights for c in converted] == ["per-tensor", "per-channel"]
     assert weight_scales(converted[0].data)["CONV_2D"] == [1, 1]
 
 
 def test_conversions_that_do_not_line_up_are_not_mixed(candidates):
     _, (mixed, _), _ = candidates
-    other, _ = tflite_export.convert(small_model(depthwise=False), 16, "int8", pixels(), {})
+    other, _ = tflite_export.convert(small_model(None), 16, "int8", pixels(), {})
     assert tflite_export._with_depthwise_from(other[0].data, mixed.data) is None

@@ -2,8 +2,8 @@
 
 Full-integer int8 comes in two weight schemes, tried in this order:
 
-    mixed        per-channel weight scales for depthwise convolutions, one scale per tensor for all other
-                 weights (per-tensor everywhere when the model has no depthwise convolution)
+    mixed        per-channel weight scales for depthwise (and grouped) convolutions, one scale per tensor
+                 for all other weights (per-tensor everywhere when the model has no such convolution)
     per-channel  per-channel weight scales everywhere (the converter's default)
 
 Why mixed first: TFLite stores a float32 scale and an int64 zero point for every output channel of a
@@ -122,14 +122,13 @@ def _with_depthwise_from(per_tensor: bytes, per_channel: bytes):
     t_graph, s_graph = target.subgraphs[0], source.subgraphs[0]
     if len(t_graph.operators) != len(s_graph.operators):
         return None
-    depthwise = schema.BuiltinOperator.DEPTHWISE_CONV_2D
     uses = np.bincount([t.buffer for t in t_graph.tensors], minlength=len(target.buffers))
     replaced = 0
     for t_op, s_op in zip(t_graph.operators, s_graph.operators):
         t_code = _builtin_code(target.operatorCodes[t_op.opcodeIndex])
         if t_code != _builtin_code(source.operatorCodes[s_op.opcodeIndex]):
             return None
-        if t_code != depthwise:
+        if not _is_depthwise(t_graph, t_op, t_code):
             continue
         t_in, s_in = t_graph.tensors[t_op.inputs[0]], s_graph.tensors[s_op.inputs[0]]
         if not _same_quantization(t_in, s_in):
@@ -150,6 +149,18 @@ def _with_depthwise_from(per_tensor: bytes, per_channel: bytes):
         replaced += 1
     scheme = "mixed" if replaced else "per-tensor"
     return bytes(flatbuffer_utils.convert_object_to_bytearray(target)), scheme
+
+
+def _is_depthwise(graph, op, code: int) -> bool:
+    """A depthwise convolution, or a grouped one (ConvNeXt's: a CONV_2D whose filter sees fewer channels
+    than its input has)."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    if code == schema.BuiltinOperator.DEPTHWISE_CONV_2D:
+        return True
+    if code != schema.BuiltinOperator.CONV_2D:
+        return False
+    return graph.tensors[op.inputs[1]].shape[-1] < graph.tensors[op.inputs[0]].shape[-1]
 
 
 def _builtin_code(code) -> int:
