@@ -298,6 +298,8 @@ def _export_one(run, fmt, quantize, out, force):
     what = fmt + (f" ({quantize})" if quantize != "none" else "")
     size = f"{result['size_bytes'] / 1e6:.2f} MB" + (f", {result['size_ratio']:.3f}x float32"
                                                     if "size_ratio" in result else "")
+    if "int8_weights" in result:
+        size += f", {result['int8_weights']} weight scales"
     echo(f"Exported {what} to {result['path']} ({size}).")
     echo(f"Check on {result['n_images']} validation images: top-1 agreement {result['top1_agreement']:.4f}, "
          f"max |prob diff| {result['max_abs_prob_diff']:.2g}, accuracy {result['accuracy_keras']:.4f} (Keras) "

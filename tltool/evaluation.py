@@ -308,8 +308,9 @@ def evaluate(model, data, out=None, top_k: int = 5, force: bool = False, log=Non
     """Evaluate a model on a labelled image folder; write metrics.json, pictures and report.html.
 
     Args:
-        model: a run directory written by `tltool finetune`, or a predictor object (with `labels`,
-            `image_size` and `predict(uint8 images) -> probabilities`).
+        model: a run directory written by `tltool finetune`, a model written by `tltool export` (anything
+            `load_predictor` loads), or a predictor object (with `labels`, `image_size` and
+            `predict(uint8 images) -> probabilities`).
         data: image folder with one sub-folder per class; its classes must be among the model's.
         out: folder for the results; default `MODEL/eval-DATA` for a run directory, else `./eval-DATA`.
         top_k: k of the top-k accuracy (clipped to the number of classes). Default 5.
