@@ -112,3 +112,48 @@ def test_deterministic_runs_give_identical_metrics(tmp_path, data):
     rows_b = (tmp_path / "b" / "history.csv").read_text().splitlines()
     strip = lambda rows: [",".join(r.split(",")[:-1]) for r in rows]  # noqa: E731 - drop the seconds column
     assert strip(rows_a) == strip(rows_b)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_early_stopping_keeps_its_patience_and_best_weights_across_a_resume(tmp_path):
+    import keras
+    import numpy as np
+
+    from tltool.callbacks import ResumableEarlyStopping
+    from tltool.train import stage_callbacks
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 4)).astype("float32")
+    y = (x[:, :1] > 0).astype("float32")
+
+    def model():
+        m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, activation="sigmoid")])
+        m.compile(keras.optimizers.SGD(0.5), "binary_crossentropy")
+        return m
+
+    class Crash(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 3:
+                raise Interrupted
+
+    first = stage_callbacks(None, 1, patience=50, backup_dir=tmp_path, extra=[Crash()])
+    with pytest.raises(Interrupted):
+        model().fit(x, y, validation_data=(x, y), epochs=10, callbacks=first, verbose=0)
+    before = next(c for c in first if isinstance(c, ResumableEarlyStopping))
+    assert before.best is not None and before.best_epoch == 3  # loss still falling at epoch 4
+
+    class Probe(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.state = (after.wait, after.best, after.best_epoch)
+
+    probe = Probe()
+    second = stage_callbacks(None, 1, patience=50, backup_dir=tmp_path, extra=[probe])
+    after = next(c for c in second if isinstance(c, ResumableEarlyStopping))
+    resumed = model()  # fresh weights: everything comes back from the backups
+    resumed.fit(x, y, validation_data=(x, y), epochs=4, callbacks=second, verbose=0)  # nothing left to run
+    assert probe.state == (before.wait, pytest.approx(before.best), before.best_epoch)
+    for restored, best in zip(resumed.get_weights(), before.best_weights):
+        np.testing.assert_array_equal(restored, best)

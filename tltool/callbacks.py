@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import csv
+import io
+import json
 import os
 import time
 from pathlib import Path
 
 import keras
+import numpy as np
+
+from tltool import rundir
 
 HISTORY_COLUMNS = ["stage", "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds"]
 
@@ -49,6 +54,51 @@ class HistoryCSV(keras.callbacks.Callback):
             writer.writerow(row)
             handle.flush()
             os.fsync(handle.fileno())
+
+
+class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """EarlyStopping whose patience count and best weights survive an interrupted run.
+
+    BackupAndRestore brings back the weights, the optimizer and the epoch, but a fresh EarlyStopping would
+    count patience from zero and, at the end, restore the best weights seen since the restart, which may
+    be worse than the best before it. This one writes its state (and the best weights, when they change)
+    to `state_dir` after every epoch and takes it back when a resumed fit begins. List it after the
+    BackupAndRestore callback, whose `on_train_begin` sets the epoch the fit resumes from.
+    """
+
+    STATE_FILE = "early_stopping.json"
+    WEIGHTS_FILE = "early_stopping_best.npz"
+
+    def __init__(self, state_dir: Path, **kwargs):
+        super().__init__(**kwargs)
+        self.state_dir = Path(state_dir)
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        state_file = self.state_dir / self.STATE_FILE
+        resumed_at = getattr(self.model, "_initial_epoch", None) or 0
+        if resumed_at == 0 or not state_file.is_file():
+            return
+        state = json.loads(state_file.read_text())
+        if state["epoch"] != resumed_at - 1:  # not the epoch the weights backup holds: start afresh
+            return
+        self.wait, self.best, self.best_epoch = state["wait"], state["best"], state["best_epoch"]
+        weights = self.state_dir / self.WEIGHTS_FILE
+        if self.restore_best_weights and weights.is_file():
+            with np.load(weights) as saved:
+                self.best_weights = [saved[f"w{i}"] for i in range(len(saved.files))]
+
+    def on_epoch_end(self, epoch, logs=None):
+        best_before = self.best_epoch
+        super().on_epoch_end(epoch, logs)
+        if self.restore_best_weights and self.best_weights is not None and (self.best_epoch != best_before
+                                                                             or epoch == 0):
+            buffer = io.BytesIO()
+            np.savez(buffer, **{f"w{i}": w for i, w in enumerate(self.best_weights)})
+            rundir.atomic_write_bytes(self.state_dir / self.WEIGHTS_FILE, buffer.getvalue())
+        best = None if self.best is None else float(self.best)
+        rundir.atomic_write_json(self.state_dir / self.STATE_FILE,
+                                 {"epoch": epoch, "wait": self.wait, "best": best, "best_epoch": self.best_epoch})
 
 
 def read_history(path: Path) -> list[dict]:

@@ -151,8 +151,7 @@ def run_stage1(ctx: TrainingContext, tm, features: StageFeatures | None, history
                extra_callbacks=()):
     """Train the head with the backbone frozen: on `features` if given, else on images. Returns the History."""
     recipe, n, bs = ctx.recipe, ctx.num_classes, ctx.recipe.data.batch_size
-    extra = ([_backup(backup_dir)] if backup_dir else []) + list(extra_callbacks)
-    callbacks = stage_callbacks(history_path, 1, recipe.frozen.early_stopping, extra=extra)
+    callbacks = stage_callbacks(history_path, 1, recipe.frozen.early_stopping, backup_dir, extra_callbacks)
     if features is not None:
         model = tm.head
         train = features_dataset(features.train_x, features.train_y, n, bs, True, recipe.seed)
@@ -176,22 +175,13 @@ def run_stage2(ctx: TrainingContext, tm, history_path=None, backup_dir=None, ext
     compile_model(tm.model, recipe.fine_tune.optimizer, recipe.fine_tune.learning_rate,
                   recipe.train.label_smoothing, jit_compile=ctx.jit_compile)
     augment = augmentation_layer(recipe.augment, seed=recipe.seed)
-    extra = ([_backup(backup_dir)] if backup_dir else []) + list(extra_callbacks)
     try:
         return fit_stage(tm.model, ctx.images(ctx.split.train, True, augment), ctx.images(ctx.split.val, False),
                          recipe.fine_tune.epochs, stage_callbacks(history_path, 2, recipe.fine_tune.early_stopping,
-                                                                  extra=extra),
+                                                                  backup_dir, extra_callbacks),
                          ctx.class_weight(), verbose=ctx.verbose)
     finally:
         tm.backbone.trainable = False
-
-
-def _backup(backup_dir: Path):
-    import keras
-
-    # Keeps weights, optimizer state and the epoch after every epoch; a resumed fit continues from there.
-    # Two copies, so a crash while writing one leaves the other.
-    return keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True, delete_checkpoint=False)
 
 
 def prepare_runtime(recipe: Recipe):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tltool.callbacks import HistoryCSV
+from tltool.callbacks import HistoryCSV, ResumableEarlyStopping
 
 _OPTIMIZERS = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "rmsprop": "RMSprop"}
 
@@ -36,14 +36,22 @@ def compile_model(model, optimizer: str, learning_rate: float, label_smoothing: 
     )
 
 
-def stage_callbacks(history_path: Path | None, stage: int, patience: int, extra=()) -> list:
-    """History rows, early stopping that restores the best weights, NaN guard, plus any `extra`."""
+def stage_callbacks(history_path: Path | None, stage: int, patience: int, backup_dir: Path | None = None,
+                    extra=()) -> list:
+    """NaN guard, the weights backup of a resumable run, early stopping that restores the best weights,
+    history rows, plus any `extra`."""
     import keras
 
     callbacks = [keras.callbacks.TerminateOnNaN()]
+    if backup_dir is not None:
+        # Keeps weights, optimizer state and the epoch after every epoch; a resumed fit continues from there.
+        # Two copies, so a crash while writing one leaves the other.
+        callbacks.append(keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True,
+                                                          delete_checkpoint=False))
     if patience > 0:
-        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience,
-                                                       restore_best_weights=True, verbose=0))
+        settings = dict(monitor="val_loss", patience=patience, restore_best_weights=True, verbose=0)
+        callbacks.append(ResumableEarlyStopping(backup_dir, **settings) if backup_dir is not None
+                         else keras.callbacks.EarlyStopping(**settings))
     if history_path is not None:
         callbacks.append(HistoryCSV(history_path, stage))
     callbacks.extend(extra)
