@@ -11,6 +11,7 @@ import contextlib
 import functools
 import signal
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -219,6 +220,67 @@ def recipe_fields(prefix):
 def recipe_show(recipe_file, overrides):
     """Validate RECIPE_FILE (default: the built-in defaults) and print it with every field resolved."""
     echo(tltool.load_recipe(recipe_file, overrides=overrides).to_yaml().rstrip())
+
+
+@main.group()
+def cache():
+    """Inspect and trim the feature cache (train.cache_dir, $TLTOOL_CACHE_DIR or ~/.cache/tltool/features)."""
+
+
+cache_dir_option = click.option("--dir", "folder", type=click.Path(path_type=Path),
+                                help="Cache folder (default: $TLTOOL_CACHE_DIR or ~/.cache/tltool/features).")
+
+
+@cache.command("info")
+@cache_dir_option
+def cache_info(folder):
+    """List the cache's entries (one per backbone, input size and weights): images, size, stale rows, last use."""
+    from tltool import cache as feature_cache
+    from tltool.features import cache_dir
+
+    root = Path(folder) if folder else cache_dir()
+    entries = feature_cache.cache_entries(root)
+    echo(f"Feature cache: {root} ({len(entries)} entries, {sum(e.size_bytes for e in entries) / 1e6:.1f} MB)")
+    for e in entries:
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))
+        echo(f"  {e.path.name:<44} {e.rows:>7} rows {e.size_bytes / 1e6:>9.1f} MB  {e.stale_rows:>6} stale  "
+             f"last used {used}")
+    if any(e.stale_rows for e in entries):
+        echo("Stale rows belong to images changed or deleted since; `tltool cache prune` drops them.")
+
+
+@cache.command("prune")
+@cache_dir_option
+def cache_prune(folder):
+    """Drop the rows of images that have changed or been deleted since they were cached."""
+    from tltool import cache as feature_cache
+    from tltool.features import cache_dir
+
+    entries = feature_cache.cache_entries(Path(folder) if folder else cache_dir())
+    freed = sum(feature_cache.prune(e) for e in entries)
+    echo(f"Dropped {sum(e.stale_rows for e in entries)} stale rows, freed {freed / 1e6:.1f} MB.")
+
+
+@cache.command("clear")
+@cache_dir_option
+@click.option("--older-than", type=click.FloatRange(min=0), metavar="DAYS",
+              help="Only entries not used for more than DAYS days.")
+@click.option("--force", is_flag=True, help="Really remove them (without it, only lists what would go).")
+def cache_clear(folder, older_than, force):
+    """Remove cache entries (all, or those unused for --older-than DAYS). Needs --force."""
+    from tltool import cache as feature_cache
+    from tltool.features import cache_dir
+
+    entries = feature_cache.older_than(feature_cache.cache_entries(Path(folder) if folder else cache_dir()),
+                                       older_than)
+    size = sum(e.size_bytes for e in entries) / 1e6
+    if not force:
+        echo(f"Would remove {len(entries)} entries ({size:.1f} MB). Pass --force to remove them; the features "
+             f"are recomputed when next needed.")
+        sys.exit(2 if entries else 0)
+    for e in entries:
+        feature_cache.remove(e)
+    echo(f"Removed {len(entries)} entries ({size:.1f} MB).")
 
 
 @main.group()

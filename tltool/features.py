@@ -29,6 +29,8 @@ from tltool.data import SkipLog, decoded_batches
 from tltool.rundir import atomic_write_text
 
 CACHE_FORMAT = 1
+#: Touched whenever an entry is opened, so `tltool cache clear --older-than` knows what is still in use.
+LAST_USED_FILE = "last_used"
 
 
 def cache_dir(configured: str | None = None) -> Path:
@@ -53,9 +55,11 @@ def file_key(path: str, view: str = "") -> str:
 class FeatureCache:
     """Shards of float16 feature rows, looked up by file key."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, touch: bool = True):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        if touch:
+            (self.root / LAST_USED_FILE).touch()
         self._index: dict[str, tuple[str, int]] = {}
         self._arrays: dict[str, np.ndarray] = {}
         for index_file in sorted(self.root.glob("*.json")):
@@ -71,6 +75,9 @@ class FeatureCache:
 
     def __contains__(self, key: str) -> bool:
         return key in self._index
+
+    def keys(self) -> list[str]:
+        return list(self._index)
 
     def _array(self, shard: str) -> np.ndarray:
         if shard not in self._arrays:

@@ -1,0 +1,60 @@
+"""`tltool cache`: what the feature cache holds, pruning rows of changed files, clearing old entries."""
+
+import os
+import time
+
+import numpy as np
+from click.testing import CliRunner
+
+from tltool.cache import cache_entries
+from tltool.cli import main
+from tltool.features import LAST_USED_FILE, FeatureCache, file_key
+
+
+def make_entry(root, name, files):
+    cache = FeatureCache(root / name)
+    rows = np.arange(len(files) * 4, dtype=np.float16).reshape(len(files), 4)
+    cache.add([file_key(str(f)) for f in files], rows)
+    return rows
+
+
+def test_info_prune_and_clear(tmp_path):
+    images = [tmp_path / f"img{i}.jpg" for i in range(3)]
+    for f in images:
+        f.write_bytes(b"original")
+    root = tmp_path / "cache"
+    rows = make_entry(root, "mobilenet_v2-96-aaaa", images)
+    make_entry(root, "vgg16-64-bbbb", images[2:])
+    images[1].write_bytes(b"changed content")  # a new size: its cached row no longer applies
+    images[2].unlink()
+    runner = CliRunner()
+
+    info = runner.invoke(main, ["cache", "info", "--dir", str(root)])
+    assert info.exit_code == 0, info.output
+    assert "(2 entries," in info.output and "tltool cache prune" in info.output
+    entry = {e.path.name: e for e in cache_entries(root)}["mobilenet_v2-96-aaaa"]
+    assert (entry.rows, entry.stale_rows) == (3, 2)
+
+    pruned = runner.invoke(main, ["cache", "prune", "--dir", str(root)])
+    assert pruned.exit_code == 0 and "Dropped 3 stale rows" in pruned.output  # 2 here, 1 in vgg16's entry
+    # vgg16's entry held only the deleted file: it goes as a whole.
+    assert [(e.path.name, e.rows, e.stale_rows) for e in cache_entries(root)] == [("mobilenet_v2-96-aaaa", 1, 0)]
+    kept = FeatureCache(root / "mobilenet_v2-96-aaaa")
+    np.testing.assert_array_equal(kept.get([file_key(str(images[0]))]), rows[:1])
+
+    refused = runner.invoke(main, ["cache", "clear", "--dir", str(root)])
+    assert refused.exit_code == 2 and "Would remove 1 entries" in refused.output and "--force" in refused.output
+    assert len(cache_entries(root)) == 1
+
+
+def test_clear_older_than_keeps_recent_entries(tmp_path):
+    image = tmp_path / "img.jpg"
+    image.write_bytes(b"x")
+    root = tmp_path / "cache"
+    make_entry(root, "old-96-aaaa", [image])
+    make_entry(root, "new-96-bbbb", [image])
+    month_ago = time.time() - 30 * 86400
+    os.utime(root / "old-96-aaaa" / LAST_USED_FILE, (month_ago, month_ago))
+    result = CliRunner().invoke(main, ["cache", "clear", "--dir", str(root), "--older-than", "7", "--force"])
+    assert result.exit_code == 0 and "Removed 1 entries" in result.output
+    assert [e.path.name for e in cache_entries(root)] == ["new-96-bbbb"]
