@@ -186,3 +186,13 @@ def test_run_files_get_ordinary_permissions(tiny_run):
     for name in ("summary.json", "labels.txt", "recipe.yaml"):
         mode = stat.S_IMODE((tiny_run.run_dir / name).stat().st_mode)
         assert mode == 0o666 & ~umask, name
+
+
+def test_cosine_schedule_decays_the_stage2_learning_rate(tmp_path, image_folder):
+    tltool.finetune(data=image_folder, out=tmp_path / "run", verbose=0,
+                    overrides=tiny_values(32) + ["frozen.epochs=1", "fine_tune.epochs=3", "fine_tune.early_stopping=0",
+                                                 "fine_tune.learning_rate=0.001", "fine_tune.schedule=cosine"])
+    with open(tmp_path / "run" / "history.csv") as handle:
+        rates = [float(r["learning_rate"]) for r in csv.DictReader(handle) if r["stage"] == "2"]
+    # Set per epoch: the start, a third and two thirds of the way down the half cosine.
+    np.testing.assert_allclose(rates, [0.001, 0.00075, 0.00025], rtol=1e-5)

@@ -20,7 +20,7 @@ from tltool.errors import DataError, RecipeError, RunDirError
 from tltool.features import FeatureCache, cache_dir, cached_features, extractor_key
 from tltool.model import build_transfer_model, set_fine_tune_layers
 from tltool.recipe import Recipe, load_recipe, save_recipe
-from tltool.train import compile_model, features_dataset, fit_stage, stage_callbacks
+from tltool.train import compile_model, features_dataset, fit_stage, learning_rate_callback, stage_callbacks
 
 
 @dataclass
@@ -171,15 +171,18 @@ def run_stage2(ctx: TrainingContext, tm, history_path=None, backup_dir=None, ext
     trainable = set_fine_tune_layers(tm.backbone, recipe.fine_tune.unfreeze, freeze_batchnorm=ctx.pretrained)
     if ctx.verbose:
         ctx.log(f"Stage 2: {trainable} backbone layers unfrozen, up to {recipe.fine_tune.epochs} epochs at "
-                f"learning rate {recipe.fine_tune.learning_rate:g}.")
+                f"learning rate {recipe.fine_tune.learning_rate:g}"
+                + (" (cosine decay)." if recipe.fine_tune.schedule == "cosine" else "."))
     compile_model(tm.model, recipe.fine_tune.optimizer, recipe.fine_tune.learning_rate,
                   recipe.train.label_smoothing, jit_compile=ctx.jit_compile)
+    schedule = learning_rate_callback(recipe.fine_tune.learning_rate, recipe.fine_tune.schedule,
+                                      recipe.fine_tune.epochs)
+    callbacks = stage_callbacks(history_path, 2, recipe.fine_tune.early_stopping, backup_dir,
+                                ([schedule] if schedule else []) + list(extra_callbacks))
     augment = augmentation_layer(recipe.augment, seed=recipe.seed)
     try:
         return fit_stage(tm.model, ctx.images(ctx.split.train, True, augment), ctx.images(ctx.split.val, False),
-                         recipe.fine_tune.epochs, stage_callbacks(history_path, 2, recipe.fine_tune.early_stopping,
-                                                                  backup_dir, extra_callbacks),
-                         ctx.class_weight(), verbose=ctx.verbose)
+                         recipe.fine_tune.epochs, callbacks, ctx.class_weight(), verbose=ctx.verbose)
     finally:
         tm.backbone.trainable = False
 

@@ -87,6 +87,8 @@ class FineTuneStageConfig:
     early_stopping: int = _f(3, "Patience of stage 2's early stopping (0 = off).", minimum=0)
     unfreeze: int = _f(20, "How many of the backbone's top layers train in stage 2 (BatchNorm layers stay "
                            "frozen, in inference mode).", minimum=1)
+    schedule: str = _f("constant", "Learning rate over stage 2: `constant`, or `cosine` decay from "
+                                   "learning_rate to 0 over its epochs.", choices=("constant", "cosine"))
 
 
 @dataclass

@@ -25,6 +25,23 @@ def make_optimizer(name: str, learning_rate: float):
     return cls(learning_rate=learning_rate)
 
 
+def learning_rate_callback(learning_rate: float, schedule: str, epochs: int):
+    """A callback setting each epoch's learning rate for `schedule`, or None for a constant rate.
+
+    Per epoch rather than per step: Keras counts an extra optimizer step at the end of every epoch of a
+    dataset of unknown length (ours, since unreadable files are filtered out), which would skew a
+    step-based decay; and a resumed run gets the right rate from the epoch number alone.
+    """
+    import math
+
+    import keras
+
+    if schedule == "cosine":
+        return keras.callbacks.LearningRateScheduler(
+            lambda epoch: learning_rate * 0.5 * (1 + math.cos(math.pi * epoch / max(1, epochs))))
+    return None
+
+
 def compile_model(model, optimizer: str, learning_rate: float, label_smoothing: float, jit_compile=False):
     import keras
 
