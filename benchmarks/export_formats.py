@@ -51,6 +51,8 @@ def main() -> None:
                          r.get("int8_weights", "")))
             print(f"{fmt} {quantize}: done in {r['seconds']:.1f} s", flush=True)
 
+    if not rows:
+        sys.exit("No export succeeded.")
     print(f"\nValidation images: {r['n_images']}" + (f"; test accuracy of the Keras model: {test_keras:.4f}"
                                                    if test_keras is not None else ""))
     print(f"{'format':<11}{'quantize':<9}{'MB':>7}{'ratio':>7}{'max|dp|':>10}{'agree':>7}{'acc keras':>10}"

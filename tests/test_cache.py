@@ -23,8 +23,8 @@ def test_info_prune_and_clear(tmp_path):
     for f in images:
         f.write_bytes(b"original")
     root = tmp_path / "cache"
-    rows = make_entry(root, "mobilenet_v2-96-aaaa", images)
-    make_entry(root, "vgg16-64-bbbb", images[2:])
+    rows = make_entry(root, "mobilenet_v2-96-aaaaaaaaaaaaaaaa", images)
+    make_entry(root, "vgg16-64-bbbbbbbbbbbbbbbb", images[2:])
     images[1].write_bytes(b"changed content")  # a new size: its cached row no longer applies
     images[2].unlink()
     runner = CliRunner()
@@ -32,14 +32,14 @@ def test_info_prune_and_clear(tmp_path):
     info = runner.invoke(main, ["cache", "info", "--dir", str(root)])
     assert info.exit_code == 0, info.output
     assert "(2 entries," in info.output and "tltool cache prune" in info.output
-    entry = {e.path.name: e for e in cache_entries(root)}["mobilenet_v2-96-aaaa"]
+    entry = {e.path.name: e for e in cache_entries(root)}["mobilenet_v2-96-aaaaaaaaaaaaaaaa"]
     assert (entry.rows, entry.stale_rows) == (3, 2)
 
     pruned = runner.invoke(main, ["cache", "prune", "--dir", str(root)])
     assert pruned.exit_code == 0 and "Dropped 3 stale rows" in pruned.output  # 2 here, 1 in vgg16's entry
     # vgg16's entry held only the deleted file: it goes as a whole.
-    assert [(e.path.name, e.rows, e.stale_rows) for e in cache_entries(root)] == [("mobilenet_v2-96-aaaa", 1, 0)]
-    kept = FeatureCache(root / "mobilenet_v2-96-aaaa")
+    assert [(e.path.name, e.rows, e.stale_rows) for e in cache_entries(root)] == [("mobilenet_v2-96-aaaaaaaaaaaaaaaa", 1, 0)]
+    kept = FeatureCache(root / "mobilenet_v2-96-aaaaaaaaaaaaaaaa")
     np.testing.assert_array_equal(kept.get([file_key(str(images[0]))]), rows[:1])
 
     refused = runner.invoke(main, ["cache", "clear", "--dir", str(root)])
@@ -47,14 +47,43 @@ def test_info_prune_and_clear(tmp_path):
     assert len(cache_entries(root)) == 1
 
 
+def test_clear_touches_only_cache_entries(tmp_path):
+    image = tmp_path / "img.jpg"
+    image.write_bytes(b"x")
+    root = tmp_path / "cache"
+    make_entry(root, "mobilenet_v2-96-aaaaaaaaaaaaaaaa", [image])
+    (root / "my-photos").mkdir()  # a --dir pointed one level too high must not cost the user anything
+    (root / "my-photos" / "cat.jpg").write_bytes(b"meow")
+    result = CliRunner().invoke(main, ["cache", "clear", "--dir", str(root), "--force"])
+    assert result.exit_code == 0 and "Removed 1 entries" in result.output
+    assert (root / "my-photos" / "cat.jpg").read_bytes() == b"meow"
+
+
+def test_cache_errors_are_one_line(tmp_path, monkeypatch):
+    import shutil
+
+    image = tmp_path / "img.jpg"
+    image.write_bytes(b"x")
+    root = tmp_path / "cache"
+    make_entry(root, "mobilenet_v2-96-aaaaaaaaaaaaaaaa", [image])
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(shutil, "rmtree", refuse)
+    result = CliRunner().invoke(main, ["cache", "clear", "--dir", str(root), "--force"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "Could not remove the feature cache at" in result.output and "Permission denied" in result.output
+
+
 def test_clear_older_than_keeps_recent_entries(tmp_path):
     image = tmp_path / "img.jpg"
     image.write_bytes(b"x")
     root = tmp_path / "cache"
-    make_entry(root, "old-96-aaaa", [image])
-    make_entry(root, "new-96-bbbb", [image])
+    make_entry(root, "resnet50-96-aaaaaaaaaaaaaaaa", [image])
+    make_entry(root, "resnet50-96-bbbbbbbbbbbbbbbb", [image])
     month_ago = time.time() - 30 * 86400
-    os.utime(root / "old-96-aaaa" / LAST_USED_FILE, (month_ago, month_ago))
+    os.utime(root / "resnet50-96-aaaaaaaaaaaaaaaa" / LAST_USED_FILE, (month_ago, month_ago))
     result = CliRunner().invoke(main, ["cache", "clear", "--dir", str(root), "--older-than", "7", "--force"])
     assert result.exit_code == 0 and "Removed 1 entries" in result.output
-    assert [e.path.name for e in cache_entries(root)] == ["new-96-bbbb"]
+    assert [e.path.name for e in cache_entries(root)] == ["resnet50-96-bbbbbbbbbbbbbbbb"]

@@ -137,13 +137,18 @@ def test_early_stopping_keeps_its_patience_and_best_weights_across_a_resume(tmp_
     class Crash(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             if epoch == 3:
+                self.weights = self.model.get_weights()
                 raise Interrupted
 
-    first = stage_callbacks(None, 1, patience=50, backup_dir=tmp_path, extra=[Crash()])
+    # Validating on the opposite labels: val_loss only rises, so epoch 0 stays the best and patience runs.
+    validation = (x, 1 - y)
+    crash = Crash()
+    first = stage_callbacks(None, 1, patience=50, backup_dir=tmp_path, extra=[crash])
     with pytest.raises(Interrupted):
-        model().fit(x, y, validation_data=(x, y), epochs=10, callbacks=first, verbose=0)
+        model().fit(x, y, validation_data=validation, epochs=10, callbacks=first, verbose=0)
     before = next(c for c in first if isinstance(c, ResumableEarlyStopping))
-    assert before.best is not None and before.best_epoch == 3  # loss still falling at epoch 4
+    assert (before.best_epoch, before.wait) == (0, 3)
+    assert not np.allclose(before.best_weights[0], crash.weights[0])  # the backup holds other weights
 
     class Probe(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
@@ -153,7 +158,7 @@ def test_early_stopping_keeps_its_patience_and_best_weights_across_a_resume(tmp_
     second = stage_callbacks(None, 1, patience=50, backup_dir=tmp_path, extra=[probe])
     after = next(c for c in second if isinstance(c, ResumableEarlyStopping))
     resumed = model()  # fresh weights: everything comes back from the backups
-    resumed.fit(x, y, validation_data=(x, y), epochs=4, callbacks=second, verbose=0)  # nothing left to run
+    resumed.fit(x, y, validation_data=validation, epochs=4, callbacks=second, verbose=0)  # nothing left to run
     assert probe.state == (before.wait, pytest.approx(before.best), before.best_epoch)
     for restored, best in zip(resumed.get_weights(), before.best_weights):
         np.testing.assert_array_equal(restored, best)

@@ -7,14 +7,20 @@ works on these summaries.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tltool.errors import CacheError
 from tltool.features import LAST_USED_FILE, FeatureCache
+
+#: Folder names `features.extractor_key` makes (backbone-size-hash): nothing else under the root is touched.
+ENTRY_NAME = re.compile(r"^[A-Za-z0-9_.]+-\d+-[0-9a-f]{16}$")
 
 
 @dataclass
@@ -30,11 +36,46 @@ class CacheEntry:
 
 def cache_entries(root: Path) -> list[CacheEntry]:
     """The entries under the cache folder `root`, most recently used first."""
-    root = Path(root)
+    with _os_errors("read"):
+        return _cache_entries(Path(root))
+
+
+def prune(entry: CacheEntry) -> int:
+    """Rewrite `entry` without the rows of changed or deleted files (or remove it if nothing is left).
+
+    Returns the bytes freed.
+    """
+    with _os_errors("prune"):
+        return _prune(entry)
+
+
+def remove(entry: CacheEntry) -> None:
+    with _os_errors("remove"):
+        shutil.rmtree(entry.path)
+
+
+def older_than(entries: list[CacheEntry], days: float | None) -> list[CacheEntry]:
+    """The entries not used for more than `days` (all of them when `days` is None)."""
+    if days is None:
+        return list(entries)
+    cutoff = time.time() - days * 86400
+    return [e for e in entries if e.last_used < cutoff]
+
+
+@contextlib.contextmanager
+def _os_errors(what: str):
+    try:
+        yield
+    except OSError as exc:
+        raise CacheError(f"Could not {what} the feature cache at {exc.filename or 'its folder'}: "
+                         f"{exc.strerror or exc}. Check the folder's permissions and free space.") from None
+
+
+def _cache_entries(root: Path) -> list[CacheEntry]:
     if not root.is_dir():
         return []
     entries = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and ENTRY_NAME.match(p.name)):
         keys = _stored_keys(folder)
         stale = sum(1 for key in keys if not _is_current(key))
         size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
@@ -44,16 +85,16 @@ def cache_entries(root: Path) -> list[CacheEntry]:
     return sorted(entries, key=lambda e: -e.last_used)
 
 
-def prune(entry: CacheEntry) -> int:
-    """Rewrite `entry` without the rows of changed or deleted files (or remove it if nothing is left).
-
-    Returns the bytes freed.
-    """
+def _prune(entry: CacheEntry) -> int:
     if entry.stale_rows == 0:
         return 0
     if entry.stale_rows == entry.rows:
-        remove(entry)
+        shutil.rmtree(entry.path)
         return entry.size_bytes
+    marker = entry.path / LAST_USED_FILE
+    if not marker.is_file():  # keep the entry's age: rewriting it must not make it look recently used
+        marker.touch()
+        os.utime(marker, (entry.last_used, entry.last_used))
     old_shards = sorted(entry.path.glob("*.json"))
     cache = FeatureCache(entry.path, touch=False)
     live = [key for key in cache.keys() if _is_current(key)]
@@ -61,19 +102,13 @@ def prune(entry: CacheEntry) -> int:
     for index in old_shards:  # index first: a shard without one is never read
         index.unlink(missing_ok=True)
         index.with_suffix(".npy").unlink(missing_ok=True)
+    # Leftovers of crashed writes or prunes; only old ones, as another run may be writing a shard right now.
+    an_hour_ago = time.time() - 3600
+    for leftover in [*entry.path.glob(".*.tmp"), *entry.path.glob("*.npy")]:
+        orphan = leftover.suffix == ".tmp" or not leftover.with_suffix(".json").is_file()
+        if orphan and leftover.stat().st_mtime < an_hour_ago:
+            leftover.unlink(missing_ok=True)
     return entry.size_bytes - sum(p.stat().st_size for p in entry.path.iterdir() if p.is_file())
-
-
-def remove(entry: CacheEntry) -> None:
-    shutil.rmtree(entry.path)
-
-
-def older_than(entries: list[CacheEntry], days: float | None) -> list[CacheEntry]:
-    """The entries not used for more than `days` (all of them when `days` is None)."""
-    if days is None:
-        return list(entries)
-    cutoff = time.time() - days * 86400
-    return [e for e in entries if e.last_used < cutoff]
 
 
 def _stored_keys(folder: Path) -> list[str]:
@@ -90,9 +125,14 @@ def _stored_keys(folder: Path) -> list[str]:
 
 def _is_current(key: str) -> bool:
     """Whether the file a key names still has the size and modification time it had (see `file_key`)."""
-    path, size, mtime_ns, _view = key.rsplit("|", 3)
+    parts = key.rsplit("|", 3)
+    if len(parts) != 4:
+        return False
+    path, size, mtime_ns, _view = parts
     try:
         st = os.stat(path)
-    except OSError:
+    except (FileNotFoundError, NotADirectoryError):
         return False
+    except OSError:  # unreadable for now (permissions, a share offline): not proof the file is gone
+        return True
     return str(st.st_size) == size and str(st.st_mtime_ns) == mtime_ns

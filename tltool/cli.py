@@ -233,6 +233,7 @@ cache_dir_option = click.option("--dir", "folder", type=click.Path(path_type=Pat
 
 @cache.command("info")
 @cache_dir_option
+@handle_errors
 def cache_info(folder):
     """List the cache's entries (one per backbone, input size and weights): images, size, stale rows, last use."""
     from tltool import cache as feature_cache
@@ -251,6 +252,7 @@ def cache_info(folder):
 
 @cache.command("prune")
 @cache_dir_option
+@handle_errors
 def cache_prune(folder):
     """Drop the rows of images that have changed or been deleted since they were cached."""
     from tltool import cache as feature_cache
@@ -266,6 +268,7 @@ def cache_prune(folder):
 @click.option("--older-than", type=click.FloatRange(min=0), metavar="DAYS",
               help="Only entries not used for more than DAYS days.")
 @click.option("--force", is_flag=True, help="Really remove them (without it, only lists what would go).")
+@handle_errors
 def cache_clear(folder, older_than, force):
     """Remove cache entries (all, or those unused for --older-than DAYS). Needs --force."""
     from tltool import cache as feature_cache

@@ -64,3 +64,7 @@ class SearchFailedError(TuneError):
     """A search ran but no trial succeeded."""
 
     exit_code = 1
+
+
+class CacheError(TltoolError):
+    """The feature cache cannot be read or changed (permissions, a full disk)."""

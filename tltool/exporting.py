@@ -115,9 +115,9 @@ def export(run_dir, format: str, quantize: str = "none", out=None, force: bool =
         raise ExportError(f"No readable validation images in {split.val.root}: the export cannot be checked.")
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     probs_keras = _predict_keras(model, check_pixels)
     tol = tolerance_for(format, quantize)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
 
     def check_artifact() -> dict:
         """Reload what is in `tmp` the way a user would and compare it with the Keras model."""

@@ -59,7 +59,10 @@ class FeatureCache:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         if touch:
-            (self.root / LAST_USED_FILE).touch()
+            try:
+                (self.root / LAST_USED_FILE).touch()
+            except OSError:  # a read-only shared cache is still a cache
+                pass
         self._index: dict[str, tuple[str, int]] = {}
         self._arrays: dict[str, np.ndarray] = {}
         for index_file in sorted(self.root.glob("*.json")):

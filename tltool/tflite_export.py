@@ -52,10 +52,13 @@ def convert(model, size: int, quantize: str, representative: np.ndarray | None, 
         if quantize != "int8":
             return [Converted(_embed_metadata(_convert(scratch, quantize, representative), metadata))], None
         per_channel = _convert(scratch, "int8", representative)
-        per_tensor = _convert(scratch, "int8", representative, per_channel=False)
+        try:
+            per_tensor = _convert(scratch, "int8", representative, per_channel=False)
+        except ExportError:  # the smaller scheme is an optimisation: per-channel alone still works
+            per_tensor = None
         float32_size = len(_embed_metadata(_convert(scratch, "none", None), metadata))
     schemes = []
-    mixed = _with_depthwise_from(per_tensor, per_channel)
+    mixed = _with_depthwise_from(per_tensor, per_channel) if per_tensor is not None else None
     if mixed is not None:
         schemes.append(mixed)
     schemes.append((per_channel, "per-channel"))

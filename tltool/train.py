@@ -90,5 +90,8 @@ def features_dataset(features: np.ndarray, labels: np.ndarray, num_classes: int,
 def fit_stage(model, train_ds, val_ds, epochs: int, callbacks: list, class_weight=None, initial_epoch: int = 0,
               verbose: int = 1):
     """`model.fit` for one stage; returns the Keras History."""
+    # BackupAndRestore sets `_initial_epoch` when it resumes a fit and Keras never clears it: without this,
+    # stage 2 on the same model would start at the epoch stage 1 was resumed from.
+    model._initial_epoch = None
     return model.fit(train_ds, validation_data=val_ds, epochs=epochs, initial_epoch=initial_epoch,
                      callbacks=callbacks, class_weight=class_weight, verbose=verbose)
