@@ -109,6 +109,18 @@ def test_savedmodel_signatures_labels_asset_and_serving_layout(run_dir):
     labels = [s.decode() for s in by_bytes["label"].numpy()]
     assert labels == [["blue", "green", "red"][i] for i in expected.argmax(1)]
     assert by_bytes["top_k_labels"].shape == (len(files), 3)
+    # A phone photo stored sideways: turned upright in the graph by its EXIF orientation, as Pillow does.
+    from PIL import Image
+
+    sideways = np.ascontiguousarray(np.rot90(pixels[1], 1))  # what a camera stores for orientation 6
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo = run_dir.parent / "sideways.jpg"
+    Image.fromarray(sideways).save(photo, exif=exif, quality=98)
+    upright = load_image(photo, 32)
+    assert np.abs(upright.astype(int) - pixels[1].astype(int)).mean() < 4  # Pillow's view: upright again
+    by_photo = loaded.signatures["serving_default"](images=tf.constant([photo.read_bytes()]))
+    np.testing.assert_allclose(by_photo["probabilities"].numpy(), keras_probs(run_dir, upright[None]), atol=0.02)
     # The run's JPEG and PNG files themselves (40 px, resized in the graph) were checked by the export.
     assert result["encoded_images_signature"]["n_images"] == 6
     assert result["encoded_images_signature"]["undecodable"] == 0

@@ -33,6 +33,7 @@ import numpy as np
 
 from tltool import rundir, tflite_export
 from tltool.errors import ExportError, ExportOptionError, RunDirError
+from tltool.graph_decode import decode_like_pillow
 from tltool.images import ImageReadError, load_image
 
 FORMATS = ("savedmodel", "keras", "tflite", "onnx")
@@ -256,8 +257,8 @@ def _check_tolerance(result: dict, tol: Tolerance) -> None:
 def _check_encoded_signature(predictor, paths: list[str], probs_keras: np.ndarray) -> dict:
     """Run the files' own bytes through `serving_default` (decoding and resizing in the graph).
 
-    TensorFlow's decoders and resize differ slightly from Pillow's (no EXIF rotation, alpha dropped rather
-    than composited on white), so this is reported, not held to the tolerance of the pixel signature.
+    TensorFlow's decoders and resize differ slightly from Pillow's (rounding; CMYK JPEGs, EXIF in formats
+    other than JPEG), so this is reported, not held to the tolerance of the pixel signature.
     """
     import tensorflow as tf
 
@@ -345,28 +346,9 @@ def _write_savedmodel(model, labels: list[str], size: int, path: Path) -> None:
             return {"probabilities": probs, "label": names[:, 0], "score": scores[:, 0],
                     "top_k_labels": names, "top_k_scores": scores}
 
-        def decode(encoded):
-            # Decoded as Pillow does in `load_image`, so both signatures see the same pixels: accurate
-            # JPEG DCT, PNG transparency composited on white. (EXIF rotation is not applied in the graph.)
-            def jpeg():
-                return tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE")
-
-            def png():
-                rgba = tf.cast(tf.io.decode_png(encoded, channels=4), tf.float32)
-                alpha = rgba[..., 3:] / 255.0
-                return tf.cast(tf.round(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)), tf.uint8)
-
-            def other():  # GIF (first frame), BMP, WebP
-                return tf.io.decode_image(encoded, channels=3, expand_animations=False)
-
-            is_png = tf.equal(tf.strings.substr(encoded, 0, 4), b"\x89PNG")
-            image = tf.case([(tf.io.is_jpeg(encoded), jpeg), (is_png, png)], default=other)
-            # Antialiased bilinear is what Pillow's bilinear resize does when it shrinks an image.
-            image = tf.image.resize(image, (size, size), method="bilinear", antialias=True)
-            return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-
         def serve_encoded(images):
-            pixels = tf.map_fn(decode, images, fn_output_signature=tf.TensorSpec((size, size, 3), tf.uint8))
+            pixels = tf.map_fn(lambda encoded: decode_like_pillow(encoded, size), images,
+                               fn_output_signature=tf.TensorSpec((size, size, 3), tf.uint8))
             return outputs(pixels)
 
         archive.add_endpoint("serving_default", serve_encoded,

@@ -1,0 +1,61 @@
+"""The SavedModel's in-graph decoding sees the pixels `load_image` (Pillow) sees, EXIF orientation included."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tltool.graph_decode import decode_like_pillow, exif_orientation
+from tltool.images import load_image
+
+
+def asymmetric_picture():
+    """60 wide, 40 high, four different quadrant colours: every turn and mirror gives other pixels."""
+    pixels = np.zeros((40, 60, 3), np.uint8)
+    pixels[:20, :30] = (220, 30, 30)
+    pixels[:20, 30:] = (30, 200, 40)
+    pixels[20:, :30] = (40, 50, 210)
+    pixels[20:, 30:] = (230, 220, 40)
+    return pixels
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_jpeg_orientation_matches_pillow(tmp_path, orientation):
+    import tensorflow as tf
+
+    path = tmp_path / f"o{orientation}.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(asymmetric_picture()).save(path, exif=exif, quality=95)
+    encoded = tf.constant(path.read_bytes())
+    assert int(exif_orientation(encoded)) == orientation
+    in_graph = decode_like_pillow(encoded, 24).numpy().astype(int)
+    pillow = load_image(path, 24).astype(int)
+    # Same pixels up to JPEG decoder and resampling rounding; a wrong turn would differ by ~150 on average.
+    assert np.abs(in_graph - pillow).mean() < 4, orientation
+
+
+def test_files_without_exif_or_with_odd_headers_read_as_upright(tmp_path):
+    import tensorflow as tf
+
+    plain = tmp_path / "plain.jpg"
+    Image.fromarray(asymmetric_picture()).save(plain)
+    png = tmp_path / "plain.png"
+    Image.fromarray(asymmetric_picture()).save(png)
+    for data in (plain.read_bytes(), png.read_bytes(), plain.read_bytes()[:30], b"", b"\xff\xd8\xff\xe1\xff\xff"):
+        assert int(exif_orientation(tf.constant(data))) == 1
+
+
+@pytest.mark.parametrize("orientation", [3, 6])
+def test_big_endian_exif(tmp_path, orientation):
+    import struct
+
+    import tensorflow as tf
+
+    # "MM" TIFF header, IFD0 at offset 8 with one SHORT entry: the orientation.
+    raw = b"Exif\0\0" + b"MM\0*" + struct.pack(">I", 8) + struct.pack(">H", 1) \
+        + struct.pack(">HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack(">I", 0)
+    path = tmp_path / "mm.jpg"
+    Image.fromarray(asymmetric_picture()).save(path, exif=raw, quality=95)
+    encoded = tf.constant(path.read_bytes())
+    assert int(exif_orientation(encoded)) == orientation
+    assert np.abs(decode_like_pillow(encoded, 24).numpy().astype(int) - load_image(path, 24).astype(int)).mean() < 4
