@@ -50,8 +50,8 @@ def exif_orientation(encoded):
     """
     import tensorflow as tf
 
-    padded = tf.strings.join([tf.strings.substr(encoded, 0, _HEADER_BYTES), b"\0" * (_HEADER_BYTES + 16)])
-    data = tf.cast(tf.io.decode_raw(tf.strings.substr(padded, 0, _HEADER_BYTES + 16), tf.uint8), tf.int32)
+    head = tf.io.decode_raw(tf.strings.substr(encoded, 0, _HEADER_BYTES), tf.uint8)
+    data = tf.pad(tf.cast(head, tf.int32), [[0, _HEADER_BYTES + 16 - tf.shape(head)[0]]])
     last = _HEADER_BYTES
 
     def byte(i):
