@@ -114,7 +114,7 @@ def test_deterministic_runs_give_identical_metrics(tmp_path, data):
     assert strip(rows_a) == strip(rows_b)
 
 
-class Interrupted(Exception):
+class SimulatedCrash(Exception):
     pass
 
 
@@ -138,13 +138,13 @@ def test_early_stopping_keeps_its_patience_and_best_weights_across_a_resume(tmp_
         def on_epoch_end(self, epoch, logs=None):
             if epoch == 3:
                 self.weights = self.model.get_weights()
-                raise Interrupted
+                raise SimulatedCrash
 
     # Validating on the opposite labels: val_loss only rises, so epoch 0 stays the best and patience runs.
     validation = (x, 1 - y)
     crash = Crash()
     first = stage_callbacks(None, 1, patience=50, backup_dir=tmp_path, extra=[crash])
-    with pytest.raises(Interrupted):
+    with pytest.raises(SimulatedCrash):
         model().fit(x, y, validation_data=validation, epochs=10, callbacks=first, verbose=0)
     before = next(c for c in first if isinstance(c, ResumableEarlyStopping))
     assert (before.best_epoch, before.wait) == (0, 3)

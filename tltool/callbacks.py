@@ -12,7 +12,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from tltool import rundir
+from tltool import interrupts, rundir
 
 HISTORY_COLUMNS = ["stage", "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds"]
 
@@ -54,6 +54,16 @@ class HistoryCSV(keras.callbacks.Callback):
             writer.writerow(row)
             handle.flush()
             os.fsync(handle.fileno())
+
+
+class StopOnSignal(keras.callbacks.Callback):
+    """Stops training between batches once SIGTERM has arrived (see interrupts.py for why not at once)."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        interrupts.check()
+
+    def on_test_batch_end(self, batch, logs=None):
+        interrupts.check()
 
 
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):

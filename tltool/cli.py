@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import signal
 import sys
 import time
 import warnings
@@ -18,6 +17,7 @@ from pathlib import Path
 import click
 
 import tltool
+from tltool import interrupts
 from tltool.errors import TltoolError
 
 
@@ -45,32 +45,21 @@ def handle_errors(fn):
     return wrapper
 
 
-class Interrupted(BaseException):
-    """Raised in the main thread when SIGTERM arrives, so training unwinds like on Ctrl-C.
-
-    A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way swallows it.
-    """
-
-
 @contextlib.contextmanager
 def interruptible(out, resume_hint: bool):
     """Ctrl-C or SIGTERM: stop cleanly, say what was kept and how to continue, exit 130 (143 for SIGTERM)."""
-
-    def on_sigterm(signum, frame):
-        raise Interrupted()
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    previous = interrupts.install()
     try:
         yield
-    except (KeyboardInterrupt, Interrupted) as exc:
-        code = 143 if isinstance(exc, Interrupted) else 130
+    except (KeyboardInterrupt, interrupts.Interrupted) as exc:
+        code = 143 if isinstance(exc, interrupts.Interrupted) else 130
         where = f" --out {out}" if out else " --out RUN_DIR (the run directory printed at the start)"
         hint = (f" Progress up to the last finished epoch is saved; continue with: tltool finetune --resume{where}"
                 if resume_hint else "")
         click.echo(f"\nInterrupted.{hint}", err=True)
         sys.exit(code)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        interrupts.restore(previous)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tltool import interrupts
 from tltool.data import SkipLog, decoded_batches
 from tltool.rundir import atomic_write_text
 
@@ -169,6 +170,7 @@ def compute_features(extractor, paths: list[str], image_size: int, batch_size: i
     bar = keras.utils.Progbar(len(paths), unit_name="image", verbose=verbose) if verbose else None
     start = 0
     for pixels, ok in decoded_batches(paths, image_size, batch_size, skips):
+        interrupts.check()
         n = len(pixels)
         feats[start:start + n] = forward(pixels).numpy().astype(np.float16)
         oks[start:start + n] = ok

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tltool.callbacks import HistoryCSV, ResumableEarlyStopping
+from tltool.callbacks import HistoryCSV, ResumableEarlyStopping, StopOnSignal
 
 _OPTIMIZERS = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "rmsprop": "RMSprop"}
 
@@ -55,11 +55,11 @@ def compile_model(model, optimizer: str, learning_rate: float, label_smoothing: 
 
 def stage_callbacks(history_path: Path | None, stage: int, patience: int, backup_dir: Path | None = None,
                     extra=()) -> list:
-    """NaN guard, the weights backup of a resumable run, early stopping that restores the best weights,
-    history rows, plus any `extra`."""
+    """SIGTERM and NaN guards, the weights backup of a resumable run, early stopping that restores the best
+    weights, history rows, plus any `extra`."""
     import keras
 
-    callbacks = [keras.callbacks.TerminateOnNaN()]
+    callbacks = [StopOnSignal(), keras.callbacks.TerminateOnNaN()]
     if backup_dir is not None:
         # Keeps weights, optimizer state and the epoch after every epoch; a resumed fit continues from there.
         # Two copies, so a crash while writing one leaves the other.
