@@ -8,7 +8,6 @@ works on these summaries.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -28,10 +27,14 @@ class CacheEntry:
     """One extractor's folder: backbone-size-hash."""
 
     path: Path
-    rows: int          # feature rows stored
-    stale_rows: int    # rows of files that changed or are gone
+    rows: int                 # feature rows stored
+    stale_keys: frozenset     # file keys of rows whose files changed or are gone
     size_bytes: int
-    last_used: float   # seconds since the epoch
+    last_used: float          # seconds since the epoch
+
+    @property
+    def stale_rows(self) -> int:
+        return len(self.stale_keys)
 
 
 def cache_entries(root: Path) -> list[CacheEntry]:
@@ -76,12 +79,11 @@ def _cache_entries(root: Path) -> list[CacheEntry]:
         return []
     entries = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and ENTRY_NAME.match(p.name)):
-        keys = _stored_keys(folder)
-        stale = sum(1 for key in keys if not _is_current(key))
-        size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+        keys = FeatureCache(folder, touch=False).keys()
+        stale = frozenset(key for key in keys if not _is_current(key))
         marker = folder / LAST_USED_FILE
         last_used = (marker if marker.is_file() else folder).stat().st_mtime
-        entries.append(CacheEntry(folder, len(keys), stale, size, last_used))
+        entries.append(CacheEntry(folder, len(keys), stale, _folder_size(folder), last_used))
     return sorted(entries, key=lambda e: -e.last_used)
 
 
@@ -97,7 +99,7 @@ def _prune(entry: CacheEntry) -> int:
         os.utime(marker, (entry.last_used, entry.last_used))
     old_shards = sorted(entry.path.glob("*.json"))
     cache = FeatureCache(entry.path, touch=False)
-    live = [key for key in cache.keys() if _is_current(key)]
+    live = [key for key in cache.keys() if key not in entry.stale_keys]
     cache.add(live, cache.get(live))  # the new shard is complete before any old one goes
     for index in old_shards:  # index first: a shard without one is never read
         index.unlink(missing_ok=True)
@@ -108,19 +110,11 @@ def _prune(entry: CacheEntry) -> int:
         orphan = leftover.suffix == ".tmp" or not leftover.with_suffix(".json").is_file()
         if orphan and leftover.stat().st_mtime < an_hour_ago:
             leftover.unlink(missing_ok=True)
-    return entry.size_bytes - sum(p.stat().st_size for p in entry.path.iterdir() if p.is_file())
+    return entry.size_bytes - _folder_size(entry.path)
 
 
-def _stored_keys(folder: Path) -> list[str]:
-    keys: dict[str, None] = {}
-    for index in sorted(folder.glob("*.json")):
-        if not index.with_suffix(".npy").is_file():
-            continue
-        try:
-            keys.update(dict.fromkeys(json.loads(index.read_text())))
-        except (OSError, ValueError):
-            continue
-    return list(keys)
+def _folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
 
 def _is_current(key: str) -> bool:

@@ -220,15 +220,20 @@ cache_dir_option = click.option("--dir", "folder", type=click.Path(path_type=Pat
                                 help="Cache folder (default: $TLTOOL_CACHE_DIR or ~/.cache/tltool/features).")
 
 
+def _cache_root(folder) -> Path:
+    from tltool.features import cache_dir
+
+    return Path(folder) if folder else cache_dir()
+
+
 @cache.command("info")
 @cache_dir_option
 @handle_errors
 def cache_info(folder):
     """List the cache's entries (one per backbone, input size and weights): images, size, stale rows, last use."""
     from tltool import cache as feature_cache
-    from tltool.features import cache_dir
 
-    root = Path(folder) if folder else cache_dir()
+    root = _cache_root(folder)
     entries = feature_cache.cache_entries(root)
     echo(f"Feature cache: {root} ({len(entries)} entries, {sum(e.size_bytes for e in entries) / 1e6:.1f} MB)")
     for e in entries:
@@ -245,9 +250,8 @@ def cache_info(folder):
 def cache_prune(folder):
     """Drop the rows of images that have changed or been deleted since they were cached."""
     from tltool import cache as feature_cache
-    from tltool.features import cache_dir
 
-    entries = feature_cache.cache_entries(Path(folder) if folder else cache_dir())
+    entries = feature_cache.cache_entries(_cache_root(folder))
     freed = sum(feature_cache.prune(e) for e in entries)
     echo(f"Dropped {sum(e.stale_rows for e in entries)} stale rows, freed {freed / 1e6:.1f} MB.")
 
@@ -261,10 +265,8 @@ def cache_prune(folder):
 def cache_clear(folder, older_than, force):
     """Remove cache entries (all, or those unused for --older-than DAYS). Needs --force."""
     from tltool import cache as feature_cache
-    from tltool.features import cache_dir
 
-    entries = feature_cache.older_than(feature_cache.cache_entries(Path(folder) if folder else cache_dir()),
-                                       older_than)
+    entries = feature_cache.older_than(feature_cache.cache_entries(_cache_root(folder)), older_than)
     size = sum(e.size_bytes for e in entries) / 1e6
     if not force:
         echo(f"Would remove {len(entries)} entries ({size:.1f} MB). Pass --force to remove them; the features "
