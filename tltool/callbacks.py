@@ -99,10 +99,9 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
                 self.best_weights = [saved[f"w{i}"] for i in range(len(saved.files))]
 
     def on_epoch_end(self, epoch, logs=None):
-        best_before = self.best_epoch
+        weights_before = self.best_weights
         super().on_epoch_end(epoch, logs)
-        if self.restore_best_weights and self.best_weights is not None and (self.best_epoch != best_before
-                                                                             or epoch == 0):
+        if self.best_weights is not weights_before:  # Keras stores a new list whenever the best changes
             buffer = io.BytesIO()
             np.savez(buffer, **{f"w{i}": w for i, w in enumerate(self.best_weights)})
             rundir.atomic_write_bytes(self.state_dir / self.WEIGHTS_FILE, buffer.getvalue())
