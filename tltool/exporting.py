@@ -34,7 +34,7 @@ import numpy as np
 from tltool import rundir, tflite_export
 from tltool.errors import ExportError, ExportOptionError, RunDirError
 from tltool.graph_decode import decode_like_pillow
-from tltool.images import ImageReadError, load_image
+from tltool.data import SkipLog, decoded_batches
 
 FORMATS = ("savedmodel", "keras", "tflite", "onnx")
 QUANTIZATIONS = ("none", "dynamic", "float16", "int8")
@@ -106,7 +106,8 @@ def export(run_dir, format: str, quantize: str = "none", out=None, force: bool =
     from tltool.recipe import load_recipe
 
     labels = rundir.read_labels(run_dir)
-    model = KerasPredictor.from_file(run_dir / rundir.MODEL_FILE, labels).model
+    keras_predictor = KerasPredictor.from_file(run_dir / rundir.MODEL_FILE, labels)
+    model = keras_predictor.model
     size = int(model.input_shape[1])
     recipe = load_recipe(run_dir / rundir.RECIPE_FILE)
     split = load_split_data(recipe)
@@ -116,13 +117,14 @@ def export(run_dir, format: str, quantize: str = "none", out=None, force: bool =
         raise ExportError(f"No readable validation images in {split.val.root}: the export cannot be checked.")
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    probs_keras = _predict_keras(model, check_pixels)
+    probs_keras = keras_predictor.predict(check_pixels)
     tol = tolerance_for(format, quantize)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
 
-    def check_artifact() -> dict:
-        """Reload what is in `tmp` the way a user would and compare it with the Keras model."""
-        return _compare(probs_keras, load_predictor(tmp).predict(check_pixels), np.asarray(check_labels))
+    def check_artifact(predictor=None) -> dict:
+        """Compare what is in `tmp`, reloaded the way a user would (or `predictor`), with the Keras model."""
+        predictor = predictor or load_predictor(tmp)
+        return _compare(probs_keras, predictor.predict(check_pixels), np.asarray(check_labels))
 
     try:
         extra: dict = {}
@@ -154,10 +156,10 @@ def export(run_dir, format: str, quantize: str = "none", out=None, force: bool =
             rundir.write_labels(tmp, labels)
 
         if format != "tflite":
-            report = check_artifact()
-        if format == "savedmodel":
-            extra["encoded_images_signature"] = _check_encoded_signature(load_predictor(tmp), check_paths,
-                                                                         probs_keras)
+            predictor = load_predictor(tmp)
+            report = check_artifact(predictor)
+            if format == "savedmodel":
+                extra["encoded_images_signature"] = _check_encoded_signature(predictor, check_paths, probs_keras)
         size_bytes = _size_of(artifact)
         if "float32_size_bytes" in extra:
             extra["size_ratio"] = round(size_bytes / extra["float32_size_bytes"], 4)
@@ -289,20 +291,13 @@ def _load_images(paths, labels, size: int, limit: int, seed: int):
     order = np.arange(len(paths))
     if len(order) > limit:
         order = np.sort(np.random.default_rng(seed).choice(order, limit, replace=False))
-    kept, pixels, kept_labels = [], [], []
-    for i in order:
-        try:
-            pixels.append(load_image(paths[i], size))
-        except ImageReadError:
-            continue
-        kept.append(str(paths[i]))
-        kept_labels.append(int(labels[i]))
-    array = np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8)
-    return kept, array, kept_labels
-
-
-def _predict_keras(model, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    return np.asarray(model.predict(pixels.astype(np.float32), batch_size=batch_size, verbose=0), np.float32)
+    sample = [str(paths[i]) for i in order]
+    batches = list(decoded_batches(sample, size, 64, SkipLog()))
+    pixels = np.concatenate([b for b, _ in batches]) if batches else np.zeros((0, size, size, 3), np.uint8)
+    ok = np.concatenate([o for _, o in batches]) if batches else np.zeros((0,), bool)
+    kept = [path for path, good in zip(sample, ok) if good]
+    kept_labels = [int(labels[i]) for i, good in zip(order, ok) if good]
+    return kept, pixels[ok], kept_labels
 
 
 def _size_of(path: Path) -> int:
