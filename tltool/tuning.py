@@ -98,9 +98,7 @@ class TrialRunner:
                 and stripped_recipe(recipe) == stripped_recipe(self.base))
 
     def all_head_trials(self, space: SearchSpace) -> bool:
-        base = self.base
-        return (set(space.keys) <= HEAD_KEYS and base.fine_tune.epochs == 0 and base.frozen.epochs > 0
-                and base.frozen.cache_features)
+        return set(space.keys) <= HEAD_KEYS and self.is_head_trial(self.base)
 
     def features(self):
         """The base recipe's stage-1 features, computed (or read from the feature cache) once per search."""
