@@ -35,10 +35,10 @@ def guide_recipe(split, spec, weights, size: int, epochs: int, batch_size: int, 
     """The guide's recipe: the frozen backbone inside the model, images decoded and run every epoch."""
     import keras
 
-    from tltool.data import image_dataset
-    from tltool.model import build_transfer_model
+    from tltool.data.folders import image_dataset
+    from tltool.models.transfer import build_transfer_model
     from tltool.recipe import HeadConfig
-    from tltool.train import compile_model
+    from tltool.engine.fitting import compile_model
 
     keras.backend.clear_session()
     keras.utils.set_random_seed(seed)
@@ -72,10 +72,10 @@ def throughput(split, spec, weights, size: int, batch_size: int, limit: int):
     import numpy as np
     import tensorflow as tf
 
-    from tltool.data import SkipLog
-    from tltool.features import compute_features
-    from tltool.images import load_image
-    from tltool.model import build_transfer_model
+    from tltool.data.folders import SkipLog
+    from tltool.engine.features import compute_features
+    from tltool.data.images import load_image
+    from tltool.models.transfer import build_transfer_model
     from tltool.recipe import HeadConfig
 
     keras.backend.clear_session()
@@ -137,8 +137,8 @@ def main() -> None:
         print(f"ratio 10x / 1x: {rows[1][2] / rows[0][2]:.3f} (target <= 1.15)")
         return
 
-    from tltool.backbones import get_backbone_spec, resolve_weights
-    from tltool.finetuning import load_split_data, resolve_recipe
+    from tltool.models.backbones import get_backbone_spec, resolve_weights
+    from tltool.engine.stages import load_split_data, resolve_recipe
 
     recipe = resolve_recipe(None, data=args.data, backbone=args.backbone, weights=args.weights,
                             image_size=args.image_size, batch_size=args.batch_size, seed=args.seed)

@@ -40,10 +40,10 @@ def _overrides(args) -> list[str]:
 
 def guide_fit(args) -> float:
     """Seconds of one plain frozen-stage fit: frozen backbone inside the model, images every epoch."""
-    from tltool.backbones import get_backbone_spec, resolve_weights
-    from tltool.finetuning import TrainingContext, load_split_data, prepare_runtime, resolve_recipe
-    from tltool.model import build_transfer_model
-    from tltool.train import compile_model, fit_stage, stage_callbacks
+    from tltool.models.backbones import get_backbone_spec, resolve_weights
+    from tltool.engine.stages import TrainingContext, load_split_data, prepare_runtime, resolve_recipe
+    from tltool.models.transfer import build_transfer_model
+    from tltool.engine.fitting import compile_model, fit_stage, stage_callbacks
 
     recipe = resolve_recipe(None, data=args.data, overrides=_overrides(args))
     spec = get_backbone_spec(recipe.backbone.name)

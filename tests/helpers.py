@@ -50,14 +50,14 @@ def calibrated_backbone_weights(path: Path, backbone: str = "mobilenet_v2", size
     """
     import keras
 
-    from tltool.backbones import get_backbone_spec, preprocessing_layer
+    from tltool.models.backbones import get_backbone_spec, preprocessing_layer
 
     spec = get_backbone_spec(backbone)
     keras.utils.set_random_seed(0)
     net = spec.constructor_fn()(include_top=False, weights=None, input_shape=(size, size, 3), pooling="avg",
                                 **dict(spec.extra_kwargs))
     if images is not None:
-        from tltool.images import load_image
+        from tltool.data.images import load_image
 
         files = sorted(p for p in Path(images).rglob("*") if p.suffix in (".png", ".jpg"))
         pixels = np.stack([load_image(p, size) for p in files]).astype(np.float32)

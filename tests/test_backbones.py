@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from tltool.backbones import (get_backbone_spec, list_backbones, preprocessing_layer, resolve_weights)
+from tltool.models.backbones import (get_backbone_spec, list_backbones, preprocessing_layer, resolve_weights)
 from tltool.errors import BackboneError, WeightsError
 
 REQUIRED = ["vgg16", "vgg19", "resnet50", "resnet50_v2", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
@@ -79,8 +79,8 @@ def test_offline_imagenet_fails_fast_with_instructions(monkeypatch, tmp_path):
 @pytest.mark.parametrize("name", ["vgg16", "mobilenet", "mobilenet_v3_small", "resnet50"])
 def test_classic_head_keeps_everything_up_to_the_original_classifier(name):
     """Classic mode cuts at the input of the 1000-way layer, even where that layer is a 1x1 convolution."""
-    from tltool.backbones import ResolvedWeights
-    from tltool.model import build_transfer_model
+    from tltool.models.backbones import ResolvedWeights
+    from tltool.models.transfer import build_transfer_model
     from tltool.recipe import HeadConfig
 
     spec = get_backbone_spec(name)

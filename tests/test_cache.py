@@ -6,9 +6,9 @@ import time
 import numpy as np
 from click.testing import CliRunner
 
-from tltool.cache import cache_entries
+from tltool.engine.cache_upkeep import cache_entries
 from tltool.cli import main
-from tltool.features import LAST_USED_FILE, FeatureCache, file_key
+from tltool.engine.features import LAST_USED_FILE, FeatureCache, file_key
 
 
 def make_entry(root, name, files):

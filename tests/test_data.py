@@ -5,7 +5,7 @@ import shutil
 import pytest
 
 from helpers import make_image_folder
-from tltool.data import balanced_class_weights, scan_folder, stratified_split
+from tltool.data.folders import balanced_class_weights, scan_folder, stratified_split
 from tltool.errors import DataError
 
 
@@ -23,7 +23,7 @@ def test_unreadable_file_is_skipped_with_its_reason(tmp_path):
     root = make_image_folder(tmp_path / "d", per_class=3)
     (root / "red" / "broken.jpg").write_bytes(b"this is not a jpeg")
     (root / "red" / "empty.png").write_bytes(b"")
-    from tltool.data import SkipLog
+    from tltool.data.folders import SkipLog
 
     skips = SkipLog()
     folder = scan_folder(root, skips)

@@ -16,11 +16,11 @@ from PIL import Image
 import tltool
 from helpers import make_image_folder, tiny_recipe_args, tiny_values
 from salted_data import BROKEN_KINDS, make_salted_folder, textured, write_broken_files, write_odd_files
-from tltool import datacheck
+from tltool.data import check as datacheck
 from tltool.cli import main
-from tltool.data import scan_folder
+from tltool.data.folders import scan_folder
 from tltool.errors import DataError
-from tltool.images import ImageReadError, load_image
+from tltool.data.images import ImageReadError, load_image
 
 PACKAGE = Path(tltool.__file__).parent
 

@@ -17,7 +17,7 @@ from PIL import Image
 import tltool
 from tltool.cli import main
 from tltool.errors import DataError, RunDirError
-from tltool.evaluation import calibration, compute_metrics, threshold_table, top_k_accuracy
+from tltool.evaluation.metrics import calibration, compute_metrics, threshold_table, top_k_accuracy
 
 LABELS = ["cat", "dog", "fox", "owl"]  # owl: never in the data, never predicted
 Y_TRUE = [0, 0, 1, 1, 2, 2, 2]
@@ -162,8 +162,8 @@ def test_evaluate_matches_keras_on_the_same_pixels(tmp_path, image_folder):
     """The evaluation pipeline feeds the model what `load_image` gives, in the folder's order."""
     import keras
 
-    from tltool.data import scan_folder
-    from tltool.images import load_image
+    from tltool.data.folders import scan_folder
+    from tltool.data.images import load_image
 
     run = colour_run(tmp_path / "run")
     folder = scan_folder(image_folder, classes=ORDER)

@@ -11,9 +11,9 @@ from helpers import tiny_trained_run
 import tltool
 from tltool.cli import main
 from tltool.errors import ExportError, ExportOptionError, RunDirError
-from tltool.images import load_image
+from tltool.data.images import load_image
 
-export_module = importlib.import_module("tltool.exporting")
+export_module = importlib.import_module("tltool.exporting.export")
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
@@ -128,7 +128,7 @@ def test_savedmodel_signatures_labels_asset_and_serving_layout(run_dir):
 
 
 def test_tflite_float32_embeds_labels_and_matches(run_dir):
-    from tltool.predict import tflite_metadata
+    from tltool.exporting.predictors import tflite_metadata
 
     result = tltool.export(run_dir, "tflite")
     out = run_dir / "export" / "tflite"
@@ -164,7 +164,7 @@ def test_tflite_int8_is_full_integer_small_and_accurate(run_dir):
 
 
 def test_int8_falls_back_to_the_next_weight_scheme_when_one_is_not_accurate(tmp_path):
-    from tltool.tflite_export import Converted
+    from tltool.exporting.tflite import Converted
 
     candidates = [Converted(b"mixed bytes", "mixed"), Converted(b"per-channel bytes", "per-channel")]
     accuracy = {b"mixed bytes": 0.80, b"per-channel bytes": 0.95}

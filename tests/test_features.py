@@ -9,8 +9,8 @@ import pytest
 
 import tltool
 from helpers import make_image_folder, tiny_values
-from tltool.data import SkipLog
-from tltool.features import FeatureCache, cached_features, compute_features
+from tltool.data.folders import SkipLog
+from tltool.engine.features import FeatureCache, cached_features, compute_features
 
 
 def test_head_on_cached_features_equals_the_full_model(tmp_path, image_folder):
@@ -23,7 +23,7 @@ def test_head_on_cached_features_equals_the_full_model(tmp_path, image_folder):
     paths = sorted(str(p) for p in image_folder.rglob("*.*"))[:6]
     feats, ok = compute_features(result.model_parts.feature_extractor, paths, 32, 4, SkipLog(), verbose=0)
     assert ok.all()
-    from tltool.images import load_image
+    from tltool.data.images import load_image
 
     pixels = np.stack([load_image(p, 32) for p in paths]).astype("float32")
     full = model.predict(pixels, verbose=0)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tltool.graph_decode import decode_like_pillow, exif_orientation
-from tltool.images import load_image
+from tltool.exporting.graph_decode import decode_like_pillow, exif_orientation
+from tltool.data.images import load_image
 
 
 def asymmetric_picture():

@@ -13,9 +13,9 @@ from PIL import Image
 
 import tltool
 from helpers import tiny_values
-from tltool import plots
-from tltool.evaluation import EvalSet, Probe, compute_metrics
-from tltool.report import render_html
+from tltool.evaluation import plots
+from tltool.evaluation.metrics import EvalSet, Probe, compute_metrics
+from tltool.evaluation.report import render_html
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

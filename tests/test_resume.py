@@ -122,8 +122,8 @@ def test_early_stopping_keeps_its_patience_and_best_weights_across_a_resume(tmp_
     import keras
     import numpy as np
 
-    from tltool.callbacks import ResumableEarlyStopping
-    from tltool.train import stage_callbacks
+    from tltool.engine.callbacks import ResumableEarlyStopping
+    from tltool.engine.fitting import stage_callbacks
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 4)).astype("float32")

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from tltool import tflite_export
-from tltool.predict import tflite_metadata
+from tltool.exporting import tflite as tflite_export
+from tltool.exporting.predictors import tflite_metadata
 
 
 def pixels(n: int = 32, seed: int = 1):

@@ -68,7 +68,7 @@ def test_space_int_fields_and_untunable_keys_are_rejected():
 def test_space_values_become_recipe_values():
     import keras_tuner as kt
 
-    from tltool.search_space import SearchSpace, trial_recipe
+    from tltool.tuning.space import SearchSpace, trial_recipe
 
     space = SearchSpace({
         "head.dense": {"choice": [0, [16, 8]]},          # lists travel as JSON strings
@@ -91,7 +91,7 @@ def test_space_values_become_recipe_values():
 
 
 def test_default_space_adds_stage_two_only_when_it_runs():
-    from tltool.search_space import default_space
+    from tltool.tuning.space import default_space
 
     assert "fine_tune.unfreeze" not in default_space(from_dict({"fine_tune": {"epochs": 0}}))
     space = default_space(from_dict({}))

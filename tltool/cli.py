@@ -221,7 +221,7 @@ cache_dir_option = click.option("--dir", "folder", type=click.Path(path_type=Pat
 
 
 def _cache_root(folder) -> Path:
-    from tltool.features import cache_dir
+    from tltool.engine.features import cache_dir
 
     return Path(folder) if folder else cache_dir()
 
@@ -231,7 +231,7 @@ def _cache_root(folder) -> Path:
 @handle_errors
 def cache_info(folder):
     """List the cache's entries (one per backbone, input size and weights): images, size, stale rows, last use."""
-    from tltool import cache as feature_cache
+    from tltool.engine import cache_upkeep as feature_cache
 
     root = _cache_root(folder)
     entries = feature_cache.cache_entries(root)
@@ -249,7 +249,7 @@ def cache_info(folder):
 @handle_errors
 def cache_prune(folder):
     """Drop the rows of images that have changed or been deleted since they were cached."""
-    from tltool import cache as feature_cache
+    from tltool.engine import cache_upkeep as feature_cache
 
     entries = feature_cache.cache_entries(_cache_root(folder))
     freed = sum(feature_cache.prune(e) for e in entries)
@@ -264,7 +264,7 @@ def cache_prune(folder):
 @handle_errors
 def cache_clear(folder, older_than, force):
     """Remove cache entries (all, or those unused for --older-than DAYS). Needs --force."""
-    from tltool import cache as feature_cache
+    from tltool.engine import cache_upkeep as feature_cache
 
     entries = feature_cache.older_than(feature_cache.cache_entries(_cache_root(folder)), older_than)
     size = sum(e.size_bytes for e in entries) / 1e6

@@ -195,8 +195,8 @@ def compute_metrics(y_true, probs, labels: list[str], top_k: int = 5,
 
 
 def _load_model(path):
-    """A run directory or an exported model, behind the predictor interface (see `tltool.predict`)."""
-    from tltool.predict import load_predictor
+    """A run directory or an exported model, behind the predictor interface (see `tltool.exporting.predictors`)."""
+    from tltool.exporting.predictors import load_predictor
 
     return load_predictor(path)
 
@@ -234,7 +234,7 @@ def predict_images(predictor, paths, skips, batch_size: int = 64) -> tuple[np.nd
     Images are decoded in parallel and in order, `batch_size` at a time, so memory stays flat however
     large the folder; files that fail to decode are recorded in `skips` and left out.
     """
-    from tltool.data import decoded_batches
+    from tltool.data.folders import decoded_batches
 
     chunks, kept = [], []
     offset = 0
@@ -324,8 +324,8 @@ def evaluate(model, data, out=None, top_k: int = 5, force: bool = False, log=Non
         RunDirError: `model` is not a finished run directory.
         DataError: `data` is missing, has unknown classes or no readable images.
     """
-    from tltool.data import SkipLog, scan_folder
-    from tltool.report import write_report
+    from tltool.data.folders import SkipLog, scan_folder
+    from tltool.evaluation.report import write_report
 
     say = log or (lambda *a, **k: None)
     if top_k < 1:
@@ -375,7 +375,7 @@ def evaluate_run_sets(model, labels: list[str], datasets: dict, skips, top_k: in
     """
     import gc
 
-    from tltool.predict import KerasPredictor
+    from tltool.exporting.predictors import KerasPredictor
 
     # Training leaves much garbage behind (traced functions, graphs). Collected now it takes well under
     # 2 s; left to a collection that the plotting triggers, it took 5-10 s (measured on a 2-core CPU).
@@ -393,7 +393,7 @@ def write_run_report(run_dir, sets, probes, labels: list[str]) -> dict:
     Returns:
         metrics.json's content: {"val": {...}, "test": {...}, "probes": [...]} for the sets given.
     """
-    from tltool.report import write_report
+    from tltool.evaluation.report import write_report
 
     metrics = {s.key.rstrip("_"): s.metrics for s in sets}
     metrics["probes"] = [p.as_dict(labels) for p in probes]

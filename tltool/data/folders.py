@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from tltool.errors import DataError
-from tltool.images import ImageReadError, is_image_name, load_image, probe
+from tltool.data.images import ImageReadError, is_image_name, load_image, probe
 
 
 class SkipLog:

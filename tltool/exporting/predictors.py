@@ -2,7 +2,7 @@
 
 `load_predictor` gives one interface over every format: `.labels`, `.image_size`, `.format` and
 `.predict(uint8 pixels N x H x W x 3) -> probabilities N x C`. Images are read with Pillow
-(`tltool.images.load_image`: EXIF rotation, CMYK, alpha on white) for every format, so the same file gives
+(`tltool.data.images.load_image`: EXIF rotation, CMYK, alpha on white) for every format, so the same file gives
 the same pixels, and the same answer, whichever model it goes to.
 """
 
@@ -16,7 +16,7 @@ import numpy as np
 
 from tltool import rundir
 from tltool.errors import RunDirError
-from tltool.images import ImageReadError, is_image_name, load_image
+from tltool.data.images import ImageReadError, is_image_name, load_image
 
 UNKNOWN_LABEL = "unknown"
 

@@ -37,8 +37,8 @@ import yaml
 from tltool import rundir
 from tltool.errors import RunDirError, SearchFailedError, TltoolError, TuneError
 from tltool.recipe import Recipe, from_dict
-from tltool.search_space import HEAD_KEYS, SearchSpace, default_space, stripped_recipe, trial_recipe
-from tltool.tune_reports import BEST_FILE, fmt_value, format_table, last_line, write_reports
+from tltool.tuning.space import HEAD_KEYS, SearchSpace, default_space, stripped_recipe, trial_recipe
+from tltool.tuning.reports import BEST_FILE, fmt_value, format_table, last_line, write_reports
 
 SEARCH_DIR = "search"            # the Keras Tuner project inside --out
 _ENDED = ("COMPLETED", "FAILED", "INVALID")
@@ -86,7 +86,7 @@ class TrialRunner:
         return json.dumps([data, recipe.seed], sort_keys=True)
 
     def split_for(self, recipe: Recipe):
-        from tltool.finetuning import load_split_data
+        from tltool.engine.stages import load_split_data
 
         key = self._split_key(recipe)
         if key not in self._splits:
@@ -103,9 +103,9 @@ class TrialRunner:
     def features(self):
         """The base recipe's stage-1 features, computed (or read from the feature cache) once per search."""
         if self._features is None:
-            from tltool.backbones import get_backbone_spec, resolve_weights
-            from tltool.finetuning import TrainingContext, prepare_runtime, stage1_features
-            from tltool.model import build_transfer_model
+            from tltool.models.backbones import get_backbone_spec, resolve_weights
+            from tltool.engine.stages import TrainingContext, prepare_runtime, stage1_features
+            from tltool.models.transfer import build_transfer_model
 
             base = self.base
             spec = get_backbone_spec(base.backbone.name)
@@ -123,9 +123,9 @@ class TrialRunner:
         return self._features
 
     def build(self, recipe: Recipe) -> _Trial:
-        from tltool.backbones import check_image_size, get_backbone_spec, resolve_weights
-        from tltool.finetuning import prepare_runtime
-        from tltool.model import TransferModel, build_head, build_transfer_model
+        from tltool.models.backbones import check_image_size, get_backbone_spec, resolve_weights
+        from tltool.engine.stages import prepare_runtime
+        from tltool.models.transfer import TransferModel, build_head, build_transfer_model
 
         spec = get_backbone_spec(recipe.backbone.name)
         size = recipe.data.image_size or spec.default_size
@@ -148,8 +148,8 @@ class TrialRunner:
 
     def train(self, trial: _Trial) -> dict:
         """`finetune`'s two stages on the trial's model, then its validation loss and accuracy."""
-        from tltool.finetuning import TrainingContext, train_stages
-        from tltool.train import compile_model
+        from tltool.engine.stages import TrainingContext, train_stages
+        from tltool.engine.fitting import compile_model
 
         watch = _NanWatch()
         pretrained = trial.weights.pretrained if trial.weights is not None else True
@@ -162,7 +162,7 @@ class TrialRunner:
                                              f"is probably too high.")
         if trial.features is not None:
             # One eager call of the head on the validation features (no tracing), scored as evaluate() would.
-            from tltool.evaluation import accuracy, log_loss
+            from tltool.evaluation.metrics import accuracy, log_loss
 
             probs = np.asarray(trial.tm.head(trial.features.val_x.astype(np.float32), training=False))
             val_loss, val_acc = log_loss(trial.features.val_y, probs), accuracy(trial.features.val_y, probs)
@@ -500,8 +500,8 @@ def tune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=None
     Raises:
         SearchFailedError: when every trial failed (the reports are written first).
     """
-    from tltool.backbones import check_image_size, get_backbone_spec, resolve_weights
-    from tltool.finetuning import load_split_data, require_training_data, resolve_recipe
+    from tltool.models.backbones import check_image_size, get_backbone_spec, resolve_weights
+    from tltool.engine.stages import load_split_data, require_training_data, resolve_recipe
 
     extra = [f"tune.{key}={value}" for key, value in
              (("algorithm", algorithm), ("max_trials", max_trials), ("objective", objective)) if value is not None]

@@ -2,7 +2,7 @@
 
 Every export checks itself before it reports success: the run's validation images (the same seeded split
 that `finetune` made) go through the Keras model and through the exported artifact, reloaded the way a
-user would load it (`tltool.predict.load_predictor`). The figures land in `export.json` next to the
+user would load it (`tltool.exporting.predictors.load_predictor`). The figures land in `export.json` next to the
 artifact; an artifact outside tolerance is deleted and `ExportError` says by how much it missed.
 
 Layouts (default folder RUN/export/FORMAT, or FORMAT-QUANTIZE for quantized TFLite):
@@ -31,10 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
-from tltool import rundir, tflite_export
+from tltool import rundir
+
+from tltool.exporting import tflite as tflite_export
 from tltool.errors import ExportError, ExportOptionError, RunDirError
-from tltool.graph_decode import decode_like_pillow
-from tltool.data import SkipLog, decoded_batches
+from tltool.exporting.graph_decode import decode_like_pillow
+from tltool.data.folders import SkipLog, decoded_batches
 
 FORMATS = ("savedmodel", "keras", "tflite", "onnx")
 QUANTIZATIONS = ("none", "dynamic", "float16", "int8")
@@ -101,8 +103,8 @@ def export(run_dir, format: str, quantize: str = "none", out=None, force: bool =
                           f"another --out.")
     t_start = time.perf_counter()
 
-    from tltool.finetuning import load_split_data
-    from tltool.predict import KerasPredictor, load_predictor
+    from tltool.engine.stages import load_split_data
+    from tltool.exporting.predictors import KerasPredictor, load_predictor
     from tltool.recipe import load_recipe
 
     labels = rundir.read_labels(run_dir)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tltool.errors import CacheError
-from tltool.features import LAST_USED_FILE, FeatureCache
+from tltool.engine.features import LAST_USED_FILE, FeatureCache
 
 #: Folder names `features.extractor_key` makes (backbone-size-hash): nothing else under the root is touched.
 ENTRY_NAME = re.compile(r"^[A-Za-z0-9_.]+-\d+-[0-9a-f]{16}$")

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tltool.data import bad_class_name, check_folder, class_folders, group_key
+from tltool.data.folders import bad_class_name, check_folder, class_folders, group_key
 from tltool.errors import DataError
-from tltool.images import UNSUPPORTED_EXTENSIONS, ImageReadError, decode, is_image_name
+from tltool.data.images import UNSUPPORTED_EXTENSIONS, ImageReadError, decode, is_image_name
 
 #: pHash bits (of 64) two images may differ in and still count as near-duplicates. Re-encoded, resized or
 #: brightened copies differ in 0-8 bits; unrelated pictures in about 32 (rarely under 16).

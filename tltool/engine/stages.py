@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 
 from tltool import rundir
-from tltool.backbones import check_image_size, get_backbone_spec, resolve_weights
-from tltool.data import (ImageFolder, SkipLog, augmentation_layer, balanced_class_weights, image_dataset,
+from tltool.models.backbones import check_image_size, get_backbone_spec, resolve_weights
+from tltool.data.folders import (ImageFolder, SkipLog, augmentation_layer, balanced_class_weights, image_dataset,
                          scan_folder, stratified_split)
 from tltool.errors import DataError, RecipeError, RunDirError
-from tltool.features import FeatureCache, cache_dir, cached_features, extractor_key
-from tltool.model import build_transfer_model, set_fine_tune_layers
+from tltool.engine.features import FeatureCache, cache_dir, cached_features, extractor_key
+from tltool.models.transfer import build_transfer_model, set_fine_tune_layers
 from tltool.recipe import Recipe, load_recipe, save_recipe
-from tltool.train import compile_model, features_dataset, fit_stage, learning_rate_callback, stage_callbacks
+from tltool.engine.fitting import compile_model, features_dataset, fit_stage, learning_rate_callback, stage_callbacks
 
 
 @dataclass
@@ -337,7 +337,7 @@ def finetune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=
 
     # ---- evaluation of the full image-level model: one prediction pass gives the summary and the report
     t0 = time.perf_counter()
-    from tltool.evaluation import evaluate_run_sets
+    from tltool.evaluation.metrics import evaluate_run_sets
 
     eval_sets, probes = evaluate_run_sets(tm.model, classes, {"val": split.val, "test": split.test}, split.skips)
     by_key = {s.key.rstrip("_"): s.metrics for s in eval_sets}
@@ -392,7 +392,7 @@ def _tensorboard(enabled: bool, run_dir: Path, stage: int) -> list:
 
 def _write_report(run_dir: Path, eval_sets, probes, classes, say) -> None:
     """metrics.json, plots/ and report.html; a failure only warns, since the run itself is complete by now."""
-    from tltool.evaluation import write_run_report
+    from tltool.evaluation.metrics import write_run_report
 
     try:
         t0 = time.perf_counter()
@@ -450,7 +450,7 @@ class RunProgress:
 
     def trim_history(self, stage: int, history_path: Path) -> None:
         """Drop history rows of `stage` after the epoch its backup holds, so no epoch appears twice."""
-        from tltool.callbacks import HISTORY_COLUMNS, read_history
+        from tltool.engine.callbacks import HISTORY_COLUMNS, read_history
 
         meta = self.backup_dir(stage) / "training_metadata.json"
         kept_epochs = json.loads(meta.read_text())["epoch"] if meta.is_file() else 0

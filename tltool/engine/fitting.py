@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tltool.callbacks import HistoryCSV, ResumableEarlyStopping, StopOnSignal
+from tltool.engine.callbacks import HistoryCSV, ResumableEarlyStopping, StopOnSignal
 
 _OPTIMIZERS = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "rmsprop": "RMSprop"}
 

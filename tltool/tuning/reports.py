@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tltool import rundir
 from tltool.recipe import Recipe
-from tltool.search_space import SearchSpace, trial_recipe
+from tltool.tuning.space import SearchSpace, trial_recipe
 
 BEST_FILE = "best.yaml"
 TRIALS_CSV = "trials.csv"
@@ -69,7 +69,7 @@ def write_reports(out: Path, oracle, base: Recipe, space: SearchSpace, plot: boo
     rundir.atomic_write_json(out / rundir.SUMMARY_FILE, summary)
     _write_csv(out / TRIALS_CSV, records, space, name)
     if plot:
-        from tltool import plots
+        from tltool.evaluation import plots
 
         rundir.atomic_write_bytes(out / TRIALS_PLOT, plots.trials(records, name, direction))
     return summary

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from tltool import interrupts
-from tltool.data import SkipLog, decoded_batches
+from tltool.data.folders import SkipLog, decoded_batches
 from tltool.rundir import atomic_write_text
 
 CACHE_FORMAT = 1

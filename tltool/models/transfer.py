@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tltool.backbones import (BackboneSpec, ResolvedWeights, check_image_size, imagenet_unavailable,
+from tltool.models.backbones import (BackboneSpec, ResolvedWeights, check_image_size, imagenet_unavailable,
                               preprocessing_layer)
 from tltool.errors import BackboneError, WeightsError
 from tltool.recipe import HeadConfig

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tltool import plots, rundir
+from tltool import rundir
+
+from tltool.evaluation import plots
 
 PLOTS_DIR = "plots"
 REPORT_FILE = "report.html"
@@ -45,7 +47,7 @@ def write_report(out: Path, sets: list, probes: list, metrics: dict, run_dir: Pa
     pictures: dict[str, bytes] = {}
     history = []
     if run_dir is not None:
-        from tltool.callbacks import read_history
+        from tltool.engine.callbacks import read_history
 
         history = read_history(Path(run_dir) / rundir.HISTORY_FILE)
         curves = plots.training_curves(history)
@@ -70,7 +72,7 @@ def write_report(out: Path, sets: list, probes: list, metrics: dict, run_dir: Pa
 
 
 def _wrong_items(s) -> list[dict]:
-    from tltool.images import ImageReadError, load_image
+    from tltool.data.images import ImageReadError, load_image
 
     items = []
     for i in s.most_confident_wrong(WRONG_GRID_SIZE):

@@ -1,0 +1,1 @@
+"""Evaluation layer: metrics, sanity probes, plots and the HTML report."""

@@ -1,0 +1,1 @@
+"""Export layer: SavedModel, .keras, TFLite and ONNX with their self-checks; loading any model to predict."""

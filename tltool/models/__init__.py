@@ -1,0 +1,1 @@
+"""Model layer: the backbone registry (specs, weights, preprocessing) and backbone + new head."""

@@ -1,0 +1,1 @@
+"""Search layer of `tune`: Keras Tuner over the recipe's space, the distributed roles, the reports."""
