@@ -35,7 +35,7 @@ def guide_recipe(split, spec, weights, size: int, epochs: int, batch_size: int, 
     """The guide's recipe: the frozen backbone inside the model, images decoded and run every epoch."""
     import keras
 
-    from tltool.data.folders import image_dataset
+    from tltool.data.pipelines import image_dataset
     from tltool.models.transfer import build_transfer_model
     from tltool.recipe import HeadConfig
     from tltool.engine.fitting import compile_model
@@ -137,14 +137,12 @@ def main() -> None:
         print(f"ratio 10x / 1x: {rows[1][2] / rows[0][2]:.3f} (target <= 1.15)")
         return
 
-    from tltool.models.backbones import get_backbone_spec, resolve_weights
-    from tltool.engine.stages import load_split_data, resolve_recipe
+    from tltool.engine.setup import prepare_run, resolve_recipe
 
     recipe = resolve_recipe(None, data=args.data, backbone=args.backbone, weights=args.weights,
                             image_size=args.image_size, batch_size=args.batch_size, seed=args.seed)
-    spec = get_backbone_spec(args.backbone)
-    weights = resolve_weights(spec, recipe.backbone.weights)
-    split = load_split_data(recipe)
+    setup = prepare_run(recipe)
+    spec, weights, split = setup.spec, setup.weights, setup.split
     print(f"data: {args.data} ({len(split.train)} train / {len(split.val)} val), {spec.name} @ {args.image_size}px, "
           f"weights {recipe.backbone.weights}, {args.epochs} epochs, batch {args.batch_size}, "
           f"{os.cpu_count()} CPU cores")

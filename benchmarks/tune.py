@@ -40,25 +40,18 @@ def _overrides(args) -> list[str]:
 
 def guide_fit(args) -> float:
     """Seconds of one plain frozen-stage fit: frozen backbone inside the model, images every epoch."""
-    from tltool.models.backbones import get_backbone_spec, resolve_weights
-    from tltool.engine.stages import TrainingContext, load_split_data, prepare_runtime, resolve_recipe
-    from tltool.models.transfer import build_transfer_model
-    from tltool.engine.fitting import compile_model, fit_stage, stage_callbacks
+    from tltool.engine.fitting import fit_stage, stage_callbacks
+    from tltool.engine.setup import prepare_run, resolve_recipe, start_runtime
+    from tltool.engine.stages import TrainingContext, build_model
 
-    recipe = resolve_recipe(None, data=args.data, overrides=_overrides(args))
-    spec = get_backbone_spec(recipe.backbone.name)
-    weights = resolve_weights(spec, recipe.backbone.weights, recipe.backbone.fallback)
-    split = load_split_data(recipe)
+    setup = prepare_run(resolve_recipe(None, data=args.data, overrides=_overrides(args)))
     t0 = time.perf_counter()
-    strategy, _ = prepare_runtime(recipe)
-    with strategy.scope():
-        tm = build_transfer_model(spec, weights, len(split.train.classes), args.image_size, recipe.head,
-                                  seed=recipe.seed)
-    compile_model(tm.model, recipe.frozen.optimizer, recipe.frozen.learning_rate, recipe.train.label_smoothing)
-    ctx = TrainingContext(recipe, split, args.image_size, weights.pretrained, verbose=0)
-    fit_stage(tm.model, ctx.images(split.train, training=True), ctx.images(split.val, training=False),
-              recipe.frozen.epochs,
-              stage_callbacks(None, 1, 0), verbose=0)
+    runtime = start_runtime(setup.recipe)
+    tm = build_model(setup, runtime)
+    ctx = TrainingContext(setup, runtime, verbose=0)
+    ctx.compile(tm.model, setup.recipe.frozen)
+    fit_stage(tm.model, ctx.images(setup.split.train, training=True), ctx.images(setup.split.val, training=False),
+              setup.recipe.frozen.epochs, stage_callbacks(None, 1, 0), verbose=0)
     return time.perf_counter() - t0
 
 

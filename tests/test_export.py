@@ -13,7 +13,7 @@ from tltool.cli import main
 from tltool.errors import ExportError, ExportOptionError, RunDirError
 from tltool.data.images import load_image
 
-export_module = importlib.import_module("tltool.exporting.export")
+export_module = importlib.import_module("tltool.exporting.checks")
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
@@ -128,7 +128,7 @@ def test_savedmodel_signatures_labels_asset_and_serving_layout(run_dir):
 
 
 def test_tflite_float32_embeds_labels_and_matches(run_dir):
-    from tltool.exporting.predictors import tflite_metadata
+    from tltool.exporting.metadata import read_tflite_metadata as tflite_metadata
 
     result = tltool.export(run_dir, "tflite")
     out = run_dir / "export" / "tflite"
@@ -174,11 +174,11 @@ def test_int8_falls_back_to_the_next_weight_scheme_when_one_is_not_accurate(tmp_
         return {"accuracy_keras": 0.96, "accuracy_export": accuracy[artifact.read_bytes()]}
 
     tol = export_module.tolerance_for("tflite", "int8")
-    report, tried = export_module._first_accurate(candidates, artifact, check, tol)
+    report, tried = export_module.first_accurate(candidates, artifact, check, tol)
     assert [scheme for scheme, _ in tried] == ["mixed", "per-channel"]
     assert artifact.read_bytes() == b"per-channel bytes" and report["accuracy_export"] == 0.95
     accuracy[b"mixed bytes"] = 0.955  # within 1.5 points: the smaller scheme is kept
-    report, tried = export_module._first_accurate(candidates, artifact, check, tol)
+    report, tried = export_module.first_accurate(candidates, artifact, check, tol)
     assert [scheme for scheme, _ in tried] == ["mixed"] and artifact.read_bytes() == b"mixed bytes"
 
 
@@ -190,7 +190,7 @@ def test_int8_failure_names_the_weight_schemes_tried():
                r"\. Nothing was written\. Int8 weight schemes tried \(validation accuracy\): mixed 50.0%, "
                r"per-channel 97.5%\. Try --quantize dynamic or float16")
     with pytest.raises(ExportError, match=message):
-        export_module._check_tolerance(result, export_module.tolerance_for("tflite", "int8"))
+        export_module.check_tolerance(result, export_module.tolerance_for("tflite", "int8"))
 
 
 @pytest.mark.slow

@@ -14,7 +14,8 @@ from PIL import Image
 import tltool
 from helpers import tiny_values
 from tltool.evaluation import plots
-from tltool.evaluation.metrics import EvalSet, Probe, compute_metrics
+from tltool.evaluation.metrics import compute_metrics
+from tltool.evaluation.sets import EvalSet, Probe
 from tltool.evaluation.report import render_html
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -111,7 +112,7 @@ def test_report_escapes_labels_and_flags_overconfident_probes():
     labels = ["<cat>", "dog & co"]
     y = np.array([0, 1, 1])
     probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7]])
-    s = EvalSet("validation", "val_", ["a.png", "b.png", "c.png"], y, probs, labels,
+    s = EvalSet("validation", "val", ["a.png", "b.png", "c.png"], y, probs, labels,
                 compute_metrics(y, probs, labels))
     probe = Probe("noise", np.zeros((4, 4, 3), np.uint8), np.array([0.97, 0.03]))
     page = render_html("Run report", [s], [probe], {"val_confusion_matrix": plots.confusion_matrix(

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from tltool.exporting import tflite as tflite_export
-from tltool.exporting.predictors import tflite_metadata
+from tltool.exporting.metadata import read_tflite_metadata as tflite_metadata
 
 
 def pixels(n: int = 32, seed: int = 1):

@@ -1,9 +1,10 @@
 """tltool: transfer learning for image classification with Keras.
 
-The public API; the CLI uses only these. Heavy modules (TensorFlow) load on first use, so
-`import tltool` and `tltool --help` stay fast. Modules are named differently from the API functions
-(`finetuning.py` holds `finetune`): importing a submodule binds its name on the package, which would
-otherwise replace the function.
+The public API; the CLI uses only these, and they can do everything the CLI does. Heavy modules
+(TensorFlow) load on first use, so `import tltool` and `tltool --help` stay fast. No module or
+subpackage directly under `tltool` has an API function's name (`finetune` lives in
+`commands/finetune.py`, `evaluate` in `commands/evaluate.py`): importing a submodule binds its name on
+the package, which would otherwise replace the function.
 """
 
 import os
@@ -15,8 +16,23 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 __version__ = "0.1.0"
 
 _LAZY = {
-    "finetune": "tltool.engine.stages",
-    "FinetuneResult": "tltool.engine.stages",
+    # commands
+    "finetune": "tltool.commands.finetune",
+    "FinetuneResult": "tltool.commands.finetune",
+    "tune": "tltool.commands.tune",
+    "TuneResult": "tltool.commands.tune",
+    "evaluate": "tltool.commands.evaluate",
+    "export": "tltool.commands.export",
+    "export_run": "tltool.commands.export",
+    "describe_export": "tltool.commands.export",
+    "predict_files": "tltool.commands.predict",
+    "results_to_csv_rows": "tltool.commands.predict",
+    "check_data": "tltool.data.check",
+    "format_report": "tltool.data.check",
+    "cache_info": "tltool.commands.cache",
+    "prune_cache": "tltool.commands.cache",
+    "clear_cache": "tltool.commands.cache",
+    # recipes, backbones, images, models
     "load_recipe": "tltool.recipe",
     "Recipe": "tltool.recipe",
     "describe_fields": "tltool.recipe",
@@ -25,16 +41,12 @@ _LAZY = {
     "count_params": "tltool.models.backbones",
     "load_image": "tltool.data.images",
     "scan_folder": "tltool.data.folders",
-    "TltoolError": "tltool.errors",
-    "evaluate": "tltool.evaluation.metrics",
-    "compute_metrics": "tltool.evaluation.metrics",
-    "export": "tltool.exporting.export",
     "load_predictor": "tltool.exporting.predictors",
-    "predict_files": "tltool.exporting.predictors",
-    "results_to_csv_rows": "tltool.exporting.predictors",
-    "tune": "tltool.tuning.search",
-    "check_data": "tltool.data.check",
-    "format_report": "tltool.data.check",
+    "compute_metrics": "tltool.evaluation.metrics",
+    # errors and interruption
+    "TltoolError": "tltool.errors",
+    "Interrupted": "tltool.interrupts",
+    "sigterm_at_safe_points": "tltool.interrupts",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

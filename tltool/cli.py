@@ -17,8 +17,6 @@ from pathlib import Path
 import click
 
 import tltool
-from tltool import interrupts
-from tltool.errors import TltoolError
 
 
 class CleanError(click.ClickException):
@@ -36,7 +34,7 @@ def handle_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except TltoolError as exc:
+        except tltool.TltoolError as exc:
             raise CleanError(str(exc), exc.exit_code) from None
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
@@ -48,18 +46,16 @@ def handle_errors(fn):
 @contextlib.contextmanager
 def interruptible(out, resume_hint: bool):
     """Ctrl-C or SIGTERM: stop cleanly, say what was kept and how to continue, exit 130 (143 for SIGTERM)."""
-    previous = interrupts.install()
     try:
-        yield
-    except (KeyboardInterrupt, interrupts.Interrupted) as exc:
-        code = 143 if isinstance(exc, interrupts.Interrupted) else 130
+        with tltool.sigterm_at_safe_points():
+            yield
+    except (KeyboardInterrupt, tltool.Interrupted) as exc:
+        code = 143 if isinstance(exc, tltool.Interrupted) else 130
         where = f" --out {out}" if out else " --out RUN_DIR (the run directory printed at the start)"
         hint = (f" Progress up to the last finished epoch is saved; continue with: tltool finetune --resume{where}"
                 if resume_hint else "")
         click.echo(f"\nInterrupted.{hint}", err=True)
         sys.exit(code)
-    finally:
-        interrupts.restore(previous)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
@@ -123,19 +119,12 @@ def finetune(recipe, data, val_data, test_data, backbone, weights, image_size, b
     """Fine-tune a pretrained backbone on an image folder (RECIPE: optional YAML recipe)."""
     if resume and force:
         raise click.UsageError("--resume and --force contradict each other: --force would delete the run.")
-    if resume and (deterministic or strategy):
-        raise click.UsageError("--resume continues with the settings saved in the run's recipe.yaml; drop "
-                               + ("--deterministic." if deterministic else "--strategy."))
-    if deterministic:
-        overrides = (*overrides, "train.deterministic=true")
-    if strategy:
-        overrides = (*overrides, f"train.strategy={strategy}")
     with interruptible(out, resume_hint=True):
         result = tltool.finetune(recipe, data=data, val_data=val_data, test_data=test_data, backbone=backbone,
                                  weights=weights, image_size=image_size, epochs=epochs,
                                  fine_tune_epochs=fine_tune_epochs, batch_size=batch_size, seed=seed, out=out,
-                                 overrides=overrides, force=force, resume=resume, verbose=0 if quiet else 1,
-                                 log=echo, tensorboard=tensorboard)
+                                 overrides=overrides, force=force, resume=resume, deterministic=deterministic,
+                                 strategy=strategy, verbose=0 if quiet else 1, log=echo, tensorboard=tensorboard)
     if quiet:  # the one line a quiet run still owes its user
         summary = result.summary
         test = f", test_accuracy {summary['test_accuracy']:.4f}" if summary["test_accuracy"] is not None else ""
@@ -220,21 +209,12 @@ cache_dir_option = click.option("--dir", "folder", type=click.Path(path_type=Pat
                                 help="Cache folder (default: $TLTOOL_CACHE_DIR or ~/.cache/tltool/features).")
 
 
-def _cache_root(folder) -> Path:
-    from tltool.engine.features import cache_dir
-
-    return Path(folder) if folder else cache_dir()
-
-
 @cache.command("info")
 @cache_dir_option
 @handle_errors
 def cache_info(folder):
     """List the cache's entries (one per backbone, input size and weights): images, size, stale rows, last use."""
-    from tltool.engine import cache_upkeep as feature_cache
-
-    root = _cache_root(folder)
-    entries = feature_cache.cache_entries(root)
+    root, entries = tltool.cache_info(folder)
     echo(f"Feature cache: {root} ({len(entries)} entries, {sum(e.size_bytes for e in entries) / 1e6:.1f} MB)")
     for e in entries:
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))
@@ -249,11 +229,8 @@ def cache_info(folder):
 @handle_errors
 def cache_prune(folder):
     """Drop the rows of images that have changed or been deleted since they were cached."""
-    from tltool.engine import cache_upkeep as feature_cache
-
-    entries = feature_cache.cache_entries(_cache_root(folder))
-    freed = sum(feature_cache.prune(e) for e in entries)
-    echo(f"Dropped {sum(e.stale_rows for e in entries)} stale rows, freed {freed / 1e6:.1f} MB.")
+    pruned = tltool.prune_cache(folder)
+    echo(f"Dropped {pruned['stale_rows']} stale rows, freed {pruned['freed_bytes'] / 1e6:.1f} MB.")
 
 
 @cache.command("clear")
@@ -264,17 +241,13 @@ def cache_prune(folder):
 @handle_errors
 def cache_clear(folder, older_than, force):
     """Remove cache entries (all, or those unused for --older-than DAYS). Needs --force."""
-    from tltool.engine import cache_upkeep as feature_cache
-
-    entries = feature_cache.older_than(feature_cache.cache_entries(_cache_root(folder)), older_than)
-    size = sum(e.size_bytes for e in entries) / 1e6
+    cleared = tltool.clear_cache(folder, older_than, dry_run=not force)
+    size = cleared["size_bytes"] / 1e6
     if not force:
-        echo(f"Would remove {len(entries)} entries ({size:.1f} MB). Pass --force to remove them; the features "
-             f"are recomputed when next needed.")
-        sys.exit(2 if entries else 0)
-    for e in entries:
-        feature_cache.remove(e)
-    echo(f"Removed {len(entries)} entries ({size:.1f} MB).")
+        echo(f"Would remove {cleared['entries']} entries ({size:.1f} MB). Pass --force to remove them; the "
+             f"features are recomputed when next needed.")
+        sys.exit(2 if cleared["entries"] else 0)
+    echo(f"Removed {cleared['entries']} entries ({size:.1f} MB).")
 
 
 @main.group()
@@ -326,6 +299,7 @@ def evaluate(model, data, out, top_k, force):
             click.secho(f"Warning: on a {probe['name']} image the model says {probe['predicted']} "
                         f"({probe['confidence']:.0%}); see the sanity probes in the report.", fg="yellow", err=True)
 
+
 @main.command()
 @click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["savedmodel", "keras", "tflite", "onnx"]),
@@ -340,26 +314,7 @@ def evaluate(model, data, out, top_k, force):
 @handle_errors
 def export(run, fmt, quantize, out, force):
     """Export RUN's model and check it against the Keras model on the validation images."""
-    defaults = tltool.load_recipe(run / "recipe.yaml").export if (run / "recipe.yaml").is_file() else None
-    formats = [fmt] if fmt else (defaults.formats if defaults else ["savedmodel"])
-    if out is not None and len(formats) > 1:
-        raise click.UsageError(f"--out takes one format; the recipe lists {', '.join(formats)}. Add --format.")
-    for name in formats:
-        q = quantize or (defaults.quantize if defaults and name == "tflite" else "none")
-        _export_one(run, name, q, out, force)
-
-
-def _export_one(run, fmt, quantize, out, force):
-    result = tltool.export(run, fmt, quantize=quantize, out=out, force=force)
-    what = fmt + (f" ({quantize})" if quantize != "none" else "")
-    size = f"{result['size_bytes'] / 1e6:.2f} MB" + (f", {result['size_ratio']:.3f}x float32"
-                                                    if "size_ratio" in result else "")
-    if "int8_weights" in result:
-        size += f", {result['int8_weights']} weight scales"
-    echo(f"Exported {what} to {result['path']} ({size}).")
-    echo(f"Check on {result['n_images']} validation images: top-1 agreement {result['top1_agreement']:.4f}, "
-         f"max |prob diff| {result['max_abs_prob_diff']:.2g}, accuracy {result['accuracy_keras']:.4f} (Keras) "
-         f"vs {result['accuracy_export']:.4f} (export).")
+    tltool.export_run(run, fmt, quantize, out=out, force=force, log=echo)
 
 
 @main.command()

@@ -8,6 +8,7 @@ extraction call `check()` between batches, where unwinding is safe. A second SIG
 
 from __future__ import annotations
 
+import contextlib
 import signal
 
 
@@ -45,3 +46,13 @@ def restore(previous) -> None:
     global _requested
     _requested = False
     signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def sigterm_at_safe_points():
+    """Within the block, SIGTERM stops the work at its next safe point by raising `Interrupted` there."""
+    previous = install()
+    try:
+        yield
+    finally:
+        restore(previous)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -393,11 +394,10 @@ def _cross_checks(recipe: Recipe, source: str) -> None:
         raise RecipeError(f"{source}: expected every entry of `head.dense` to be at least 1. "
                           f"Received: head.dense={recipe.head.dense}")
     if recipe.data.group_by is not None:
-        import re
         try:
-            re.compile(recipe.data.group_by)
-        except re.error as exc:
-            raise RecipeError(f"{source}: `data.group_by` is not a valid regular expression: {exc}.") from None
+            compile_group_by(recipe.data.group_by)
+        except ValueError as exc:
+            raise RecipeError(f"{source}: `data.group_by` {exc}") from None
     known = field_paths()
     for key, entry in recipe.tune.space.items():
         if key not in known:
@@ -406,11 +406,25 @@ def _cross_checks(recipe: Recipe, source: str) -> None:
         _check_space_entry(key, entry, known[key], source)
 
 
-# Keys a search cannot vary: what is searched, or the identity of the run.
 # Not searchable: identity fields, the search itself, and process-wide switches (op determinism cannot be
 # turned off again within a process, so one trial would change every later one).
 _UNTUNABLE = ("version", "name", "tune.", "train.deterministic", "train.strategy", "train.mixed_precision")
 SPACE_FORMS = "{choice: [...]}, {min: A, max: B, step: S, sampling: linear|log} or {boolean: true}"
+
+
+def compile_group_by(pattern: str) -> re.Pattern:
+    """The `group_by` regex compiled; ValueError with the reason when it is not a valid regular expression."""
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"is not a valid regular expression: {exc}.") from None
+
+
+def hidden_layers(value):
+    """A `head.dense` value as layer sizes: in a search space a number is one hidden layer of that size, 0 none."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value] if value else []
+    return value
 
 
 def field_type(key: str):
@@ -427,21 +441,13 @@ def _check_space_entry(key: str, entry: Any, fld: dataclasses.Field, source: str
     where = f"tune.space.{key}"
     if key.startswith(_UNTUNABLE) or key in _UNTUNABLE:
         raise RecipeError(f"{source}: `{key}` cannot be searched over; remove it from `tune.space`.")
-    if not isinstance(entry, dict):
-        raise RecipeError(f"{source}: expected `{where}` to be one of {SPACE_FORMS}. Received: {entry!r}")
+    form = _space_form(entry, where, source)
     tp = field_type(key)
     units = typing.get_origin(tp) is list  # head.dense: a number is the size of one hidden layer (0 = none)
-    forms = {"choice": {"choice"}, "boolean": {"boolean"}, "min": {"min", "max", "step", "sampling"}}
-    form = next((f for f in ("choice", "boolean", "min") if f in entry or (f == "min" and "max" in entry)), None)
-    extra = set(entry) - forms[form] if form else set(entry)
-    if form is None or extra:
-        name = sorted(extra)[0] if extra else None
-        hint = _did_you_mean(name, ["choice", "boolean", "min", "max", "step", "sampling"], "") if name else ""
-        raise RecipeError(f"{source}: expected `{where}` to be one of {SPACE_FORMS}. Received: {entry!r}.{hint}")
 
     def check(value, path=where):
-        if units and isinstance(value, int) and not isinstance(value, bool):
-            value = [value] if value else []
+        if units:
+            value = hidden_layers(value)
         checked = _check_value(path, value, tp, fld.metadata, source)
         if units and any(n < 1 for n in checked):
             raise RecipeError(f"{source}: expected `{path}` to hold layer sizes of at least 1 (or 0 for no hidden "
@@ -462,34 +468,53 @@ def _check_space_entry(key: str, entry: Any, fld: dataclasses.Field, source: str
         if tp not in (int, float) and not units:
             raise RecipeError(f"{source}: `{where}` is a range but `{key}` is {_type_name(tp)}, not a number. "
                               f"Use {{choice: [...]}} instead.")
-        if "min" not in entry or "max" not in entry:
-            raise RecipeError(f"{source}: expected `{where}` to give both `min` and `max`. Received: {entry!r}")
-        kind = float if tp is float else int
-        for name in ("min", "max", "step"):
-            value = entry.get(name)
-            if value is None and name == "step":
-                continue
-            ok, _ = _coerce(value, kind)
-            if not ok:
-                raise RecipeError(f"{source}: expected `{where}.{name}` to be {_type_name(kind)}. "
-                                  f"Received: {name}={value!r}")
-        lo, hi, step = kind(entry["min"]), kind(entry["max"]), entry.get("step")
-        sampling = entry.get("sampling", "linear")
-        if lo >= hi:
-            raise RecipeError(f"{source}: expected `{where}.min` to be below `max`. Received: min={lo}, max={hi}")
-        if step is not None and kind(step) <= 0:
-            raise RecipeError(f"{source}: expected `{where}.step` to be above 0. Received: step={step}")
-        if sampling not in ("linear", "log"):
-            raise RecipeError(f"{source}: expected `{where}.sampling` to be one of `linear`, `log`. "
-                              f"Received: sampling={sampling!r}")
-        if sampling == "log" and lo <= 0:
-            raise RecipeError(f"{source}: `{where}` samples on a log scale, so `min` must be above 0. "
-                              f"Received: min={lo}")
-        if sampling == "log" and step is not None and kind(step) <= 1:
-            raise RecipeError(f"{source}: on a log scale `{where}.step` is a factor (10: 1e-4, 1e-3, ...) and "
-                              f"must be above 1. Received: step={step}")
+        lo, hi = _check_range(entry, float if tp is float else int, where, source)
         check(lo, where + ".min")
         check(hi, where + ".max")
+
+
+def _space_form(entry: Any, where: str, source: str) -> str:
+    """Which form a `tune.space` entry has: "choice", "boolean" or "min" (a range), with no stray keys."""
+    if not isinstance(entry, dict):
+        raise RecipeError(f"{source}: expected `{where}` to be one of {SPACE_FORMS}. Received: {entry!r}")
+    forms = {"choice": {"choice"}, "boolean": {"boolean"}, "min": {"min", "max", "step", "sampling"}}
+    form = next((f for f in ("choice", "boolean", "min") if f in entry or (f == "min" and "max" in entry)), None)
+    extra = set(entry) - forms[form] if form else set(entry)
+    if form is None or extra:
+        name = sorted(extra)[0] if extra else None
+        hint = _did_you_mean(name, ["choice", "boolean", "min", "max", "step", "sampling"], "") if name else ""
+        raise RecipeError(f"{source}: expected `{where}` to be one of {SPACE_FORMS}. Received: {entry!r}.{hint}")
+    return form
+
+
+def _check_range(entry: dict, kind: type, where: str, source: str) -> tuple:
+    """A range entry's min, max, step and sampling, checked against each other; returns (min, max)."""
+    if "min" not in entry or "max" not in entry:
+        raise RecipeError(f"{source}: expected `{where}` to give both `min` and `max`. Received: {entry!r}")
+    for name in ("min", "max", "step"):
+        value = entry.get(name)
+        if value is None and name == "step":
+            continue
+        ok, _ = _coerce(value, kind)
+        if not ok:
+            raise RecipeError(f"{source}: expected `{where}.{name}` to be {_type_name(kind)}. "
+                              f"Received: {name}={value!r}")
+    lo, hi, step = kind(entry["min"]), kind(entry["max"]), entry.get("step")
+    sampling = entry.get("sampling", "linear")
+    if lo >= hi:
+        raise RecipeError(f"{source}: expected `{where}.min` to be below `max`. Received: min={lo}, max={hi}")
+    if step is not None and kind(step) <= 0:
+        raise RecipeError(f"{source}: expected `{where}.step` to be above 0. Received: step={step}")
+    if sampling not in ("linear", "log"):
+        raise RecipeError(f"{source}: expected `{where}.sampling` to be one of `linear`, `log`. "
+                          f"Received: sampling={sampling!r}")
+    if sampling == "log" and lo <= 0:
+        raise RecipeError(f"{source}: `{where}` samples on a log scale, so `min` must be above 0. "
+                          f"Received: min={lo}")
+    if sampling == "log" and step is not None and kind(step) <= 1:
+        raise RecipeError(f"{source}: on a log scale `{where}.step` is a factor (10: 1e-4, 1e-3, ...) and "
+                          f"must be above 1. Received: step={step}")
+    return lo, hi
 
 
 def _flatten(tree: dict, prefix: str = ""):

@@ -133,6 +133,18 @@ def require_run_dir(run_dir: Path) -> Path:
     return run_dir
 
 
+def save_inference_model(model, path: Path) -> None:
+    """Save `model` uncompiled, as a fresh functional wrapper over the same layers: users load it for
+    inference or their own training, and a stale optimizer state would only cause warnings on load."""
+    import keras
+
+    atomic_save_model(keras.Model(model.inputs, model.outputs, name=model.name), path)
+
+
+def write_summary(run_dir: Path, summary: dict) -> None:
+    atomic_write_json(Path(run_dir) / SUMMARY_FILE, summary)
+
+
 def read_summary(run_dir: Path) -> dict:
     path = Path(run_dir) / SUMMARY_FILE
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}

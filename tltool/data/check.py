@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,8 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from tltool.data.folders import bad_class_name, check_folder, class_folders, group_key
+from tltool.data.images import UNSUPPORTED_EXTENSIONS, ImageReadError, decode, io_workers, is_image_name
 from tltool.errors import DataError
-from tltool.data.images import UNSUPPORTED_EXTENSIONS, ImageReadError, decode, is_image_name
+from tltool.recipe import compile_group_by
 
 #: pHash bits (of 64) two images may differ in and still count as near-duplicates. Re-encoded, resized or
 #: brightened copies differ in 0-8 bits; unrelated pictures in about 32 (rarely under 16).
@@ -167,7 +167,7 @@ def _list_folder(root: Path) -> tuple[dict[str, list[Path]], dict]:
 
 def _read_all(jobs: list[Path], workers: int | None, progress: bool) -> list[dict]:
     """inspect_file over all jobs with a thread pool (Pillow, zlib and hashlib release the GIL)."""
-    workers = workers or min(32, (os.cpu_count() or 1) + 4)
+    workers = workers or io_workers()
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(inspect_file, jobs, chunksize=1)
         if not progress:
@@ -231,16 +231,56 @@ def check_data(train, val=None, test=None, group_by: str | None = None, *, near_
     Raises:
         DataError: a folder does not exist, or `group_by` is not a valid regular expression.
     """
-    roots = {"train": train, "val": val, "test": test}
-    roots = {role: Path(p).expanduser() for role, p in roots.items() if p is not None}
+    roots = {role: Path(p).expanduser() for role, p in (("train", train), ("val", val), ("test", test))
+             if p is not None}
     for role, root in roots.items():
         check_folder(root, _NAMES[role])
     if group_by is not None:
         try:
-            re.compile(group_by)
-        except re.error as exc:
-            raise DataError(f"--group-by {group_by!r} is not a valid regular expression: {exc}.") from None
+            compile_group_by(group_by)
+        except ValueError as exc:
+            raise DataError(f"--group-by {group_by!r} {exc}") from None
+    listings, infos = _read_folders(roots, workers, progress)
+    found = _Findings()
+    folders = {}
+    for role, root in roots.items():
+        per_class, ignored = listings[role]
+        folders[role] = _folder_report(root, per_class, ignored, [i for i in infos if i["role"] == role])
+        what = f"{_NAMES[role]} folder {root}"
+        _judge_files(found, what, root, folders[role], ignored)
+        _judge_classes(found, role, what, folders[role], folders["train"])
+    if group_by is not None:
+        folders["train"]["groups"] = _judge_groups(found, infos, group_by)
+    leakage = _judge_leakage(found, infos, near_distance)
+    folders["train"]["near_duplicates"] = _judge_near_duplicates(found, infos, near_distance, group_by,
+                                                                 has_val_folder="val" in roots)
+    return {
+        "ok": not found.problems,
+        "problems": found.problems,
+        "warnings": found.warnings,
+        "folders": folders,
+        "leakage": leakage,
+        "settings": {"group_by": group_by, "near_distance": near_distance, "imbalance_warning": IMBALANCE_WARNING,
+                     "few_images": FEW_IMAGES, "small_side": SMALL_SIDE, "large_pixels": LARGE_PIXELS},
+    }
 
+
+class _Findings:
+    """The problems (the data cannot be trained on as is) and warnings of a check, in the order found."""
+
+    def __init__(self):
+        self.problems: list[dict] = []
+        self.warnings: list[dict] = []
+
+    def problem(self, code: str, message: str) -> None:
+        self.problems.append({"code": code, "message": message})
+
+    def warn(self, code: str, message: str) -> None:
+        self.warnings.append({"code": code, "message": message})
+
+
+def _read_folders(roots: dict, workers: int | None, progress: bool) -> tuple[dict, list[dict]]:
+    """Each folder's listing, and the facts of every image file in them (tagged with role, class, path)."""
     listings = {role: _list_folder(root) for role, root in roots.items()}
     jobs = [(role, name, path) for role, (per_class, _) in listings.items()
             for name, files in per_class.items() for path in files]
@@ -248,106 +288,99 @@ def check_data(train, val=None, test=None, group_by: str | None = None, *, near_
     for (role, name, path), info in zip(jobs, infos):
         info["role"], info["class"] = role, name
         info["rel"] = path.relative_to(roots[role]).as_posix()
+    return listings, infos
 
-    problems: list[dict] = []
-    warnings: list[dict] = []
 
-    def problem(code, message):
-        problems.append({"code": code, "message": message})
+def _judge_files(found: _Findings, what: str, root: Path, rep: dict, ignored: dict) -> None:
+    """Broken files, label conflicts, empty classes, duplicates and ignored files of one folder."""
+    if rep["broken"]:
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(_count(b["kind"] for b in rep["broken"]).items()))
+        found.problem("broken_files", f"{len(rep['broken'])} broken file(s) in the {what} ({kinds}); "
+                                      f"training skips them. Fix or remove them.")
+    if rep["label_conflicts"]:
+        first = rep["label_conflicts"][0]
+        found.problem("label_conflict", f"{len(rep['label_conflicts'])} image(s) are filed under more than one "
+                                        f"class in the {what}, e.g. {' = '.join(first['paths'])}. Keep each in one "
+                                        f"class.")
+    if rep["empty_classes"]:
+        found.warn("empty_class", f"Class folder(s) with no readable images in the {what}: "
+                                  f"{', '.join(rep['empty_classes'])}; they are left out.")
+    if rep["duplicates"]:
+        extra = sum(len(group) - 1 for group in rep["duplicates"])
+        found.warn("duplicates", f"{extra} exact duplicate file(s) within a class in the {what}, e.g. "
+                                 f"{' = '.join(rep['duplicates'][0])}.")
+    if ignored["outside_classes"]:
+        found.warn("outside_classes", f"{len(ignored['outside_classes'])} image(s) directly in {root} are not in "
+                                      f"a class folder and are ignored, e.g. {ignored['outside_classes'][0]}.")
+    if ignored["unsupported"]:
+        found.warn("unsupported_files", f"{len(ignored['unsupported'])} file(s) in formats tltool does not read "
+                                        f"are ignored in the {what}, e.g. {ignored['unsupported'][0]}; convert "
+                                        f"them to JPEG or PNG.")
+    for name in rep["classes"]:
+        if bad_class_name(name):
+            found.problem("bad_class_name", f"Class folder {name!r} in the {what} {bad_class_name(name)}; "
+                                            f"rename it.")
 
-    def warn(code, message):
-        warnings.append({"code": code, "message": message})
 
-    folders = {}
-    train_classes: list[str] = []
-    for role, root in roots.items():
-        per_class, ignored = listings[role]
-        mine = [info for info in infos if info["role"] == role]
-        folders[role] = rep = _folder_report(root, per_class, ignored, mine)
-        what = f"{_NAMES[role]} folder {root}"
-        if rep["broken"]:
-            kinds = ", ".join(f"{n} {k}" for k, n in sorted(_count(b["kind"] for b in rep["broken"]).items()))
-            problem("broken_files", f"{len(rep['broken'])} broken file(s) in the {what} ({kinds}); "
-                                    f"training skips them. Fix or remove them.")
-        if rep["label_conflicts"]:
-            first = rep["label_conflicts"][0]
-            problem("label_conflict", f"{len(rep['label_conflicts'])} image(s) are filed under more than one class "
-                                      f"in the {what}, e.g. {' = '.join(first['paths'])}. Keep each in one class.")
-        if rep["empty_classes"]:
-            warn("empty_class", f"Class folder(s) with no readable images in the {what}: "
-                                f"{', '.join(rep['empty_classes'])}; they are left out.")
-        if rep["duplicates"]:
-            extra = sum(len(group) - 1 for group in rep["duplicates"])
-            warn("duplicates", f"{extra} exact duplicate file(s) within a class in the {what}, e.g. "
-                               f"{' = '.join(rep['duplicates'][0])}.")
-        if ignored["outside_classes"]:
-            warn("outside_classes", f"{len(ignored['outside_classes'])} image(s) directly in {root} are not in a "
-                                    f"class folder and are ignored, e.g. {ignored['outside_classes'][0]}.")
-        if ignored["unsupported"]:
-            warn("unsupported_files", f"{len(ignored['unsupported'])} file(s) in formats tltool does not read are "
-                                      f"ignored in the {what}, e.g. {ignored['unsupported'][0]}; convert them to "
-                                      f"JPEG or PNG.")
-        for name in rep["classes"]:
-            if bad_class_name(name):
-                problem("bad_class_name", f"Class folder {name!r} in the {what} {bad_class_name(name)}; rename it.")
-        classes = [c for c, n in rep["classes"].items() if n > 0]
-        if role == "train":
-            train_classes = classes
-            if len(classes) < 2:
-                problem("too_few_classes", f"The {what} has {len(classes)} class(es) with readable images; at "
-                                           f"least 2 are needed.")
-            small = [c for c in classes if rep["classes"][c] < FEW_IMAGES]
-            if small:
-                warn("few_images", f"Class(es) with fewer than {FEW_IMAGES} images: "
-                                   + ", ".join(f"{c} ({rep['classes'][c]})" for c in small) + ".")
-            if rep["imbalance_ratio"] and rep["imbalance_ratio"] >= IMBALANCE_WARNING:
-                warn("imbalance", f"Classes are imbalanced {rep['imbalance_ratio']:.1f}:1 (largest/smallest); "
-                                  f"consider train.class_weights=auto or more images of the small classes.")
-        else:
-            unknown = [c for c in classes if c not in train_classes]
-            missing = [c for c in train_classes if c not in classes]
-            if not classes:
-                problem("no_images", f"The {what} has no readable images.")
-            if unknown:
-                problem("unknown_classes", f"The {what} has classes the training folder does not: "
-                                           f"{', '.join(unknown)}.")
-            if missing and classes:
-                warn("missing_classes", f"The {what} has no images of: {', '.join(missing)}.")
+def _judge_classes(found: _Findings, role: str, what: str, rep: dict, train_rep: dict) -> None:
+    """The training folder's classes (how many, how small, how balanced); another folder's against them."""
+    classes = [c for c, n in rep["classes"].items() if n > 0]
+    if role == "train":
+        if len(classes) < 2:
+            found.problem("too_few_classes", f"The {what} has {len(classes)} class(es) with readable images; "
+                                             f"at least 2 are needed.")
+        small = [c for c in classes if rep["classes"][c] < FEW_IMAGES]
+        if small:
+            found.warn("few_images", f"Class(es) with fewer than {FEW_IMAGES} images: "
+                                     + ", ".join(f"{c} ({rep['classes'][c]})" for c in small) + ".")
+        if rep["imbalance_ratio"] and rep["imbalance_ratio"] >= IMBALANCE_WARNING:
+            found.warn("imbalance", f"Classes are imbalanced {rep['imbalance_ratio']:.1f}:1 (largest/smallest); "
+                                    f"consider train.class_weights=auto or more images of the small classes.")
+        return
+    train_classes = [c for c, n in train_rep["classes"].items() if n > 0]
+    unknown = [c for c in classes if c not in train_classes]
+    missing = [c for c in train_classes if c not in classes]
+    if not classes:
+        found.problem("no_images", f"The {what} has no readable images.")
+    if unknown:
+        found.problem("unknown_classes", f"The {what} has classes the training folder does not: "
+                                         f"{', '.join(unknown)}.")
+    if missing and classes:
+        found.warn("missing_classes", f"The {what} has no images of: {', '.join(missing)}.")
 
-    if group_by is not None:
-        folders["train"]["groups"] = groups = _group_report(
-            [i for i in infos if i["role"] == "train" and "error" not in i], group_by)
-        for span in groups["spanning_classes"]:
-            problem("group_spans_classes", f"Group `{span['group']}` (--group-by) has files in classes "
-                                           f"{', '.join(span['classes'])}: a group must belong to one class.")
-        if groups["unmatched"]:
-            warn("group_unmatched", f"{groups['unmatched']} file name(s) do not match --group-by "
-                                    f"{group_by!r}; each is its own group, e.g. {groups['unmatched_examples'][0]}.")
 
+def _judge_groups(found: _Findings, infos: list[dict], group_by: str) -> dict:
+    groups = _group_report([i for i in infos if i["role"] == "train" and "error" not in i], group_by)
+    for span in groups["spanning_classes"]:
+        found.problem("group_spans_classes", f"Group `{span['group']}` (--group-by) has files in classes "
+                                             f"{', '.join(span['classes'])}: a group must belong to one class.")
+    if groups["unmatched"]:
+        found.warn("group_unmatched", f"{groups['unmatched']} file name(s) do not match --group-by {group_by!r}; "
+                                      f"each is its own group, e.g. {groups['unmatched_examples'][0]}.")
+    return groups
+
+
+def _judge_leakage(found: _Findings, infos: list[dict], near_distance: int) -> list[dict]:
     leakage = _leakage(infos, near_distance)
     for leak in leakage:
         a, b = leak["between"]
         ex = leak["examples"][0]
-        problem("leakage", f"{leak['pairs']} image pair(s) appear in both the {_NAMES[a]} and the {_NAMES[b]} "
-                           f"data ({leak['exact']} identical, the rest near-duplicates), e.g. {a}:{ex['a']} ~ "
-                           f"{b}:{ex['b']} (distance {ex['distance']}).")
+        found.problem("leakage", f"{leak['pairs']} image pair(s) appear in both the {_NAMES[a]} and the "
+                                 f"{_NAMES[b]} data ({leak['exact']} identical, the rest near-duplicates), e.g. "
+                                 f"{a}:{ex['a']} ~ {b}:{ex['b']} (distance {ex['distance']}).")
+    return leakage
+
+
+def _judge_near_duplicates(found: _Findings, infos: list[dict], near_distance: int, group_by: str | None,
+                           has_val_folder: bool) -> dict:
     inner = _inner_near_duplicates([i for i in infos if i["role"] == "train"], near_distance, group_by)
     if inner["pairs"]:
         ex = inner["examples"][0]
-        hint = "" if "val" in roots else " the automatic validation split may put them on both sides;"
-        warn("near_duplicates", f"{inner['pairs']} near-duplicate pair(s) inside the training folder "
-                                f"(e.g. {ex['a']} ~ {ex['b']});{hint} use --group-by to keep related shots together.")
-    folders["train"]["near_duplicates"] = inner
-
-    return {
-        "ok": not problems,
-        "problems": problems,
-        "warnings": warnings,
-        "folders": folders,
-        "leakage": leakage,
-        "settings": {"group_by": group_by, "near_distance": near_distance, "imbalance_warning": IMBALANCE_WARNING,
-                     "few_images": FEW_IMAGES, "small_side": SMALL_SIDE, "large_pixels": LARGE_PIXELS},
-    }
+        hint = "" if has_val_folder else " the automatic validation split may put them on both sides;"
+        found.warn("near_duplicates", f"{inner['pairs']} near-duplicate pair(s) inside the training folder "
+                                      f"(e.g. {ex['a']} ~ {ex['b']});{hint} use --group-by to keep related shots "
+                                      f"together.")
+    return inner
 
 
 def _count(items) -> dict:

@@ -1,4 +1,4 @@
-"""Image folders: scanning, seeded stratified splits, class weights and `tf.data` pipelines.
+"""Image folders: scanning class folders, seeded stratified splits, class weights.
 
 An image folder has one sub-folder per class. Hidden files and non-image files are ignored; files that
 look like images but cannot be read are skipped and recorded with their reason in a `SkipLog`, both at
@@ -7,11 +7,9 @@ scan time (header) and at decode time, so one broken file never stops a run.
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 import warnings
-import collections
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tltool.data.images import ImageReadError, io_workers, is_image_name, probe
 from tltool.errors import DataError
-from tltool.data.images import ImageReadError, is_image_name, load_image, probe
 
 
 class SkipLog:
@@ -70,10 +68,6 @@ class ImageFolder:
     def without(self, skips: "SkipLog") -> "ImageFolder":
         """The images not in `skips` (files found broken while decoding are in it after a pass over them)."""
         return self.subset([i for i, p in enumerate(self.paths) if p not in skips])
-
-
-def _io_workers() -> int:
-    return min(32, (os.cpu_count() or 1) + 4)
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -142,7 +136,7 @@ def scan_folder(root: str | Path, skips: SkipLog | None = None, classes: list[st
     found: dict[str, list[str]] = {}
     candidates = {folder.name: image_files(folder) for folder in folders}
     # Header checks are I/O bound: threads overlap the disk reads of large folders.
-    with ThreadPoolExecutor(max_workers=_io_workers()) as pool:
+    with ThreadPoolExecutor(max_workers=io_workers()) as pool:
         for name, files in candidates.items():
             found[name] = []
             for path, reason in zip(files, pool.map(_header_ok, files)):
@@ -220,111 +214,3 @@ def balanced_class_weights(labels, num_classes: int) -> dict[int, float]:
     counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
     total = counts.sum()
     return {i: (float(total) / (num_classes * c) if c else 1.0) for i, c in enumerate(counts)}
-
-
-# ------------------------------------------------------------------------------------------ tf.data
-
-
-def _load_or_blank(path: str, image_size: int, skips: SkipLog) -> tuple[np.ndarray, bool]:
-    """(pixels, True), or black pixels and False for a file that cannot be decoded (recorded in `skips`)."""
-    try:
-        return load_image(path, image_size), True
-    except ImageReadError as exc:
-        skips.add(path, str(exc), exc.kind)
-        return np.zeros((image_size, image_size, 3), np.uint8), False
-
-
-def decoded_batches(paths: list[str], image_size: int, batch_size: int, skips: SkipLog, ahead: int = 2):
-    """Yield (uint8 pixels [B, S, S, 3], ok [B]) batches, decoded by a thread pool while the model runs.
-
-    Plain threads beat a `tf.data` map here: Pillow releases the GIL while decoding, and the pool stays off
-    TensorFlow's own thread pools, which the forward pass needs. At most `ahead` batches wait decoded,
-    so memory does not grow with the number of images.
-    """
-    def load(path):
-        return _load_or_blank(path, image_size, skips)
-
-    chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
-    workers = max(1, min(4, os.cpu_count() or 1))
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tltool-decode") as pool:
-        pending = collections.deque()
-        for chunk in chunks[:ahead + 1]:
-            pending.append([pool.submit(load, p) for p in chunk])
-        next_chunk = ahead + 1
-        while pending:
-            results = [f.result() for f in pending.popleft()]
-            if next_chunk < len(chunks):
-                pending.append([pool.submit(load, p) for p in chunks[next_chunk]])
-                next_chunk += 1
-            yield np.stack([r[0] for r in results]), np.array([r[1] for r in results], bool)
-
-
-def _decoder(image_size: int, skips: SkipLog):
-    """A `tf.data` map function: path -> (uint8 pixels, ok). Failures give black pixels and ok=False."""
-    import tensorflow as tf
-
-    def _decode(path_bytes):
-        return _load_or_blank(path_bytes.decode("utf-8"), image_size, skips)
-
-    def decode(path):
-        pixels, ok = tf.numpy_function(_decode, [path], [tf.uint8, tf.bool], stateful=False)
-        pixels.set_shape((image_size, image_size, 3))
-        ok.set_shape(())
-        return pixels, ok
-
-    return decode
-
-
-def _is_ok(pixels, label, ok):
-    return ok
-
-
-def _drop_ok(pixels, label, ok):
-    return pixels, label
-
-
-def image_dataset(paths, labels, image_size: int, batch_size: int, skips: SkipLog, num_classes: int,
-                  shuffle: bool = False, seed: int | None = None, augment=None):
-    """A batched, prefetched `tf.data.Dataset` of (float32 pixels 0..255, one-hot label), streamed from disk.
-
-    Files that fail to decode are recorded in `skips` and dropped from the stream, so a broken file never
-    stops an epoch. `augment` is a Keras layer (or None) applied per batch.
-    """
-    import tensorflow as tf
-
-    decode = _decoder(image_size, skips)
-
-    def load(path, label):
-        pixels, ok = decode(path)
-        return tf.cast(pixels, tf.float32), tf.one_hot(label, num_classes), ok
-
-    ds = tf.data.Dataset.from_tensor_slices(([str(p) for p in paths], np.asarray(labels, dtype=np.int32)))
-    if shuffle:
-        ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.filter(_is_ok).map(_drop_ok)
-    ds = ds.batch(batch_size)
-    if augment is not None:
-        ds = ds.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE)
-
-
-def augmentation_layer(cfg, seed: int | None = None):
-    """A Keras `Sequential` of random layers for the recipe's `augment` section, or None if all are off."""
-    import keras
-
-    layers = []
-    if cfg.flip != "none":
-        layers.append(keras.layers.RandomFlip(cfg.flip, seed=seed))
-    if cfg.rotation > 0:
-        layers.append(keras.layers.RandomRotation(cfg.rotation, fill_mode="reflect", seed=seed))
-    if cfg.zoom > 0:
-        layers.append(keras.layers.RandomZoom(cfg.zoom, fill_mode="reflect", seed=seed))
-    if cfg.translation > 0:
-        layers.append(keras.layers.RandomTranslation(cfg.translation, cfg.translation, fill_mode="reflect",
-                                                     seed=seed))
-    if cfg.contrast > 0:
-        layers.append(keras.layers.RandomContrast(cfg.contrast, seed=seed))
-    if not layers:
-        return None
-    return keras.Sequential(layers, name="augment")

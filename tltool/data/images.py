@@ -37,6 +37,11 @@ _BACKGROUND = (255, 255, 255)
 
 
 
+def io_workers() -> int:
+    """Threads that read image files at once: reading is I/O bound, and Pillow releases the GIL."""
+    return min(32, (os.cpu_count() or 1) + 4)
+
+
 class ImageReadError(Exception):
     """A file that cannot be used as an image; str() is a short reason for reports, `kind` its category."""
 

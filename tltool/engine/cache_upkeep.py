@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tltool.errors import CacheError
-from tltool.engine.features import LAST_USED_FILE, FeatureCache
+from tltool.engine.features import LAST_USED_FILE, FeatureCache, key_is_current
 
 #: Folder names `features.extractor_key` makes (backbone-size-hash): nothing else under the root is touched.
 ENTRY_NAME = re.compile(r"^[A-Za-z0-9_.]+-\d+-[0-9a-f]{16}$")
@@ -80,7 +80,7 @@ def _cache_entries(root: Path) -> list[CacheEntry]:
     entries = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and ENTRY_NAME.match(p.name)):
         keys = FeatureCache(folder, touch=False).keys()
-        stale = frozenset(key for key in keys if not _is_current(key))
+        stale = frozenset(key for key in keys if not key_is_current(key))
         marker = folder / LAST_USED_FILE
         last_used = (marker if marker.is_file() else folder).stat().st_mtime
         entries.append(CacheEntry(folder, len(keys), stale, _folder_size(folder), last_used))
@@ -97,36 +97,9 @@ def _prune(entry: CacheEntry) -> int:
     if not marker.is_file():  # keep the entry's age: rewriting it must not make it look recently used
         marker.touch()
         os.utime(marker, (entry.last_used, entry.last_used))
-    old_shards = sorted(entry.path.glob("*.json"))
-    cache = FeatureCache(entry.path, touch=False)
-    live = [key for key in cache.keys() if key not in entry.stale_keys]
-    cache.add(live, cache.get(live))  # the new shard is complete before any old one goes
-    for index in old_shards:  # index first: a shard without one is never read
-        index.unlink(missing_ok=True)
-        index.with_suffix(".npy").unlink(missing_ok=True)
-    # Leftovers of crashed writes or prunes; only old ones, as another run may be writing a shard right now.
-    an_hour_ago = time.time() - 3600
-    for leftover in [*entry.path.glob(".*.tmp"), *entry.path.glob("*.npy")]:
-        orphan = leftover.suffix == ".tmp" or not leftover.with_suffix(".json").is_file()
-        if orphan and leftover.stat().st_mtime < an_hour_ago:
-            leftover.unlink(missing_ok=True)
+    FeatureCache(entry.path, touch=False).rewrite_without(entry.stale_keys)
     return entry.size_bytes - _folder_size(entry.path)
 
 
 def _folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-
-
-def _is_current(key: str) -> bool:
-    """Whether the file a key names still has the size and modification time it had (see `file_key`)."""
-    parts = key.rsplit("|", 3)
-    if len(parts) != 4:
-        return False
-    path, size, mtime_ns, _view = parts
-    try:
-        st = os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return False
-    except OSError:  # unreadable for now (permissions, a share offline): not proof the file is gone
-        return True
-    return str(st.st_size) == size and str(st.st_mtime_ns) == mtime_ns

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import csv
 import io
 import json
-import os
 import time
 from pathlib import Path
 
@@ -13,16 +11,10 @@ import keras
 import numpy as np
 
 from tltool import interrupts, rundir
-
-HISTORY_COLUMNS = ["stage", "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds"]
-
+from tltool.engine import history
 
 class HistoryCSV(keras.callbacks.Callback):
-    """Appends one row per finished epoch to `history.csv`, with the stage and the epoch within it.
-
-    Each row is flushed and fsynced at once, so the file is complete up to the last finished epoch even
-    after a crash, and a resumed run continues it rather than starting it again.
-    """
+    """Appends one row per finished epoch to `history.csv` (see engine/history.py), with the stage."""
 
     def __init__(self, path: Path, stage: int):
         super().__init__()
@@ -46,14 +38,7 @@ class HistoryCSV(keras.callbacks.Callback):
         for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
             value = logs.get(key)
             row[key] = None if value is None else round(float(value), 6)
-        new_file = not self.path.exists() or self.path.stat().st_size == 0
-        with open(self.path, "a", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=HISTORY_COLUMNS)
-            if new_file:
-                writer.writeheader()
-            writer.writerow(row)
-            handle.flush()
-            os.fsync(handle.fileno())
+        history.append_row(self.path, row)
 
 
 class StopOnSignal(keras.callbacks.Callback):
@@ -108,16 +93,3 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
         best = None if self.best is None else float(self.best)
         rundir.atomic_write_json(self.state_dir / self.STATE_FILE,
                                  {"epoch": epoch, "wait": self.wait, "best": best, "best_epoch": self.best_epoch})
-
-
-def read_history(path: Path) -> list[dict]:
-    """Rows of a `history.csv` as dicts with numbers converted (empty cells become None)."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    rows = []
-    with open(path, newline="", encoding="utf-8") as handle:
-        for row in csv.DictReader(handle):
-            rows.append({k: (None if v in ("", None) else (int(v) if k in ("stage", "epoch") else float(v)))
-                         for k, v in row.items()})
-    return rows

@@ -14,6 +14,7 @@ split never loads the whole cache.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -26,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from tltool import interrupts
-from tltool.data.folders import SkipLog, decoded_batches
+from tltool.data.folders import SkipLog
+from tltool.data.pipelines import decoded_batches
 from tltool.rundir import atomic_write_text
 
 CACHE_FORMAT = 1
@@ -47,10 +49,32 @@ def extractor_key(backbone: str, weights_fingerprint: str, image_size: int, prep
     return f"{backbone}-{image_size}-" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def augmentation_key(recipe) -> str:
+    """A short hash of what decides the augmented views of a run: the augmentation settings and the seed."""
+    text = json.dumps([dataclasses.asdict(recipe.augment), recipe.seed], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def file_key(path: str, view: str = "") -> str:
-    """Identity of one image file's content as far as the cache is concerned (and of one view of it)."""
+    """Identity of one image file's content as far as the cache is concerned (and of one view of it):
+    `path|size|mtime_ns|view`, read back by `key_is_current`."""
     st = os.stat(path)
     return f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{view}"
+
+
+def key_is_current(key: str) -> bool:
+    """Whether the file a `file_key` names still has the size and modification time it had."""
+    parts = key.rsplit("|", 3)
+    if len(parts) != 4:
+        return False
+    path, size, mtime_ns, _view = parts
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:  # unreadable for now (permissions, a share offline): not proof the file is gone
+        return True
+    return str(st.st_size) == size and str(st.st_mtime_ns) == mtime_ns
 
 
 class FeatureCache:
@@ -120,10 +144,34 @@ class FeatureCache:
             self._index[key] = (shard, row)
 
 
+    def rewrite_without(self, dropped) -> None:
+        """Rewrite the entry as one shard of the rows whose keys are not in `dropped`.
+
+        The new shard is complete before any old one goes, and an old shard's index goes before its array
+        (a shard without an index is never read), so a crash at any point leaves a readable entry.
+        """
+        old_indexes = sorted(self.root.glob("*.json"))
+        live = [key for key in self.keys() if key not in dropped]
+        rows = self.get(live)  # a copy: the shards it came from are about to go
+        self._index, self._arrays = {}, {}
+        self.add(live, rows)
+        for index in old_indexes:
+            index.unlink(missing_ok=True)
+            index.with_suffix(".npy").unlink(missing_ok=True)
+        self._remove_leftovers()
+
+    def _remove_leftovers(self, min_age_s: float = 3600) -> None:
+        """Files of crashed writes or rewrites; only old ones, as another run may be writing a shard now."""
+        cutoff = time.time() - min_age_s
+        for leftover in [*self.root.glob(".*.tmp"), *self.root.glob("*.npy")]:
+            orphan = leftover.suffix == ".tmp" or not leftover.with_suffix(".json").is_file()
+            if orphan and leftover.stat().st_mtime < cutoff:
+                leftover.unlink(missing_ok=True)
+
+
 @dataclass
 class FeatureStats:
     computed: int = 0      # images (views included) run through the extractor in this call
-    from_cache: int = 0    # rows read from the cache
     seconds: float = 0.0   # time spent computing (not reading)
 
 
@@ -210,7 +258,6 @@ def cached_features(extractor, cache: FeatureCache | None, paths: list[str], ima
             feats, ok = None, None
         if cache is not None:
             present = [i for i, k in enumerate(keys) if k in cache]
-            stats.from_cache += len(present) - (int(ok.sum()) if ok is not None else 0)
             all_feats.append(cache.get([keys[i] for i in present]))
             all_index.append(np.asarray(present, dtype=np.int64))
         else:

@@ -1,8 +1,6 @@
-"""The two training stages, shared by `finetune` and every `tune` trial.
+"""Keras helpers of the two stages: optimizers, compiling, a stage's callbacks, datasets of cached features, fit.
 
-Stage 1 trains the head with the backbone frozen, either on cached features (fast path, see
-features.py) or on images. Stage 2 unfreezes the backbone's top layers and trains on augmented images
-at a low learning rate, starting from the stage-1 head.
+The stages themselves (what trains, on what) are in stages.py.
 """
 
 from __future__ import annotations
@@ -87,11 +85,11 @@ def features_dataset(features: np.ndarray, labels: np.ndarray, num_classes: int,
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def fit_stage(model, train_ds, val_ds, epochs: int, callbacks: list, class_weight=None, initial_epoch: int = 0,
-              verbose: int = 1):
+def fit_stage(model, train_ds, val_ds, epochs: int, callbacks: list, class_weight=None, verbose: int = 1):
     """`model.fit` for one stage; returns the Keras History."""
-    # BackupAndRestore sets `_initial_epoch` when it resumes a fit and Keras never clears it: without this,
-    # stage 2 on the same model would start at the epoch stage 1 was resumed from.
+    # BackupAndRestore sets the private `_initial_epoch` when it resumes a fit and Keras never clears it:
+    # without this, stage 2 on the same model would start at the epoch stage 1 was resumed from.
+    # tests/test_dependency_apis.py fails if a Keras release stops using that attribute.
     model._initial_epoch = None
-    return model.fit(train_ds, validation_data=val_ds, epochs=epochs, initial_epoch=initial_epoch,
-                     callbacks=callbacks, class_weight=class_weight, verbose=verbose)
+    return model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=callbacks,
+                     class_weight=class_weight, verbose=verbose)

@@ -47,7 +47,7 @@ def write_report(out: Path, sets: list, probes: list, metrics: dict, run_dir: Pa
     pictures: dict[str, bytes] = {}
     history = []
     if run_dir is not None:
-        from tltool.engine.callbacks import read_history
+        from tltool.engine.history import read_history
 
         history = read_history(Path(run_dir) / rundir.HISTORY_FILE)
         curves = plots.training_curves(history)
@@ -55,14 +55,14 @@ def write_report(out: Path, sets: list, probes: list, metrics: dict, run_dir: Pa
             pictures["training_curves"] = curves
     for s in sets:
         m = s.metrics
-        pictures[f"{s.key}confusion_matrix"] = plots.confusion_matrix(
+        pictures[f"{s.picture_prefix}confusion_matrix"] = plots.confusion_matrix(
             m["confusion_matrix"]["matrix"], s.labels, title=f"Confusion matrix: {s.name} (row-normalised, %)")
-        pictures[f"{s.key}per_class_recall"] = plots.per_class_recall(m["per_class"])
-        pictures[f"{s.key}reliability"] = plots.reliability_diagram(m["calibration_bins"],
+        pictures[f"{s.picture_prefix}per_class_recall"] = plots.per_class_recall(m["per_class"])
+        pictures[f"{s.picture_prefix}reliability"] = plots.reliability_diagram(m["calibration_bins"],
                                                                     m["expected_calibration_error"])
         grid = plots.wrong_predictions(_wrong_items(s))
         if grid is not None:
-            pictures[f"{s.key}wrong_predictions"] = grid
+            pictures[f"{s.picture_prefix}wrong_predictions"] = grid
     for name, png in pictures.items():
         rundir.atomic_write_bytes(out / PLOTS_DIR / f"{name}.png", png)
     rundir.atomic_write_json(out / METRICS_FILE, metrics)
@@ -220,12 +220,12 @@ def _set_html(s, pictures: dict[str, bytes]) -> str:
     out = [f"<h2>{_e(s.name[:1].upper() + s.name[1:])} set: details</h2><div class='pics'>"]
     for kind, alt in (("confusion_matrix", "confusion matrix"), ("per_class_recall", "recall per class"),
                       ("reliability", "reliability diagram")):
-        if f"{s.key}{kind}" in pictures:
-            out.append(_img(pictures[f"{s.key}{kind}"], f"{s.name} {alt}"))
+        if f"{s.picture_prefix}{kind}" in pictures:
+            out.append(_img(pictures[f"{s.picture_prefix}{kind}"], f"{s.name} {alt}"))
     out.append("</div>")
-    if f"{s.key}wrong_predictions" in pictures:
+    if f"{s.picture_prefix}wrong_predictions" in pictures:
         out.append("<h3>Most confidently wrong</h3><div class='pics'>"
-                   + _img(pictures[f"{s.key}wrong_predictions"], f"{s.name} wrong predictions") + "</div>")
+                   + _img(pictures[f"{s.picture_prefix}wrong_predictions"], f"{s.name} wrong predictions") + "</div>")
     else:
         out.append("<p>No misclassified images.</p>")
     rows = "".join(

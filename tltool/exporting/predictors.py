@@ -1,4 +1,4 @@
-"""`predict`: load any tltool model (run directory or export) and classify image files.
+"""Loading any tltool model (run directory or export) for inference.
 
 `load_predictor` gives one interface over every format: `.labels`, `.image_size`, `.format` and
 `.predict(uint8 pixels N x H x W x 3) -> probabilities N x C`. Images are read with Pillow
@@ -16,9 +16,7 @@ import numpy as np
 
 from tltool import rundir
 from tltool.errors import RunDirError
-from tltool.data.images import ImageReadError, is_image_name, load_image
-
-UNKNOWN_LABEL = "unknown"
+from tltool.exporting.metadata import METADATA_KEY, read_tflite_metadata
 
 
 class Predictor:
@@ -114,7 +112,7 @@ class TFLitePredictor(Predictor):
     format = "tflite"
 
     def __init__(self, path: Path):
-        meta = tflite_metadata(path)
+        meta = read_tflite_metadata(path)
         self.interpreter = _tflite_interpreter(path)
         details = self.interpreter.get_input_details()[0]
         labels = meta.get("labels") or _labels_next_to(path)
@@ -142,7 +140,7 @@ class OnnxPredictor(Predictor):
         import onnxruntime
 
         self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        meta = json.loads(self.session.get_modelmeta().custom_metadata_map.get("tltool", "{}"))
+        meta = json.loads(self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY, "{}"))
         self._input = self.session.get_inputs()[0].name
         labels = meta.get("labels") or _labels_next_to(path)
         super().__init__(path, labels, meta.get("image_size") or self.session.get_inputs()[0].shape[1])
@@ -196,118 +194,11 @@ def load_predictor(path) -> Predictor:
                       f"or a .tflite / .onnx file written by `tltool export`.")
 
 
-# ------------------------------------------------------------------------------------------ predicting files
-
-
-def collect_files(paths_or_dirs) -> list[tuple[Path, str | None]]:
-    """Expand folders (recursively, image files only, sorted) and keep files as given.
-
-    Returns (path, error) pairs: error is None, or why the path cannot be used at all.
-    """
-    items: list[tuple[Path, str | None]] = []
-    for raw in paths_or_dirs:
-        path = Path(raw)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_name(p))
-            items.extend((p, None) for p in found)
-            if not found:
-                items.append((path, "folder holds no image files"))
-        elif path.is_file():
-            items.append((path, None))
-        else:
-            items.append((path, "file not found"))
-    return items
-
-
-def predict_files(model, paths_or_dirs, top_k: int = 3, threshold: float | None = None,
-                  batch_size: int = 32) -> list[dict]:
-    """Classify image files; a file that cannot be read gets its reason and the others go on.
-
-    Args:
-        model: a `Predictor`, or a path for `load_predictor`.
-        paths_or_dirs: image files and folders (searched recursively for image files).
-        top_k: how many of the most likely classes to list per image (at most the number of classes).
-        threshold: below this top probability the label is `unknown` (`top_k` still lists the classes).
-        batch_size: images per forward pass.
-
-    Returns:
-        One dict per file, in input order: {path, label, score, top_k: [{label, score}], error}; for a
-        failed file label and score are None, top_k is empty and error says why.
-    """
-    predictor = model if isinstance(model, Predictor) else load_predictor(model)
-    k = max(1, min(int(top_k), len(predictor.labels)))
-    results: list[dict] = []
-    pending: list[tuple[dict, np.ndarray]] = []
-
-    def flush():
-        if not pending:
-            return
-        probs = predictor.predict(np.stack([pixels for _, pixels in pending]), batch_size=batch_size)
-        for (row, _), p in zip(pending, probs):
-            order = np.argsort(-p, kind="stable")[:k]
-            score = float(p[order[0]])
-            row["label"] = predictor.labels[order[0]] if threshold is None or score >= threshold else UNKNOWN_LABEL
-            row["score"] = round(score, 6)
-            row["top_k"] = [{"label": predictor.labels[i], "score": round(float(p[i]), 6)} for i in order]
-        pending.clear()
-
-    for path, error in collect_files(paths_or_dirs):
-        row = {"path": str(path), "label": None, "score": None, "top_k": [], "error": error}
-        results.append(row)
-        if error is not None:
-            continue
-        try:
-            pending.append((row, load_image(path, predictor.image_size)))
-        except ImageReadError as exc:
-            row["error"] = str(exc)
-        if len(pending) >= batch_size:
-            flush()
-    flush()
-    return results
-
-
-def results_to_csv_rows(results: list[dict]) -> tuple[list[str], list[list]]:
-    """The results flattened: path, label, score, error, then label_i / score_i for each of the top k."""
-    k = max((len(r["top_k"]) for r in results), default=0)
-    header = ["path", "label", "score", "error"]
-    for i in range(1, k + 1):
-        header += [f"label_{i}", f"score_{i}"]
-    rows = []
-    for r in results:
-        row = [r["path"], r["label"] or "", "" if r["score"] is None else r["score"], r["error"] or ""]
-        for i in range(k):
-            entry = r["top_k"][i] if i < len(r["top_k"]) else {"label": "", "score": ""}
-            row += [entry["label"], entry["score"]]
-        rows.append(row)
-    return header, rows
-
-
 # ------------------------------------------------------------------------------------------ TFLite helpers
 
 
 def _labels_next_to(path: Path) -> list[str]:
     return rundir.read_labels(Path(path).parent / rundir.LABELS_FILE)
-
-
-def tflite_metadata(path: Path) -> dict:
-    """The `tltool` metadata entry of a .tflite file (labels, image size, quantize), or {} if absent."""
-    from tensorflow.lite.python import schema_py_generated as schema
-
-    data = Path(path).read_bytes()
-    try:
-        model = schema.Model.GetRootAs(data, 0)
-        for i in range(model.MetadataLength()):
-            entry = model.Metadata(i)
-            if entry.Name() == b"tltool":
-                buffer = model.Buffers(entry.Buffer())
-                if buffer.Offset() > 1:  # large models keep buffers after the flatbuffer
-                    raw = data[buffer.Offset():buffer.Offset() + buffer.Size()]
-                else:
-                    raw = buffer.DataAsNumpy().tobytes()
-                return json.loads(raw.decode("utf-8"))
-    except Exception as exc:  # a damaged file fails in many ways inside the flatbuffer reader
-        raise RunDirError(f"{path} is not a readable TFLite model ({type(exc).__name__}).") from None
-    return {}
 
 
 def _tflite_interpreter(path: Path):

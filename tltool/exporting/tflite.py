@@ -18,17 +18,13 @@ filters and biases of the per-channel one. `export` keeps the first scheme that 
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 
 from tltool.errors import ExportError
-
-#: Name of the metadata entry holding labels and input size as JSON (ONNX uses the same key).
-METADATA_KEY = "tltool"
-
+from tltool.exporting.metadata import embed_tflite_metadata
 
 @dataclass(frozen=True)
 class Converted:
@@ -50,19 +46,19 @@ def convert(model, size: int, quantize: str, representative: np.ndarray | None, 
     with tempfile.TemporaryDirectory() as scratch:
         _float_savedmodel(model, size, scratch)
         if quantize != "int8":
-            return [Converted(_embed_metadata(_convert(scratch, quantize, representative), metadata))], None
+            return [Converted(embed_tflite_metadata(_convert(scratch, quantize, representative), metadata))], None
         per_channel = _convert(scratch, "int8", representative)
         try:
             per_tensor = _convert(scratch, "int8", representative, per_channel=False)
         except ExportError:  # the smaller scheme is an optimisation: per-channel alone still works
             per_tensor = None
-        float32_size = len(_embed_metadata(_convert(scratch, "none", None), metadata))
+        float32_size = len(embed_tflite_metadata(_convert(scratch, "none", None), metadata))
     schemes = []
     mixed = _with_depthwise_from(per_tensor, per_channel) if per_tensor is not None else None
     if mixed is not None:
         schemes.append(mixed)
     schemes.append((per_channel, "per-channel"))
-    candidates = [Converted(_embed_metadata(data, {**metadata, "int8_weights": scheme}), scheme)
+    candidates = [Converted(embed_tflite_metadata(data, {**metadata, "int8_weights": scheme}), scheme)
                   for data, scheme in schemes]
     return candidates, float32_size
 
@@ -177,24 +173,3 @@ def _same_quantization(a, b) -> bool:
         return qa is qb
     return (np.array_equal(np.asarray(qa.scale), np.asarray(qb.scale))
             and np.array_equal(np.asarray(qa.zeroPoint), np.asarray(qb.zeroPoint)))
-
-
-def _embed_metadata(data: bytes, meta: dict) -> bytes:
-    """Add a `tltool` metadata entry (JSON: labels, input size) to a TFLite flatbuffer.
-
-    TFLite keeps named metadata buffers in the model itself (the converter stores its own there);
-    interpreters ignore names they do not know, so the file stays loadable everywhere.
-    """
-    from tensorflow.lite.python import schema_py_generated as schema
-    from tensorflow.lite.tools import flatbuffer_utils
-
-    tree = flatbuffer_utils.convert_bytearray_to_object(bytearray(data))
-    buffer = schema.BufferT()
-    buffer.data = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
-    tree.buffers.append(buffer)
-    entry = schema.MetadataT()
-    entry.name = METADATA_KEY
-    entry.buffer = len(tree.buffers) - 1
-    tree.metadata = [m for m in (tree.metadata or []) if m.name not in (METADATA_KEY, METADATA_KEY.encode())]
-    tree.metadata.append(entry)
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(tree))

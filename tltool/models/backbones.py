@@ -35,7 +35,6 @@ class BackboneSpec:
     preprocessing: str                # "tf" ([-1, 1]), "torch" (ImageNet mean/std), "caffe" (BGR, mean) or "none"
     feature_size: int                 # width of the globally pooled features
     classic_feature_size: int         # width of the input of the original 1000-way layer
-    family: str
     extra_kwargs: tuple = ()          # constructor arguments fixed for this spec
 
     @property
@@ -58,30 +57,30 @@ def register_backbone(spec: BackboneSpec) -> BackboneSpec:
     return spec
 
 
-def _add(name, constructor, size, min_size, prep, feat, classic_feat, family, **kwargs):
-    register_backbone(BackboneSpec(name, constructor, size, min_size, prep, feat, classic_feat, family,
+def _add(name, constructor, size, min_size, prep, feat, classic_feat, **kwargs):
+    register_backbone(BackboneSpec(name, constructor, size, min_size, prep, feat, classic_feat,
                                    tuple(sorted(kwargs.items()))))
 
 
-_add("vgg16", "VGG16", 224, 32, "caffe", 512, 4096, "vgg")
-_add("vgg19", "VGG19", 224, 32, "caffe", 512, 4096, "vgg")
-_add("resnet50", "ResNet50", 224, 32, "caffe", 2048, 2048, "resnet")
-_add("resnet101", "ResNet101", 224, 32, "caffe", 2048, 2048, "resnet")
-_add("resnet50_v2", "ResNet50V2", 224, 32, "tf", 2048, 2048, "resnet_v2")
-_add("mobilenet", "MobileNet", 224, 32, "tf", 1024, 1024, "mobilenet")
-_add("mobilenet_v2", "MobileNetV2", 224, 32, "tf", 1280, 1280, "mobilenet_v2")
-_add("mobilenet_v3_small", "MobileNetV3Small", 224, 32, "none", 576, 1024, "mobilenet_v3")
-_add("mobilenet_v3_large", "MobileNetV3Large", 224, 32, "none", 960, 1280, "mobilenet_v3")
-_add("efficientnet_b0", "EfficientNetB0", 224, 32, "none", 1280, 1280, "efficientnet")
-_add("efficientnet_b1", "EfficientNetB1", 240, 32, "none", 1280, 1280, "efficientnet")
-_add("efficientnet_b2", "EfficientNetB2", 260, 32, "none", 1408, 1408, "efficientnet")
-_add("efficientnet_b3", "EfficientNetB3", 300, 32, "none", 1536, 1536, "efficientnet")
-_add("efficientnet_v2_b0", "EfficientNetV2B0", 224, 32, "none", 1280, 1280, "efficientnet_v2")
-_add("efficientnet_v2_s", "EfficientNetV2S", 384, 32, "none", 1280, 1280, "efficientnet_v2")
-_add("convnext_tiny", "ConvNeXtTiny", 224, 32, "none", 768, 768, "convnext")
-_add("xception", "Xception", 299, 71, "tf", 2048, 2048, "xception")
-_add("inception_v3", "InceptionV3", 299, 75, "tf", 2048, 2048, "inception_v3")
-_add("densenet121", "DenseNet121", 224, 32, "torch", 1024, 1024, "densenet")
+_add("vgg16", "VGG16", 224, 32, "caffe", 512, 4096)
+_add("vgg19", "VGG19", 224, 32, "caffe", 512, 4096)
+_add("resnet50", "ResNet50", 224, 32, "caffe", 2048, 2048)
+_add("resnet101", "ResNet101", 224, 32, "caffe", 2048, 2048)
+_add("resnet50_v2", "ResNet50V2", 224, 32, "tf", 2048, 2048)
+_add("mobilenet", "MobileNet", 224, 32, "tf", 1024, 1024)
+_add("mobilenet_v2", "MobileNetV2", 224, 32, "tf", 1280, 1280)
+_add("mobilenet_v3_small", "MobileNetV3Small", 224, 32, "none", 576, 1024)
+_add("mobilenet_v3_large", "MobileNetV3Large", 224, 32, "none", 960, 1280)
+_add("efficientnet_b0", "EfficientNetB0", 224, 32, "none", 1280, 1280)
+_add("efficientnet_b1", "EfficientNetB1", 240, 32, "none", 1280, 1280)
+_add("efficientnet_b2", "EfficientNetB2", 260, 32, "none", 1408, 1408)
+_add("efficientnet_b3", "EfficientNetB3", 300, 32, "none", 1536, 1536)
+_add("efficientnet_v2_b0", "EfficientNetV2B0", 224, 32, "none", 1280, 1280)
+_add("efficientnet_v2_s", "EfficientNetV2S", 384, 32, "none", 1280, 1280)
+_add("convnext_tiny", "ConvNeXtTiny", 224, 32, "none", 768, 768)
+_add("xception", "Xception", 299, 71, "tf", 2048, 2048)
+_add("inception_v3", "InceptionV3", 299, 75, "tf", 2048, 2048)
+_add("densenet121", "DenseNet121", 224, 32, "torch", 1024, 1024)
 
 
 def list_backbones(pattern: str = "*") -> list[str]:

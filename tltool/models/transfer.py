@@ -15,8 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tltool.models.backbones import (BackboneSpec, ResolvedWeights, check_image_size, imagenet_unavailable,
-                              preprocessing_layer)
+from tltool.models.backbones import BackboneSpec, ResolvedWeights, imagenet_unavailable, preprocessing_layer
 from tltool.errors import BackboneError, WeightsError
 from tltool.recipe import HeadConfig
 
@@ -31,10 +30,13 @@ class TransferModel:
 
 def build_transfer_model(spec: BackboneSpec, weights: ResolvedWeights, num_classes: int, image_size: int,
                          head_cfg: HeadConfig, seed: int | None = None) -> TransferModel:
-    """Build the backbone with its weights, a fresh head for `num_classes`, and the full model."""
+    """Build the backbone with its weights, a fresh head for `num_classes`, and the full model.
+
+    The image size is the caller's to check (`engine.setup.backbone_and_size`); a size the architecture
+    cannot take still fails here, as a BackboneError.
+    """
     import keras
 
-    check_image_size(spec, image_size)
     classic = head_cfg.mode == "classic"
     if classic and weights.kind == "imagenet" and image_size != spec.default_size:
         raise BackboneError(f"Classic head mode keeps {spec.name}'s original top, which takes only "

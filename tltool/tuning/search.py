@@ -1,82 +1,55 @@
-"""`tune`: a Keras Tuner search over a recipe's `tune.space`, every trial trained exactly as `finetune` trains.
+"""The search machinery of `tune`: a Keras Tuner HyperModel whose models are recipes, its oracle and tuner.
 
 Each trial is the base recipe with the trial's values set at their dotted keys. `RecipeHyperModel.build`
-validates that recipe and builds its model; `RecipeHyperModel.fit` runs `finetune`'s own `train_stages`.
-Trials that change only the head, the frozen stage's settings or the loss (and have no stage 2) train on
-backbone features computed once for the whole search, so a head trial costs a few head epochs, not a pass
-of every image through the backbone. Any other trial runs in full.
-
-The output folder holds the Keras Tuner project (`search/`: one JSON file per trial, the oracle's state),
-which is what makes re-running the same command resume, plus the reports written after every trial:
-`summary.json`, `trials.csv`, `best.yaml` (a complete recipe for `tltool finetune`) and, at the end,
-`trials.png`.
-
-Distributed search uses Keras Tuner's own mechanism: with KERASTUNER_ORACLE_IP / KERASTUNER_ORACLE_PORT
-set, the process whose KERASTUNER_TUNER_ID contains "chief" runs the oracle (and writes the reports);
-every other process is a worker that asks it for trials and runs them.
+validates that recipe and builds its model; `RecipeHyperModel.fit` runs the engine's own `train_stages`,
+so a trial trains exactly as `finetune` does. Trials that change only the head, the frozen stage's
+settings or the loss (and have no stage 2) train on backbone features computed once for the whole search,
+so a head trial costs a few head epochs, not a pass of every image through the backbone. Any other trial
+runs in full.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import io
 import json
-import logging
 import math
-import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import keras
 import keras_tuner as kt
 import numpy as np
-import yaml
 
-from tltool import rundir
-from tltool.errors import RunDirError, SearchFailedError, TltoolError, TuneError
-from tltool.recipe import Recipe, from_dict
-from tltool.tuning.space import HEAD_KEYS, SearchSpace, default_space, stripped_recipe, trial_recipe
-from tltool.tuning.reports import BEST_FILE, fmt_value, format_table, last_line, write_reports
-
-SEARCH_DIR = "search"            # the Keras Tuner project inside --out
-_ENDED = ("COMPLETED", "FAILED", "INVALID")
-
-
-@dataclass
-class TuneResult:
-    """What `tune` returns: the output folder, its summary, and the best trial's recipe (None on a worker)."""
-
-    out_dir: Path
-    summary: dict
-    best_recipe: Recipe | None = None
-
-
-# ------------------------------------------------------------------------------------------ training
+from tltool.engine.fitting import compile_model
+from tltool.engine.setup import prepare_run, start_runtime
+from tltool.engine.stages import TrainingContext, build_model, stage1_features, train_stages
+from tltool.errors import TltoolError
+from tltool.evaluation.metrics import accuracy, log_loss
+from tltool.models.transfer import TransferModel, build_head
+from tltool.recipe import Recipe
+from tltool.tuning.distributed import serve_oracle
+from tltool.tuning.reports import fmt_value, last_line
+from tltool.tuning.space import HEAD_KEYS, SearchSpace, stripped_recipe, trial_recipe
 
 
 @dataclass
 class _Trial:
-    recipe: Recipe
+    """One trial's model and what trains it: `features` is the search's precomputed ones for a head trial."""
+
     tm: object
-    split: object
-    spec: object
-    weights: object
-    size: int
-    strategy: object
-    jit: bool
-    features: object = None  # the search's precomputed features for a head trial
+    ctx: object
+    features: object = None
 
 
 class TrialRunner:
     """Builds and trains one trial's model: the data, the weights and the shared features it needs."""
 
-    def __init__(self, base: Recipe, split, verbose: int = 1, log=print):
-        self.base = base
+    def __init__(self, base_setup, verbose: int = 1, log=print):
+        self.base = base_setup.recipe
         self.verbose = verbose
         self.log = log
-        self._splits = {self._split_key(base): split}
+        self._splits = {self._split_key(self.base): base_setup.split}
         self._features = None
 
     @staticmethod
@@ -85,13 +58,12 @@ class TrialRunner:
         data.pop("image_size"), data.pop("batch_size")
         return json.dumps([data, recipe.seed], sort_keys=True)
 
-    def split_for(self, recipe: Recipe):
-        from tltool.engine.stages import load_split_data
-
+    def setup_for(self, recipe: Recipe, weights: bool = True):
+        """The trial's run set up, reusing the split of any earlier trial with the same data settings."""
         key = self._split_key(recipe)
-        if key not in self._splits:
-            self._splits[key] = load_split_data(recipe)
-        return self._splits[key]
+        setup = prepare_run(recipe, weights=weights, split=self._splits.get(key))
+        self._splits[key] = setup.split
+        return setup
 
     def is_head_trial(self, recipe: Recipe) -> bool:
         return (recipe.fine_tune.epochs == 0 and recipe.frozen.epochs > 0 and recipe.frozen.cache_features
@@ -103,72 +75,47 @@ class TrialRunner:
     def features(self):
         """The base recipe's stage-1 features, computed (or read from the feature cache) once per search."""
         if self._features is None:
-            from tltool.models.backbones import get_backbone_spec, resolve_weights
-            from tltool.engine.stages import TrainingContext, prepare_runtime, stage1_features
-            from tltool.models.transfer import build_transfer_model
-
-            base = self.base
-            spec = get_backbone_spec(base.backbone.name)
-            size = base.data.image_size or spec.default_size
-            weights = resolve_weights(spec, base.backbone.weights, base.backbone.fallback,
-                                      classic=base.head.mode == "classic", image_size=size)
-            split = self.split_for(base)
-            strategy, jit = prepare_runtime(base)
-            with strategy.scope():
-                tm = build_transfer_model(spec, weights, len(split.train.classes), size, base.head, seed=base.seed)
-                ctx = TrainingContext(base, split, size, weights.pretrained, self.verbose, self.log, jit)
-                self._features = stage1_features(ctx, tm.feature_extractor, spec, weights.fingerprint)
+            setup = self.setup_for(self.base)
+            runtime = start_runtime(self.base)
+            tm = build_model(setup, runtime)
+            with runtime.strategy.scope():
+                ctx = TrainingContext(setup, runtime, self.verbose, self.log)
+                self._features = stage1_features(ctx, tm.feature_extractor)
             del tm
             gc.collect()
         return self._features
 
     def build(self, recipe: Recipe) -> _Trial:
-        from tltool.models.backbones import check_image_size, get_backbone_spec, resolve_weights
-        from tltool.engine.stages import prepare_runtime
-        from tltool.models.transfer import TransferModel, build_head, build_transfer_model
-
-        spec = get_backbone_spec(recipe.backbone.name)
-        size = recipe.data.image_size or spec.default_size
-        check_image_size(spec, size)
-        split = self.split_for(recipe)
-        num_classes = len(split.train.classes)
         if self.is_head_trial(recipe):
+            setup = self.setup_for(recipe, weights=False)
             features = self.features()
-            strategy, jit = prepare_runtime(recipe)
-            with strategy.scope():
-                head = build_head(features.train_x.shape[1], num_classes, recipe.head, seed=recipe.seed)
-            return _Trial(recipe, TransferModel(head, None, None, head), split, spec, None, size, strategy, jit,
-                          features)
-        weights = resolve_weights(spec, recipe.backbone.weights, recipe.backbone.fallback,
-                                  classic=recipe.head.mode == "classic", image_size=size)
-        strategy, jit = prepare_runtime(recipe)
-        with strategy.scope():
-            tm = build_transfer_model(spec, weights, num_classes, size, recipe.head, seed=recipe.seed)
-        return _Trial(recipe, tm, split, spec, weights, size, strategy, jit)
+            runtime = start_runtime(recipe)
+            with runtime.strategy.scope():
+                head = build_head(features.train_x.shape[1], len(setup.classes), recipe.head, seed=recipe.seed)
+            return _Trial(TransferModel(head, None, None, head), self._quiet(setup, runtime), features)
+        setup = self.setup_for(recipe)
+        runtime = start_runtime(recipe)
+        return _Trial(build_model(setup, runtime), self._quiet(setup, runtime))
+
+    @staticmethod
+    def _quiet(setup, runtime) -> TrainingContext:
+        return TrainingContext(setup, runtime, verbose=0, log=lambda *a, **k: None)
 
     def train(self, trial: _Trial) -> dict:
         """`finetune`'s two stages on the trial's model, then its validation loss and accuracy."""
-        from tltool.engine.stages import TrainingContext, train_stages
-        from tltool.engine.fitting import compile_model
-
         watch = _NanWatch()
-        pretrained = trial.weights.pretrained if trial.weights is not None else True
-        ctx = TrainingContext(trial.recipe, trial.split, trial.size, pretrained, verbose=0,
-                              log=lambda *a, **k: None, jit_compile=trial.jit)
-        train_stages(ctx, trial.tm, trial.strategy, trial.spec, trial.weights, features=trial.features,
-                     extra_callbacks=[watch])
+        train_stages(trial.ctx, trial.tm, features=trial.features, extra_callbacks=[watch])
         if watch.epoch is not None:
             raise kt.errors.FailedTrialError(f"The loss became NaN in epoch {watch.epoch + 1}: the learning rate "
                                              f"is probably too high.")
         if trial.features is not None:
             # One eager call of the head on the validation features (no tracing), scored as evaluate() would.
-            from tltool.evaluation.metrics import accuracy, log_loss
-
             probs = np.asarray(trial.tm.head(trial.features.val_x.astype(np.float32), training=False))
             val_loss, val_acc = log_loss(trial.features.val_y, probs), accuracy(trial.features.val_y, probs)
         else:
             compile_model(trial.tm.model, "adam", 1e-3, 0.0)
-            val_loss, val_acc = trial.tm.model.evaluate(ctx.images(trial.split.val, training=False), verbose=0)
+            val_loss, val_acc = trial.tm.model.evaluate(trial.ctx.images(trial.ctx.split.val, training=False),
+                                                        verbose=0)
         if not math.isfinite(val_loss):
             raise kt.errors.FailedTrialError("The validation loss is NaN: the learning rate is probably too high.")
         return {"val_accuracy": float(val_acc), "val_loss": float(val_loss),
@@ -382,237 +329,3 @@ def _forget_trial_gradients():
             for name in set(registry) - before:
                 if str(name).startswith("CustomGradient-"):
                     registry.pop(name, None)
-
-
-def serve_oracle(oracle, poll: float = 0.5) -> None:
-    """Run the chief's oracle as Keras Tuner's gRPC service until every worker has been told to stop.
-
-    Keras Tuner's own `start_server` checks for the end every 20 s; this checks every `poll` seconds.
-    """
-    from concurrent import futures
-
-    import grpc
-    from keras_tuner.src import protos
-    from keras_tuner.src.distribute import oracle_chief
-
-    address = f"{os.environ['KERASTUNER_ORACLE_IP']}:{os.environ['KERASTUNER_ORACLE_PORT']}"
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
-    servicer = oracle_chief.OracleServicer(oracle)
-    protos.get_service_grpc().add_OracleServicer_to_server(servicer, server)
-    try:
-        port = server.add_insecure_port(address)
-    except RuntimeError:
-        port = 0
-    if not port:
-        raise TuneError(f"The chief cannot listen on {address}: is the address this machine's and the port free? "
-                        f"Set KERASTUNER_ORACLE_IP / KERASTUNER_ORACLE_PORT accordingly.")
-    server.start()
-    try:
-        while not (servicer.stop_triggered and oracle_chief.exit_chief(oracle)):
-            time.sleep(poll)
-    finally:
-        server.stop(grace=2).wait()
-
-
-def distributed_role() -> str:
-    """"single", "chief" or "worker", from Keras Tuner's environment variables (checked, with what to fix)."""
-    if "KERASTUNER_ORACLE_IP" not in os.environ:
-        return "single"
-    missing = [name for name in ("KERASTUNER_ORACLE_PORT", "KERASTUNER_TUNER_ID") if not os.environ.get(name)]
-    if missing:
-        raise TuneError(f"KERASTUNER_ORACLE_IP is set, so this is a distributed search, but {' and '.join(missing)} "
-                        f"{'is' if len(missing) == 1 else 'are'} not. Set KERASTUNER_ORACLE_PORT and "
-                        f"KERASTUNER_TUNER_ID (chief, worker0, worker1, ...), or unset KERASTUNER_ORACLE_IP.")
-    if not os.environ["KERASTUNER_ORACLE_PORT"].isdigit():
-        raise TuneError(f"Expected KERASTUNER_ORACLE_PORT to be a port number. "
-                        f"Received: KERASTUNER_ORACLE_PORT={os.environ['KERASTUNER_ORACLE_PORT']}")
-    return "chief" if "chief" in os.environ["KERASTUNER_TUNER_ID"] else "worker"
-
-
-# ------------------------------------------------------------------------------------------ reports
-
-
-
-
-# ------------------------------------------------------------------------------------------ the command
-
-
-def _prepare_out(out: Path, base: Recipe, overwrite: bool) -> bool:
-    """Make `out` ready; returns True when it holds a search of the same recipe to resume."""
-    if out.exists() and not out.is_dir():
-        raise RunDirError(f"--out {out} is a file, not a folder. Choose another --out.")
-    if overwrite:
-        rundir.prepare_output_dir(out, force=True)
-    elif out.is_dir() and any(out.iterdir()):
-        saved = out / rundir.RECIPE_FILE
-        if not (out / SEARCH_DIR).is_dir() or not saved.is_file():
-            raise RunDirError(f"Output folder {out} is not empty and holds no tltool search. Choose another --out, "
-                              f"or pass --overwrite to replace its contents.")
-        before = _comparable(yaml.safe_load(saved.read_text(encoding="utf-8")))
-        now = _comparable(base.to_dict())
-        if before != now:
-            diff = _first_difference(before, now)
-            raise RunDirError(f"{out} holds a search of a different recipe (first difference: {diff}). Pass "
-                              f"--overwrite to start afresh there, or choose another --out.")
-        return True
-    out.mkdir(parents=True, exist_ok=True)
-    header = ("# Resolved recipe of this tltool search. Re-running the same `tltool tune` command with this --out\n"
-              "# resumes the search; --max-trials may grow between runs.\n")
-    rundir.atomic_write_text(out / rundir.RECIPE_FILE, header + base.to_yaml())
-    return False
-
-
-def _comparable(tree: dict) -> dict:
-    tree = json.loads(json.dumps(tree))
-    tree.get("tune", {}).pop("max_trials", None)  # a search may be extended
-    return tree
-
-
-def _first_difference(a, b, prefix: str = "") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in list(a) + [k for k in b if k not in a]:
-            if a.get(key) != b.get(key):
-                return _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
-    return f"{prefix.rstrip('.')}: {a!r} then, {b!r} now"
-
-
-def tune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=None, weights=None, image_size=None,
-         batch_size=None, seed=None, algorithm=None, max_trials=None, objective=None, out=None, overwrite=False,
-         overrides=(), verbose: int = 1, log=print) -> TuneResult:
-    """Search the recipe's `tune.space` with Keras Tuner; every trial trains as `finetune` does.
-
-    Args:
-        recipe: path of a YAML recipe, a `Recipe`, or None for the defaults.
-        data, val_data, test_data, backbone, weights, image_size, batch_size, seed: override the recipe,
-            as for `finetune`.
-        algorithm: `hyperband`, `bayesian`, `random` or `grid`; default the recipe's `tune.algorithm`.
-        max_trials: most trials; default the recipe's `tune.max_trials`.
-        objective: `val_accuracy` (maximised) or `val_loss` (minimised); default the recipe's.
-        out: output folder; default runs/NAME-tune. Re-running with the same folder resumes the search.
-        overwrite: delete what `out` holds and start afresh.
-        overrides: `dotted.key=value` strings, as `--set`.
-        verbose: 0 silent, 1 progress.
-        log: where messages go.
-
-    Returns:
-        TuneResult: the output folder, the summary written to its summary.json, and the best recipe.
-
-    Raises:
-        SearchFailedError: when every trial failed (the reports are written first).
-    """
-    from tltool.models.backbones import check_image_size, get_backbone_spec, resolve_weights
-    from tltool.engine.stages import load_split_data, require_training_data, resolve_recipe
-
-    extra = [f"tune.{key}={value}" for key, value in
-             (("algorithm", algorithm), ("max_trials", max_trials), ("objective", objective)) if value is not None]
-    base = resolve_recipe(recipe, data=data, val_data=val_data, test_data=test_data, backbone=backbone,
-                          weights=weights, image_size=image_size, batch_size=batch_size, seed=seed,
-                          overrides=tuple(overrides) + tuple(extra))
-    say = log if verbose else (lambda *a, **k: None)
-    role = distributed_role()
-    space = SearchSpace(base.tune.space or default_space(base))
-    if not base.tune.space:
-        from_dict({**base.to_dict(), "tune": {**base.to_dict()["tune"], "space": space.space}})  # validates it
-    out = Path(out) if out else Path("runs") / f"{base.name}-tune"
-    budget = max(2, base.frozen.epochs, base.fine_tune.epochs)  # Hyperband's max_epochs
-
-    runner = None
-    if role != "chief":  # the chief only hands out trials: it needs neither data nor weights
-        spec = get_backbone_spec(base.backbone.name)
-        size = base.data.image_size or spec.default_size
-        check_image_size(spec, size)
-        resolve_weights(spec, base.backbone.weights, base.backbone.fallback, classic=base.head.mode == "classic",
-                        image_size=size)
-        require_training_data(base)
-    split = load_split_data(base) if role != "chief" else None  # the data is checked before --overwrite wipes
-    resuming = False
-    if role != "worker":
-        resuming = _prepare_out(out, base, overwrite)
-    if role != "chief":
-        runner = TrialRunner(base, split, verbose=verbose, log=say)
-        say(f"tltool tune: {base.tune.algorithm} search of {len(space.keys)} value(s) "
-            f"({', '.join(space.keys)}), up to {base.tune.max_trials} trials; {spec.name} at {size}px, "
-            f"{len(split.train.classes)} classes, {len(split.train)} training / {len(split.val)} validation images.")
-
-    hypermodel = RecipeHyperModel(base, space, runner, budget if base.tune.algorithm == "hyperband" else None)
-    oracle = make_oracle(base.tune.algorithm, base.tune.objective, base.tune.max_trials, base.seed, budget)
-    with contextlib.redirect_stdout(io.StringIO()):  # Keras Tuner prints "Reloading Tuner from ..."
-        tuner = RecipeTuner(oracle=oracle, hypermodel=hypermodel, directory=str(out), project_name=SEARCH_DIR,
-                            overwrite=False, role=role, log=say)
-    finished = 0 if role == "worker" else sum(t.status in _ENDED for t in tuner.oracle.trials.values())
-    if runner is not None and runner.all_head_trials(space) and finished < base.tune.max_trials:
-        say("Every trial changes only the head: computing the backbone's features once for all of them.")
-        runner.features()
-    if role != "worker":
-        def after_end_trial(oracle, trial):
-            summary = write_reports(out, oracle, base, space)
-            if role == "chief":  # workers print their own trials; the chief shows every trial as it ends
-                record = next(r for r in summary["trials"] if r["trial_id"] == trial.trial_id)
-                outcome = (f"{oracle.objective.name} {record[oracle.objective.name]:.4f}"
-                           if record["status"] == "completed" else f"FAILED: {record.get('error')}")
-                say(f"Trial {int(record['trial_id']) + 1} [{record['worker']}] {outcome} "
-                    f"({summary['trials_completed']} completed so far)")
-
-        tuner.oracle.after_end_trial = after_end_trial
-        tuner.oracle.verbose = 0  # Keras Tuner's own display would repeat (and clear) what tltool prints
-    # Everything alive now (TensorFlow, Keras, the features) lives through the search: freezing it out of
-    # the garbage collector's view makes the collection after each trial scan only that trial's objects
-    # (milliseconds instead of ~0.3 s a trial).
-    gc.collect()
-    gc.freeze()
-    try:
-        return _run_search(tuner, out, base, space, role, resuming, say)
-    finally:
-        gc.unfreeze()
-
-
-class _NoRetracingWarnings(logging.Filter):
-    """A search builds a new model per trial, so TensorFlow's "triggered tf.function retracing" is expected."""
-
-    def filter(self, record):
-        return "retracing" not in record.getMessage()
-
-
-def _run_search(tuner, out: Path, base: Recipe, space: SearchSpace, role: str, resuming: bool, say) -> TuneResult:
-    from keras_tuner.src import config as kt_config
-
-    quiet = _NoRetracingWarnings()
-    logging.getLogger("tensorflow").addFilter(quiet)
-    debug, kt_config.DEBUG = kt_config.DEBUG, False  # a failed trial is one line of ours, not a traceback
-    try:
-        return _search(tuner, out, base, space, role, resuming, say)
-    finally:
-        kt_config.DEBUG = debug
-        logging.getLogger("tensorflow").removeFilter(quiet)
-
-
-def _search(tuner, out: Path, base: Recipe, space: SearchSpace, role: str, resuming: bool, say) -> TuneResult:
-    if role == "worker":
-        address = f"{os.environ['KERASTUNER_ORACLE_IP']}:{os.environ['KERASTUNER_ORACLE_PORT']}"
-        say(f"Worker {tuner.tuner_id}: asking the chief at {address} for trials.")
-        tuner.search()
-        say(f"Worker {tuner.tuner_id}: ran {tuner.trials_run} trial(s); the chief has the results.")
-        return TuneResult(out, {"worker": tuner.tuner_id, "trials_run": tuner.trials_run})
-    if resuming:
-        finished = sum(t.status in _ENDED for t in tuner.oracle.trials.values())
-        say(f"Resuming the search in {out}: {finished} trial(s) already done.")
-    if role == "chief":
-        say(f"Chief: serving the search on {os.environ['KERASTUNER_ORACLE_IP']}:"
-            f"{os.environ['KERASTUNER_ORACLE_PORT']}; start workers with the same command and "
-            f"KERASTUNER_TUNER_ID=worker0, worker1, ...")
-    tuner.search()
-    summary = write_reports(out, tuner.oracle, base, space, plot=True)
-    say("")
-    say(format_table(summary))
-    if summary["best"] is None:
-        failed = [r for r in summary["trials"] if r.get("error")]
-        last = failed[-1]["error"] if failed else "no trial ran"
-        raise SearchFailedError(f"All {len(summary['trials'])} trial(s) failed; the last error: {last}. "
-                                f"See {out / rundir.SUMMARY_FILE}.")
-    best = summary["best"]
-    name = summary["objective"]["name"]
-    say(f"Best: trial {best['trial_id']}, {name} {best[name]:.4f}. Train it with: "
-        f"tltool finetune {out / BEST_FILE} --out runs/{base.name}-best")
-    from tltool.recipe import load_recipe
-
-    return TuneResult(out, summary, load_recipe(out / BEST_FILE))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from tltool.recipe import Recipe, field_type, from_dict, set_dotted
+from tltool.recipe import Recipe, field_type, from_dict, hidden_layers, set_dotted
 
 #: Keys a trial may change and still train on the search's precomputed features (with no stage 2).
 HEAD_KEYS = frozenset({
@@ -90,8 +90,8 @@ class SearchSpace:
                 value = json.loads(value)
             if isinstance(value, float):
                 value = float(f"{value:.10g}")  # 0.30000000000000004 from min + 3 * step is 0.3
-            if _is_list_field(key) and isinstance(value, int) and not isinstance(value, bool):
-                value = [value] if value else []
+            if _is_list_field(key):
+                value = hidden_layers(value)
             out[key] = value
         return out
 

@@ -1,0 +1,1 @@
+"""Commands: each reads top to bottom as a list of named steps over the layers below (the public API)."""

@@ -1,0 +1,68 @@
+"""`evaluate`: a model's metrics on a labelled image folder, with plots and an HTML report."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from tltool import rundir
+from tltool.data.folders import SkipLog, scan_folder
+from tltool.errors import DataError
+from tltool.evaluation.report import write_report
+from tltool.evaluation.sets import evaluate_folder, sanity_probes
+from tltool.exporting.predictors import load_predictor
+
+
+def evaluate(model, data, out=None, top_k: int = 5, force: bool = False, log=None) -> dict:
+    """Evaluate a model on a labelled image folder; write metrics.json, pictures and report.html.
+
+    Args:
+        model: a run directory written by `tltool finetune`, a model written by `tltool export` (anything
+            `load_predictor` loads), or a predictor object (with `labels`, `image_size` and
+            `predict(uint8 images) -> probabilities`).
+        data: image folder with one sub-folder per class; its classes must be among the model's.
+        out: folder for the results; default `MODEL/eval-DATA` for a run directory, else `./eval-DATA`.
+        top_k: k of the top-k accuracy (clipped to the number of classes). Default 5.
+        force: replace `out` if it exists and is not empty (default: refuse).
+        log: callable for progress messages, or None for silence.
+
+    Returns:
+        The content of metrics.json, plus `out`: the folder written.
+
+    Raises:
+        RunDirError: `model` is not a finished run directory.
+        DataError: `data` is missing, has unknown classes or no readable images.
+    """
+    say = log or (lambda *a, **k: None)
+    if top_k < 1:
+        raise DataError(f"Expected `top_k` to be at least 1. Received: top_k={top_k}")
+    t0 = time.perf_counter()
+    predictor, run_dir = _open_model(model)
+    t_load = time.perf_counter() - t0
+    skips = SkipLog()
+    folder = scan_folder(data, skips, classes=predictor.labels, role="evaluation")
+    data_name = Path(folder.root).resolve().name or "data"
+    out = Path(out) if out is not None else (run_dir if run_dir is not None else Path.cwd()) / f"eval-{data_name}"
+    out = rundir.prepare_output_dir(out, force=force)
+    say(f"Evaluating on {len(folder)} images of {len(predictor.labels)} classes from {folder.root}.")
+    t1 = time.perf_counter()
+    result = evaluate_folder(predictor, folder, skips, name=data_name, top_k=top_k)
+    probes = sanity_probes(predictor)
+    t_predict = time.perf_counter() - t1
+    result.metrics = metrics = {
+        "model": str(model if run_dir is None else run_dir), "data": str(folder.root), **result.metrics,
+        "probes": [p.as_dict(predictor.labels) for p in probes], "skipped_files": skips.as_list(),
+        "timings": {"load_s": round(t_load, 3), "predict_s": round(t_predict, 3)}}
+    write_report(out, [result], probes, metrics, run_dir=run_dir, title=f"Evaluation on {data_name}")
+    say(f"accuracy {metrics['accuracy']:.4f}, top-{metrics['top_k']} {metrics['top_k_accuracy']:.4f}, "
+        f"macro F1 {metrics['macro_avg']['f1']:.4f}. Report: {out / 'report.html'}")
+    return {**metrics, "out": str(out)}
+
+
+def _open_model(model):
+    """(predictor, run directory or None): a predictor object as it is, else whatever `load_predictor` loads."""
+    if all(hasattr(model, name) for name in ("labels", "image_size", "predict")):
+        return model, None
+    predictor = load_predictor(model)
+    is_run = (Path(model) / rundir.MODEL_FILE).is_file()  # a run directory, not an exported model
+    return predictor, Path(model) if is_run else None

@@ -1,0 +1,254 @@
+"""`export`: a run's model as SavedModel, .keras, TFLite or ONNX, each checked against the Keras model.
+
+Every export checks itself before it reports success (see exporting/checks.py): the run's validation
+images go through the Keras model and through the exported artifact, reloaded the way a user would load
+it. The figures land in `export.json` next to the artifact; an artifact outside tolerance is never
+published, and `ExportError` says by how much it missed.
+
+Layouts (default folder RUN/export/FORMAT, or FORMAT-QUANTIZE for quantized TFLite):
+
+    savedmodel/1/        TF Serving layout (numbered version). Signatures: `serving_default` takes encoded
+                         images (tf.string: JPEG, PNG, GIF, BMP) and decodes, resizes and runs the model in
+                         the graph; `serving_pixels` takes uint8 pixels. Both return `probabilities`,
+                         `label`, `score`, `top_k_labels`, `top_k_scores`. labels.txt is an asset.
+    keras/model.keras    the Keras model, with labels.txt
+    tflite/model.tflite  float32 pixels (0..255) in, probabilities out; int8 takes and returns uint8.
+                         Labels and input size travel inside the file as the `tltool` metadata entry
+                         (JSON), and in labels.txt next to it.
+    onnx/model.onnx      float32 NHWC pixels (0..255) in; labels in the model's metadata_props (`tltool`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tltool import rundir
+from tltool.engine.setup import RunSetup, prepare_run
+from tltool.errors import ExportError, ExportOptionError, RunDirError
+from tltool.exporting import checks, tflite
+from tltool.exporting.metadata import model_metadata
+from tltool.exporting.predictors import KerasPredictor, load_predictor
+from tltool.recipe import load_recipe
+
+FORMATS = ("savedmodel", "keras", "tflite", "onnx")
+QUANTIZATIONS = ("none", "dynamic", "float16", "int8")
+EXPORT_FILE = "export.json"
+SAVEDMODEL_VERSION = "1"
+TFLITE_FILE = "model.tflite"
+ONNX_FILE = "model.onnx"
+
+
+def export(run_dir, format: str, quantize: str = "none", out=None, force: bool = False) -> dict:
+    """Export a run's model and check the export against the Keras model on the validation images.
+
+    Args:
+        run_dir: a run directory written by `tltool finetune`.
+        format: `savedmodel`, `keras`, `tflite` or `onnx`.
+        quantize: `none` (default), or for TFLite `dynamic` (int8 weights), `float16` or `int8` (full
+            integer: uint8 input and output, calibrated on up to 200 training images).
+        out: folder to write; default RUN/export/FORMAT (RUN/export/tflite-QUANTIZE when quantized).
+        force: replace `out` if it exists and is not empty.
+
+    Returns:
+        The content of `export.json`: format, quantize, path, size_bytes, max_abs_prob_diff,
+        top1_agreement, accuracy_keras, accuracy_export, n_images, tolerance, and format-specific extras.
+
+    Raises:
+        ExportOptionError: unknown format, a quantization the format does not take, or a missing package.
+        ExportError: the conversion failed, or the export is outside tolerance (nothing is left behind).
+    """
+    _check_options(format, quantize)
+    run_dir = rundir.require_run_dir(Path(run_dir))
+    out = _export_folder(run_dir, format, quantize, out, force)
+    t_start = time.perf_counter()
+    keras_predictor = KerasPredictor.from_file(run_dir / rundir.MODEL_FILE, rundir.read_labels(run_dir))
+    setup = prepare_run(load_recipe(run_dir / rundir.RECIPE_FILE), weights=False)
+    check = _CheckImages.of(setup, keras_predictor)
+    tol = checks.tolerance_for(format, quantize)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        writer = _WRITERS[format]
+        artifact, report, extra = writer(keras_predictor, setup, quantize, tmp, check, tol)
+        result = {"format": format, "quantize": quantize, "path": str(out), **_size(artifact, extra), **report,
+                  "n_images": len(check.paths), "image_size": keras_predictor.image_size,
+                  "num_classes": len(keras_predictor.labels), **extra,
+                  "tolerance": {k: v for k, v in asdict(tol).items() if v is not None},
+                  "seconds": round(time.perf_counter() - t_start, 2)}
+        checks.check_tolerance(result, tol)
+        rundir.atomic_write_json(tmp / EXPORT_FILE, result)
+        _publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
+def export_run(run_dir, format: str | None = None, quantize: str | None = None, out=None, force: bool = False,
+               log=None) -> list[dict]:
+    """Export a run as `tltool export RUN` does: the given format, or every format of the recipe's `export`.
+
+    Args:
+        run_dir: a run directory written by `tltool finetune`.
+        format: one format; default every format in the run recipe's `export.formats`.
+        quantize: TFLite quantization; default the recipe's `export.quantize` (applies to tflite only).
+        out: folder to write (only with a single format).
+        force: replace existing export folders.
+        log: callable for two lines per export (where it went, how its check went), or None.
+
+    Returns:
+        One `export.json` content per format, in order.
+    """
+    recipe_file = Path(run_dir) / rundir.RECIPE_FILE
+    defaults = load_recipe(recipe_file).export if recipe_file.is_file() else None
+    formats = [format] if format else (list(defaults.formats) if defaults else ["savedmodel"])
+    if out is not None and len(formats) > 1:
+        raise ExportOptionError(f"--out takes one format; the recipe lists {', '.join(formats)}. Add --format.")
+    if quantize not in (None, "none") and "tflite" not in formats:
+        raise ExportOptionError(f"Quantization applies to --format tflite only. Received: format(s) "
+                                f"{', '.join(formats)}, quantize={quantize}. Add --format tflite.")
+    results = []
+    for name in formats:
+        q = (quantize or (defaults.quantize if defaults else "none")) if name == "tflite" else "none"
+        results.append(export(run_dir, name, quantize=q, out=out, force=force))
+        for line in describe_export(results[-1]) if log else ():
+            log(line)
+    return results
+
+
+def describe_export(result: dict) -> list[str]:
+    """Two lines on an export: where it went and its size, then how its self-check went."""
+    what = result["format"] + (f" ({result['quantize']})" if result["quantize"] != "none" else "")
+    size = f"{result['size_bytes'] / 1e6:.2f} MB" + (f", {result['size_ratio']:.3f}x float32"
+                                                    if "size_ratio" in result else "")
+    if "int8_weights" in result:
+        size += f", {result['int8_weights']} weight scales"
+    return [f"Exported {what} to {result['path']} ({size}).",
+            f"Check on {result['n_images']} validation images: top-1 agreement {result['top1_agreement']:.4f}, "
+            f"max |prob diff| {result['max_abs_prob_diff']:.2g}, accuracy {result['accuracy_keras']:.4f} (Keras) "
+            f"vs {result['accuracy_export']:.4f} (export)."]
+
+
+def _check_options(format: str, quantize: str) -> None:
+    if format not in FORMATS:
+        raise ExportOptionError(f"Expected `format` to be one of {', '.join(FORMATS)}. Received: format={format}")
+    if quantize not in QUANTIZATIONS:
+        raise ExportOptionError(f"Expected `quantize` to be one of {', '.join(QUANTIZATIONS)}. "
+                                f"Received: quantize={quantize}")
+    if quantize != "none" and format != "tflite":
+        raise ExportOptionError(f"Quantization applies to --format tflite only. Received: format={format}, "
+                                f"quantize={quantize}. Drop --quantize or use --format tflite.")
+    if format == "onnx":
+        missing = [name for name in ("tf2onnx", "onnx", "onnxruntime") if not _importable(name)]
+        if missing:
+            raise ExportOptionError(f"ONNX export needs {', '.join(missing)}: install them with "
+                                    f"pip install 'tltool[onnx]'.")
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def _export_folder(run_dir: Path, format: str, quantize: str, out, force: bool) -> Path:
+    """Where the export goes; refuses the run directory itself, and an existing export without `force`."""
+    name = format if quantize == "none" else f"{format}-{quantize}"
+    out = Path(out) if out is not None else run_dir / "export" / name
+    if out.resolve() == run_dir.resolve() or out.resolve() in run_dir.resolve().parents:
+        raise RunDirError(f"--out {out} would replace the run directory {run_dir} itself. Choose another --out.")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise RunDirError(f"Export folder {out} already exists. Pass --force to replace it, or choose "
+                          f"another --out.")
+    return out
+
+
+@dataclass
+class _CheckImages:
+    """The validation images of the self-check, and the Keras model's probabilities on them."""
+
+    paths: list[str]
+    pixels: np.ndarray
+    labels: np.ndarray
+    probs_keras: np.ndarray
+
+    @classmethod
+    def of(cls, setup: RunSetup, keras_predictor) -> "_CheckImages":
+        val = setup.split.val
+        paths, pixels, labels = checks.load_images(val.paths, val.labels, keras_predictor.image_size,
+                                                   checks.MAX_CHECK_IMAGES, setup.recipe.seed)
+        if not paths:
+            raise ExportError(f"No readable validation images in {val.root}: the export cannot be checked.")
+        return cls(paths, pixels, np.asarray(labels), keras_predictor.predict(pixels))
+
+    def against(self, predictor) -> dict:
+        """The export's figures: `predictor` (the artifact as a user would load it) against the Keras model."""
+        return checks.compare(self.probs_keras, predictor.predict(self.pixels), self.labels)
+
+
+def _keras_artifact(keras_predictor, setup, quantize, tmp: Path, check: _CheckImages, tol):
+    shutil.copyfile(keras_predictor.source, tmp / rundir.MODEL_FILE)
+    rundir.write_labels(tmp, keras_predictor.labels)
+    return tmp / rundir.MODEL_FILE, check.against(load_predictor(tmp)), {}
+
+
+def _savedmodel_artifact(keras_predictor, setup, quantize, tmp: Path, check: _CheckImages, tol):
+    from tltool.exporting.savedmodel import write_savedmodel
+
+    artifact = tmp / SAVEDMODEL_VERSION
+    write_savedmodel(keras_predictor.model, keras_predictor.labels, keras_predictor.image_size, artifact)
+    predictor = load_predictor(tmp)
+    signature = checks.check_encoded_signature(predictor, check.paths, check.probs_keras)
+    return artifact, check.against(predictor), {"encoded_images_signature": signature}
+
+
+def _tflite_artifact(keras_predictor, setup, quantize, tmp: Path, check: _CheckImages, tol):
+    """Convert, then write the candidates (int8 weight schemes) in turn until one passes the accuracy bound."""
+    artifact, size, labels = tmp / TFLITE_FILE, keras_predictor.image_size, keras_predictor.labels
+    rundir.write_labels(tmp, labels)
+    representative = None
+    if quantize == "int8":
+        train = setup.split.train
+        _, representative, _ = checks.load_images(train.paths, train.labels, size, checks.REPRESENTATIVE_IMAGES,
+                                                  setup.recipe.seed)
+    candidates, float32_size = tflite.convert(keras_predictor.model, size, quantize, representative,
+                                              model_metadata(labels, size, quantize))
+    report, tried = checks.first_accurate(candidates, artifact, lambda: check.against(load_predictor(tmp)), tol)
+    extra: dict = {} if float32_size is None else {"float32_size_bytes": float32_size}
+    if candidates[0].int8_weights:
+        extra["int8_weights"] = tried[-1][0]
+        extra["int8_accuracy_by_weights"] = {scheme: r["accuracy_export"] for scheme, r in tried}
+    return artifact, report, extra
+
+
+def _onnx_artifact(keras_predictor, setup, quantize, tmp: Path, check: _CheckImages, tol):
+    from tltool.exporting.onnx_export import write_onnx
+
+    artifact = tmp / ONNX_FILE
+    write_onnx(keras_predictor.model, keras_predictor.image_size, keras_predictor.labels, artifact)
+    rundir.write_labels(tmp, keras_predictor.labels)
+    return artifact, check.against(load_predictor(tmp)), {}
+
+
+_WRITERS = {"keras": _keras_artifact, "savedmodel": _savedmodel_artifact, "tflite": _tflite_artifact,
+            "onnx": _onnx_artifact}
+
+
+def _size(artifact: Path, extra: dict) -> dict:
+    size = {"size_bytes": checks.size_of(artifact)}
+    if "float32_size_bytes" in extra:
+        size["size_ratio"] = round(size["size_bytes"] / extra["float32_size_bytes"], 4)
+    return size
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Put the checked export in place of whatever `out` held."""
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    os.replace(tmp, out)

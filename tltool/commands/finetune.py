@@ -1,0 +1,184 @@
+"""`finetune`: recipe -> checked data -> backbone -> stage 1 -> stage 2 -> evaluation -> run directory."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from tltool import rundir
+from tltool.engine.progress import RunProgress, check_resumable
+from tltool.engine.setup import RunSetup, prepare_run, resolve_recipe, start_runtime
+from tltool.engine.stages import TrainingContext, build_model, train_stages
+from tltool.errors import RecipeError
+from tltool.recipe import load_recipe, save_recipe
+
+
+@dataclass
+class FinetuneResult:
+    run_dir: Path
+    summary: dict
+    model: object = None        # the trained keras.Model (pixels -> probabilities)
+    model_parts: object = None  # its TransferModel: feature_extractor, backbone, head
+
+
+def finetune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=None, weights=None,
+             image_size=None, epochs=None, fine_tune_epochs=None, batch_size=None, seed=None, out=None,
+             overrides=(), force=False, resume=False, deterministic=False, strategy=None, verbose: int = 1,
+             log=print, tensorboard: bool = False) -> FinetuneResult:
+    """Fine-tune a pretrained backbone on an image folder and write a run directory.
+
+    Args:
+        recipe: path of a YAML recipe, a `Recipe`, or None for the defaults.
+        data, val_data, test_data: image folders (one sub-folder per class); override the recipe's.
+        backbone, weights, image_size, epochs, fine_tune_epochs, batch_size, seed: override the recipe.
+            `epochs` is stage 1 (frozen backbone), `fine_tune_epochs` stage 2 (0 skips it).
+        out: run directory; default runs/NAME-TIMESTAMP. Must be new or empty unless `force` or `resume`.
+        overrides: `dotted.key=value` strings, as `--set`.
+        force: overwrite a non-empty `out`.
+        resume: continue the interrupted run in `out` from its last finished epoch, with the settings
+            of its recipe.yaml (no other recipe argument may be given).
+        deterministic: deterministic ops, so the same seed gives the same metrics (`train.deterministic`).
+        strategy: `default` or `mirrored` (all visible GPUs); default the recipe's `train.strategy`.
+        verbose: 0 silent, 1 progress bars and messages.
+        log: where messages go.
+        tensorboard: also log both stages for TensorBoard under RUN/tb/stage1 and RUN/tb/stage2.
+
+    Returns:
+        FinetuneResult with the run directory and the summary written to its summary.json.
+    """
+    t_start = time.perf_counter()
+    say = log if verbose else (lambda *a, **k: None)
+    flags = dict(data=data, val_data=val_data, test_data=test_data, backbone=backbone, weights=weights,
+                 image_size=image_size, epochs=epochs, fine_tune_epochs=fine_tune_epochs, batch_size=batch_size,
+                 seed=seed, deterministic=deterministic, strategy=strategy, overrides=overrides)
+    if resume:
+        run_dir = _resumable_run(out, recipe, {**flags, "force": force})
+        recipe = load_recipe(run_dir / rundir.RECIPE_FILE)
+    else:
+        recipe = resolve_recipe(recipe, **flags)
+        run_dir = Path(out) if out else Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    setup = prepare_run(recipe, before_heavy_work=lambda: rundir.check_output_dir(run_dir, force, resume,
+                                                                                  resumable=True))
+    run_dir = rundir.prepare_output_dir(run_dir, force=force, resume=resume, resumable=True)
+    _announce(setup, run_dir, say)
+    runtime = start_runtime(recipe)
+    tm = build_model(setup, runtime)
+    progress = _start_or_resume(run_dir, setup, tm, resume, say)
+    timings = train_stages(TrainingContext(setup, runtime, verbose, say), tm, progress=progress, run_dir=run_dir,
+                           tensorboard=tensorboard)
+    eval_sets, probes = _evaluate(tm.model, setup, timings)
+    rundir.save_inference_model(tm.model, run_dir / rundir.MODEL_FILE)
+    timings["total_s"] = round(progress.elapsed_before + time.perf_counter() - t_start, 3)
+    summary = run_summary(setup, eval_sets, timings, resumed=resume)
+    rundir.write_summary(run_dir, summary)
+    _write_report(run_dir, eval_sets, probes, setup.classes, say)
+    progress.finish_run()
+    say(_done_line(summary, run_dir))
+    return FinetuneResult(run_dir, summary, tm.model, tm)
+
+
+def _resumable_run(out, recipe, other_args: dict) -> Path:
+    """The run directory to resume, after refusing any argument that would change its saved settings."""
+    if out is None:
+        raise RecipeError("--resume needs --out: the run directory of the interrupted run.")
+    given = [name for name, value in other_args.items() if value not in (None, (), [], False)]
+    if recipe is not None or given:
+        flags = {"overrides": "--set", "epochs": "--epochs", "fine_tune_epochs": "--fine-tune-epochs"}
+        names = ", ".join(["RECIPE"] * (recipe is not None)
+                          + [flags.get(n, f"--{n.replace('_', '-')}") for n in given])
+        raise RecipeError(f"--resume continues a run with the settings saved in its recipe.yaml; drop {names}.")
+    return check_resumable(Path(out))
+
+
+def _announce(setup: RunSetup, run_dir: Path, say) -> None:
+    split = setup.split
+    say(f"tltool: {setup.spec.name} at {setup.image_size}px, {len(setup.classes)} classes, {len(split.train)} "
+        f"training / {len(split.val)} validation" + (f" / {len(split.test)} test" if split.test else "")
+        + f" images. Run directory: {run_dir}")
+    if len(split.skips):
+        say(f"Skipping {len(split.skips)} unreadable file(s); see skipped_files in summary.json.")
+
+
+def _start_or_resume(run_dir: Path, setup: RunSetup, tm, resume: bool, say) -> RunProgress:
+    """A new run writes its recipe and labels; a resumed one loads the weights of its finished stages."""
+    if not resume:
+        save_recipe(setup.recipe, run_dir / rundir.RECIPE_FILE)
+        rundir.write_labels(run_dir, setup.classes)
+    progress = RunProgress(run_dir)
+    if resume:
+        progress.restore(tm.model, say)
+    return progress
+
+
+def _evaluate(model, setup: RunSetup, timings: dict):
+    """One prediction pass of the full image-level model over val (and test): the summary's and the report's."""
+    from tltool.evaluation.sets import evaluate_run_sets
+    from tltool.exporting.predictors import KerasPredictor
+
+    t0 = time.perf_counter()
+    result = evaluate_run_sets(KerasPredictor(model, setup.classes),
+                               {"val": setup.split.val, "test": setup.split.test}, setup.split.skips)
+    timings["evaluate_s"] = round(time.perf_counter() - t0, 3)
+    return result
+
+
+def run_summary(setup: RunSetup, eval_sets, timings: dict, resumed: bool) -> dict:
+    """The content of summary.json: what the run trained on and how well it did."""
+    recipe, classes = setup.recipe, setup.classes
+    used = setup.split.without_skipped()  # files found broken only while decoding are not counted
+    scores = {s.key: s.metrics for s in eval_sets}
+
+    def score(split: str, metric: str):
+        return round(float(scores[split][metric]), 6) if split in scores else None
+
+    return {
+        "name": recipe.name,
+        "backbone": setup.spec.name,
+        "weights": recipe.backbone.weights if not setup.weights.fell_back else "none (fallback)",
+        "image_size": setup.image_size,
+        "classes": classes,
+        "num_classes": len(classes),
+        "images": {"train": len(used.train), "val": len(used.val), "test": len(used.test) if used.test else None},
+        "class_counts": {"train": used.train.counts(), "val": used.val.counts(),
+                         "test": used.test.counts() if used.test else None},
+        "val_accuracy": score("val", "accuracy"),
+        "val_loss": score("val", "log_loss"),
+        "test_accuracy": score("test", "accuracy"),
+        "test_loss": score("test", "log_loss"),
+        "skipped_files": setup.split.skips.as_list(),
+        "timings": timings,
+        "resumed": bool(resumed),
+        "versions": _versions(),
+    }
+
+
+def _done_line(summary: dict, run_dir: Path) -> str:
+    test = summary["test_accuracy"]
+    skipped = len(summary["skipped_files"])
+    return (f"Done in {summary['timings']['total_s']:.1f}s: val_accuracy {summary['val_accuracy']:.4f}"
+            + (f", test_accuracy {test:.4f}" if test is not None else "")
+            + (f"; {skipped} unreadable file(s) skipped" if skipped else "") + f". Run directory: {run_dir}")
+
+
+def _write_report(run_dir: Path, eval_sets, probes, classes, say) -> None:
+    """metrics.json, plots/ and report.html; a failure only warns, since the run itself is complete by now."""
+    from tltool.evaluation.sets import write_run_report
+
+    try:
+        t0 = time.perf_counter()
+        write_run_report(run_dir, eval_sets, probes, classes)
+        say(f"Report ({time.perf_counter() - t0:.1f}s): {run_dir / 'report.html'}")
+    except Exception as exc:  # noqa: BLE001 - a report bug must not cost a finished training run
+        warnings.warn(f"The run report could not be written ({type(exc).__name__}: {exc}). Write it with "
+                      f"`tltool evaluate {run_dir} --data DIR`.", UserWarning, stacklevel=2)
+
+
+def _versions() -> dict:
+    import keras
+    import tensorflow as tf
+
+    from tltool import __version__
+
+    return {"tltool": __version__, "tensorflow": tf.__version__, "keras": keras.__version__}

@@ -1,0 +1,145 @@
+"""The self-check of every export: the exported model against the Keras model, on the run's validation images.
+
+`export` runs the same images through the Keras model and through the artifact reloaded the way a user
+would load it (`load_predictor`), and holds the figures to the tolerance of the format and quantization.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tltool import rundir
+from tltool.data.folders import SkipLog
+from tltool.data.pipelines import decoded_batches
+from tltool.errors import ExportError
+
+#: Validation images used by the self-check, and training images used to calibrate int8 quantization.
+MAX_CHECK_IMAGES = 1000
+REPRESENTATIVE_IMAGES = 200
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """What an export must meet: any bound left None is not checked."""
+
+    max_abs_prob_diff: float | None = None   # largest |p_keras - p_export| over all images and classes
+    max_accuracy_drop: float | None = None   # in percentage points, accuracy_keras - accuracy_export
+    max_size_ratio: float | None = None      # size relative to the float32 TFLite model
+
+
+def tolerance_for(format: str, quantize: str) -> Tolerance:
+    """The bounds an export of `format` with `quantize` must meet."""
+    if quantize == "int8":
+        # The weight schemes that meet both bounds are explained in exporting/tflite.py.
+        return Tolerance(max_accuracy_drop=1.5, max_size_ratio=0.3)
+    if quantize == "dynamic":
+        return Tolerance(max_accuracy_drop=1.5)
+    if quantize == "float16":
+        return Tolerance(max_abs_prob_diff=2e-2)
+    # Same TensorFlow kernels (keras, savedmodel) agree to rounding; converted graphs (fused ops,
+    # other kernels) to about 1e-5, so 1e-3 on probabilities is tight and still robust.
+    return Tolerance(max_abs_prob_diff=1e-4 if format in ("keras", "savedmodel") else 1e-3)
+
+
+def compare(probs_keras: np.ndarray, probs_export: np.ndarray, labels: np.ndarray) -> dict:
+    top_keras, top_export = probs_keras.argmax(1), probs_export.argmax(1)
+    return {
+        "max_abs_prob_diff": float(np.abs(probs_keras - probs_export).max()),
+        "top1_agreement": round(float((top_keras == top_export).mean()), 6),
+        "accuracy_keras": round(float((top_keras == labels).mean()), 6),
+        "accuracy_export": round(float((top_export == labels).mean()), 6),
+    }
+
+
+def first_accurate(candidates, artifact: Path, check, tol: Tolerance):
+    """Write the candidates to `artifact` in turn until one is within the accuracy bound (or none is left).
+
+    Returns the last check's report and [(int8 weight scheme, report)] for every candidate tried.
+    """
+    max_drop = tol.max_accuracy_drop if tol.max_accuracy_drop is not None else float("inf")
+    tried = []
+    for candidate in candidates:
+        rundir.atomic_write_bytes(artifact, candidate.data)
+        report = check()
+        tried.append((candidate.int8_weights, report))
+        if _accuracy_drop(report) <= max_drop:
+            break
+    return report, tried
+
+
+def _accuracy_drop(report: dict) -> float:
+    """Accuracy lost by the export, in percentage points."""
+    return 100 * (report["accuracy_keras"] - report["accuracy_export"])
+
+
+def check_tolerance(result: dict, tol: Tolerance) -> None:
+    what = f"{result['format']}" + (f" ({result['quantize']})" if result["quantize"] != "none" else "")
+    problems = []
+    if tol.max_abs_prob_diff is not None and result["max_abs_prob_diff"] > tol.max_abs_prob_diff:
+        problems.append(f"probabilities differ from the Keras model's by up to {result['max_abs_prob_diff']:.3g} "
+                        f"(allowed {tol.max_abs_prob_diff:g})")
+    drop = _accuracy_drop(result)
+    if tol.max_accuracy_drop is not None and drop > tol.max_accuracy_drop:
+        problems.append(f"accuracy drops by {drop:.1f} points ({100 * result['accuracy_keras']:.1f}% -> "
+                        f"{100 * result['accuracy_export']:.1f}%; allowed {tol.max_accuracy_drop:g})")
+    if tol.max_size_ratio is not None and result.get("size_ratio", 0) > tol.max_size_ratio:
+        problems.append(f"it is {result['size_ratio']:.3f}x the float32 size (allowed {tol.max_size_ratio:g}x)")
+    if problems:
+        hint = (" Try --quantize dynamic or float16, or more varied training images for calibration."
+                if result["quantize"] in ("int8", "dynamic") else "")
+        tried = result.get("int8_accuracy_by_weights", {})
+        if len(tried) > 1:
+            hint = (" Int8 weight schemes tried (validation accuracy): "
+                    + ", ".join(f"{scheme} {100 * acc:.1f}%" for scheme, acc in tried.items()) + "." + hint)
+        raise ExportError(f"The {what} export failed its check on {result['n_images']} validation images: "
+                          f"{'; '.join(problems)}. Nothing was written.{hint}")
+
+
+def check_encoded_signature(predictor, paths: list[str], probs_keras: np.ndarray) -> dict:
+    """Run the files' own bytes through `serving_default` (decoding and resizing in the graph).
+
+    TensorFlow's decoders and resize differ slightly from Pillow's (rounding; CMYK JPEGs, EXIF in formats
+    other than JPEG), so this is reported, not held to the tolerance of the pixel signature.
+    """
+    import tensorflow as tf
+
+    fn = predictor.signatures["serving_default"]
+    rows, probs, failed = [], [], 0
+    for i, path in enumerate(paths):
+        try:
+            out = fn(images=tf.constant([Path(path).read_bytes()]))
+        except (tf.errors.InvalidArgumentError, OSError):
+            failed += 1
+            continue
+        rows.append(i)
+        probs.append(out["probabilities"].numpy()[0])
+    if not rows:
+        return {"n_images": 0, "undecodable": failed}
+    probs = np.stack(probs)
+    ref = probs_keras[rows]
+    return {"n_images": len(rows), "undecodable": failed,
+            "max_abs_prob_diff": float(np.abs(ref - probs).max()),
+            "top1_agreement": round(float((ref.argmax(1) == probs.argmax(1)).mean()), 6)}
+
+
+def load_images(paths, labels, size: int, limit: int, seed: int):
+    """Up to `limit` readable images (a seeded sample when there are more) as uint8 pixels."""
+    order = np.arange(len(paths))
+    if len(order) > limit:
+        order = np.sort(np.random.default_rng(seed).choice(order, limit, replace=False))
+    sample = [str(paths[i]) for i in order]
+    batches = list(decoded_batches(sample, size, 64, SkipLog()))
+    pixels = np.concatenate([b for b, _ in batches]) if batches else np.zeros((0, size, size, 3), np.uint8)
+    ok = np.concatenate([o for _, o in batches]) if batches else np.zeros((0,), bool)
+    kept = [path for path, good in zip(sample, ok) if good]
+    kept_labels = [int(labels[i]) for i, good in zip(order, ok) if good]
+    return kept, pixels[ok], kept_labels
+
+
+def size_of(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
