@@ -1,11 +1,13 @@
 """Folder scanning, seeded stratified splits and class weights."""
 
 import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from helpers import make_image_folder
-from tltool.data.folders import balanced_class_weights, scan_folder, stratified_split
+from tltool.data.folders import ImageFolder, balanced_class_weights, scan_folder, stratified_split
 from tltool.errors import DataError
 
 
@@ -59,12 +61,36 @@ def test_split_is_stratified_deterministic_and_disjoint(image_folder):
     assert val_c.paths != val_a.paths
 
 
-def test_split_does_not_depend_on_scan_order(image_folder, tmp_path):
-    copy = tmp_path / "copy"
-    shutil.copytree(image_folder, copy)
-    a = stratified_split(scan_folder(image_folder), 0.25, seed=1)[1]
-    b = stratified_split(scan_folder(copy), 0.25, seed=1)[1]
-    assert [p.rsplit("/", 1)[-1] for p in a.paths] == [p.rsplit("/", 1)[-1] for p in b.paths]
+def _in_order(folder: ImageFolder, order) -> ImageFolder:
+    """The same files and labels as `folder`, listed in `order`."""
+    return ImageFolder(folder.root, folder.classes, [folder.paths[i] for i in order],
+                       [folder.labels[i] for i in order])
+
+
+def _names(part: ImageFolder) -> set:
+    return {(Path(p).parent.name, Path(p).name) for p in part.paths}
+
+
+@pytest.mark.parametrize("group_by", [None, r"_(\d+)\."])
+def test_split_does_not_depend_on_scan_order(image_folder, tmp_path, group_by):
+    folder = scan_folder(image_folder)
+    train, val = stratified_split(folder, 0.25, seed=1, group_by=group_by)
+    assert len(val) >= 3 and len(train) + len(val) == len(folder)
+    rng = np.random.default_rng(0)
+    orders = [rng.permutation(len(folder)) for _ in range(3)] + [np.arange(len(folder))[::-1]]
+    for order in orders:
+        listed = _in_order(folder, order)
+        assert listed.paths != folder.paths and sorted(listed.paths) == sorted(folder.paths)
+        other_train, other_val = stratified_split(listed, 0.25, seed=1, group_by=group_by)
+        assert _names(other_val) == _names(val) and _names(other_train) == _names(train)
+    # The same files under another root, written in the reverse order (other creation times and inodes).
+    copy = tmp_path / "elsewhere" / "copy"
+    for path in sorted(image_folder.rglob("*.*"), reverse=True):
+        target = copy / path.relative_to(image_folder)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+    other_train, other_val = stratified_split(scan_folder(copy), 0.25, seed=1, group_by=group_by)
+    assert _names(other_val) == _names(val) and _names(other_train) == _names(train)
 
 
 def test_group_by_keeps_groups_together(tmp_path):
