@@ -89,3 +89,47 @@ def tiny_trained_run(root: Path) -> Path:
                     overrides=tiny_values(32) + ["fine_tune.epochs=0", "frozen.epochs=20", "frozen.learning_rate=0.01",
                                                  "frozen.early_stopping=0", f"backbone.weights={weights}"])
     return Path(root) / "run"
+
+
+# ------------------------------------------------------------------------------------------ recomputation
+# What a run reports, computed again from its saved files by other code than the run's: model.keras run on
+# images decoded here, labels read off the class folders' names.
+
+
+def image_paths(folder: Path) -> list[Path]:
+    """The image files of a class-per-sub-folder tree, sorted."""
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix in (".png", ".jpg"))
+
+
+def validation_paths(run_dir: Path) -> list[str]:
+    """The validation images of a run: its recipe's val folder, or the seeded split of its training folder."""
+    from tltool.data.folders import scan_folder, stratified_split
+    from tltool.recipe import load_recipe
+
+    recipe = load_recipe(Path(run_dir) / "recipe.yaml")
+    if recipe.data.val:
+        return [str(p) for p in image_paths(recipe.data.val)]
+    full = scan_folder(recipe.data.train)
+    return stratified_split(full, recipe.data.val_split, recipe.seed, recipe.data.group_by)[1].paths
+
+
+def saved_model_probabilities(run_dir: Path, paths) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities of RUN/model.keras on `paths`, true labels from the files' class folders)."""
+    import keras
+
+    from tltool.data.images import load_image
+
+    classes = (Path(run_dir) / "labels.txt").read_text().split()
+    model = keras.models.load_model(Path(run_dir) / "model.keras", compile=False)
+    size = int(model.input_shape[1])
+    pixels = np.stack([load_image(p, size) for p in paths]).astype(np.float32)
+    probs = np.asarray(model.predict(pixels, batch_size=16, verbose=0), np.float64)
+    labels = np.array([classes.index(Path(p).parent.name) for p in paths])
+    return probs, labels
+
+
+def saved_model_accuracy(run_dir: Path, paths) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of RUN/model.keras on `paths`, recomputed from scratch."""
+    probs, labels = saved_model_probabilities(run_dir, paths)
+    picked = np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1.0)
+    return float(np.mean(probs.argmax(1) == labels)), float(-np.mean(np.log(picked)))

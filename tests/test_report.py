@@ -6,17 +6,20 @@ import base64
 import io
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import tltool
-from helpers import tiny_values
+from helpers import (calibrated_backbone_weights, image_paths, make_image_folder, saved_model_accuracy,
+                     saved_model_probabilities, tiny_values, validation_paths)
 from tltool.evaluation import plots
 from tltool.evaluation.metrics import compute_metrics
 from tltool.evaluation.sets import EvalSet, Probe
 from tltool.evaluation.report import render_html
+from tltool.recipe import load_recipe
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -30,22 +33,48 @@ def decode_png(data: bytes) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, image_folder):
-    """A tiny finetune run with validation and test data, logged for TensorBoard."""
-    out = tmp_path_factory.mktemp("report") / "run"
-    return tltool.finetune(data=image_folder, test_data=image_folder, out=out, overrides=tiny_values(32),
-                           verbose=0, tensorboard=True)
+    """A tiny finetune run with validation and test data, logged for TensorBoard.
+
+    The backbone's random weights are calibrated, so the model's answers depend on the image; the test
+    folder is its own, with other counts than the validation split (4 blue, 2 green, 2 red) and one red
+    image filed as blue, which the model gets wrong: its accuracy differs from the validation accuracy.
+    """
+    root = tmp_path_factory.mktemp("report")
+    weights = calibrated_backbone_weights(root / "backbone.weights.h5", images=image_folder)
+    test = make_image_folder(root / "test", per_class=3, seed=1)
+    (test / "green" / "green_002.jpg").unlink()
+    (test / "red" / "red_000.jpg").rename(test / "blue" / "filed_wrongly.jpg")
+    return tltool.finetune(data=image_folder, test_data=test, out=root / "run", verbose=0, tensorboard=True,
+                           overrides=tiny_values(32) + ["frozen.epochs=6", "frozen.learning_rate=0.01",
+                                                        f"backbone.weights={weights}"])
 
 
 def test_finetune_writes_report_for_val_and_test(run):
     run_dir = run.run_dir
+    summary = json.loads((run_dir / "summary.json").read_text())
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics) == {"val", "test", "probes"}
-    for key, count in (("val", run.summary["images"]["val"]), ("test", 24)):
+    test_folder = Path(load_recipe(run_dir / "recipe.yaml").data.test)
+    files = {"val": validation_paths(run_dir), "test": [str(p) for p in image_paths(test_folder)]}
+    # The test block is about the test folder: its images, its classes' counts.
+    assert len(files["val"]) == 6 and len(files["test"]) == 8
+    assert summary["images"] == {"train": 18, "val": 6, "test": 8}
+    for key, paths in files.items():
         m = metrics[key]
-        assert m["num_images"] == count
-        assert sum(map(sum, m["confusion_matrix"]["matrix"])) == count
-        # The report's own pass over the images agrees with Keras's evaluate() in finetune.
-        assert m["accuracy"] == pytest.approx(run.summary[f"{key}_accuracy"], abs=1e-5)
+        counts = [sum(Path(p).parent.name == name for p in paths) for name in summary["classes"]]
+        assert m["num_images"] == len(paths)
+        assert [sum(row) for row in m["confusion_matrix"]["matrix"]] == counts
+        assert [m["per_class"][name]["support"] for name in summary["classes"]] == counts
+        # summary.json, metrics.json and model.keras run here on the same files all agree.
+        accuracy, loss = saved_model_accuracy(run_dir, paths)
+        assert summary[f"{key}_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+        assert m["accuracy"] == pytest.approx(accuracy, abs=1e-9)
+        assert summary[f"{key}_loss"] == pytest.approx(loss, abs=1e-4)
+        assert m["log_loss"] == pytest.approx(loss, abs=1e-4)
+    # So that the checks above can tell the two sets apart, and a constant model from this one.
+    assert summary["val_accuracy"] != summary["test_accuracy"]
+    probs, _ = saved_model_probabilities(run_dir, files["test"])
+    assert np.ptp(probs, axis=0).max() > 0.1
     expected = {"training_curves"} | {f"{k}_{name}" for k in ("val", "test")
                                       for name in ("confusion_matrix", "per_class_recall", "reliability")}
     written = {p.stem for p in (run_dir / "plots").glob("*.png")}
