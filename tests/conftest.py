@@ -8,13 +8,25 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-# Keras reads KERAS_HOME once, when it is first imported (keras/src/backend/config.py): the session's own
-# Keras home must be in the environment before any test module imports keras. It holds keras.json and
-# whatever keras.utils.get_file would download (weights, datasets), so no test reads or fills ~/.keras.
-# (tests/test_isolation.py fails if something imported keras before this file could set it.)
-KERAS_HOME = tempfile.mkdtemp(prefix="tltool-tests-keras-home-")
+# The session's own folders, made before any test module is imported: Keras reads KERAS_HOME once, when
+# it is first imported (keras/src/backend/config.py), so it must be in the environment by then. It holds
+# keras.json and whatever keras.utils.get_file would download (weights, datasets): no test reads or fills
+# ~/.keras. The session feature cache is what session-scoped fixtures see (no test uses ~/.cache/tltool).
+# tests/test_isolation.py checks both, and fails if something imported keras before this file ran.
+SESSION_DIR = tempfile.mkdtemp(prefix="tltool-tests-")
+KERAS_HOME = os.path.join(SESSION_DIR, "keras-home")
+os.makedirs(KERAS_HOME)
 os.environ["KERAS_HOME"] = KERAS_HOME
-atexit.register(shutil.rmtree, KERAS_HOME, ignore_errors=True)
+os.environ["TLTOOL_CACHE_DIR"] = os.path.join(SESSION_DIR, "feature-cache")
+atexit.register(shutil.rmtree, SESSION_DIR, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_feature_cache(tmp_path_factory):
+    """Each test module's own feature cache, for its module-scoped fixtures (runs shared by its tests)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TLTOOL_CACHE_DIR", str(tmp_path_factory.mktemp("module-feature-cache")))
+        yield
 
 
 @pytest.fixture(autouse=True)
@@ -22,7 +34,8 @@ def _isolated_caches(tmp_path_factory, monkeypatch):
     """Every test gets its own feature cache; the session has its own Keras home (KERAS_HOME above).
 
     No test sees another's cached features, and none reads or writes ~/.keras (downloaded weights,
-    keras.json). The Keras home is per session, not per test, because Keras reads it only at import.
+    keras.json) or ~/.cache/tltool. The Keras home is per session, not per test, because Keras reads it
+    only when it is imported.
     """
     monkeypatch.setenv("TLTOOL_CACHE_DIR", str(tmp_path_factory.mktemp("feature-cache")))
     monkeypatch.setenv("KERAS_HOME", KERAS_HOME)
