@@ -9,18 +9,25 @@ import pytest
 from click.testing import CliRunner
 
 import tltool
-from helpers import make_image_folder, tiny_recipe_args, tiny_values
+from helpers import (calibrated_backbone_weights, image_paths, make_image_folder, saved_model_accuracy,
+                     saved_model_probabilities, tiny_recipe_args, tiny_values, validation_paths)
 from tltool.cli import main
 from tltool.recipe import load_recipe
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """One tiny two-stage run shared by the tests that only read its outputs."""
+    """One tiny two-stage run shared by the tests that only read its outputs.
+
+    Calibrated random backbone weights make its answers depend on the image, so that its numbers can be
+    checked by computing them again; train.deterministic makes the run repeatable exactly.
+    """
     root = tmp_path_factory.mktemp("run")
     data = make_image_folder(root / "data", per_class=8)
     test = make_image_folder(root / "test", per_class=3, seed=1)
-    result = tltool.finetune(data=data, test_data=test, out=root / "out", overrides=tiny_values(32), verbose=0)
+    weights = calibrated_backbone_weights(root / "backbone.weights.h5", images=data)
+    result = tltool.finetune(data=data, test_data=test, out=root / "out", verbose=0,
+                             overrides=tiny_values(32) + [f"backbone.weights={weights}", "train.deterministic=true"])
     return result
 
 
@@ -34,7 +41,12 @@ def test_run_directory_has_every_artifact(tiny_run):
 def test_summary_has_the_documented_fields(tiny_run):
     summary = json.loads((tiny_run.run_dir / "summary.json").read_text())
     assert summary["classes"] == ["blue", "green", "red"]
-    assert 0.0 <= summary["val_accuracy"] <= 1.0 and 0.0 <= summary["test_accuracy"] <= 1.0
+    # The accuracies and losses are those of model.keras on the validation split and the test folder.
+    test_files = image_paths(load_recipe(tiny_run.run_dir / "recipe.yaml").data.test)
+    for key, paths in (("val", validation_paths(tiny_run.run_dir)), ("test", test_files)):
+        accuracy, loss = saved_model_accuracy(tiny_run.run_dir, paths)
+        assert summary[f"{key}_accuracy"] == pytest.approx(accuracy, abs=1e-6), key
+        assert summary[f"{key}_loss"] == pytest.approx(loss, abs=1e-4), key
     assert summary["images"] == {"train": 18, "val": 6, "test": 9}
     assert summary["skipped_files"] == []
     timings = summary["timings"]
@@ -57,10 +69,37 @@ def test_saved_model_reloads_safely_and_takes_plain_pixels(tiny_run):
 
 
 def test_resolved_recipe_repeats_the_run(tiny_run, tmp_path):
-    recipe = load_recipe(tiny_run.run_dir / "recipe.yaml")
-    assert recipe.backbone.weights == "none" and recipe.data.image_size == 32
-    again = tltool.finetune(tiny_run.run_dir / "recipe.yaml", out=tmp_path / "again", verbose=0)
+    first = tiny_run.run_dir
+    recipe = load_recipe(first / "recipe.yaml")
+    assert recipe.backbone.weights.endswith("backbone.weights.h5") and recipe.data.image_size == 32
+    assert recipe.train.deterministic
+    again = tltool.finetune(first / "recipe.yaml", out=tmp_path / "again", verbose=0)
+    second = again.run_dir
+    # Same classes, and the same split of the same files: the repeat's validation numbers are those of
+    # its model on the first run's validation files.
+    assert (second / "labels.txt").read_text() == (first / "labels.txt").read_text()
+    assert again.summary["classes"] == tiny_run.summary["classes"]
     assert again.summary["images"] == tiny_run.summary["images"]
+    assert again.summary["class_counts"] == tiny_run.summary["class_counts"]
+    accuracy, loss = saved_model_accuracy(second, validation_paths(first))
+    assert again.summary["val_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    assert again.summary["val_loss"] == pytest.approx(loss, abs=1e-4)
+    # Deterministic training: every epoch's losses and accuracies, and the final model, come out the same.
+    def history(run):
+        with open(run / "history.csv") as handle:
+            return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(handle)]
+
+    assert len(history(first)) == 3 and history(second) == history(first)
+    for key in ("val_accuracy", "val_loss", "test_accuracy", "test_loss"):
+        assert again.summary[key] == tiny_run.summary[key], key
+    files = validation_paths(first) + [str(p) for p in image_paths(recipe.data.test)]
+    np.testing.assert_allclose(saved_model_probabilities(second, files)[0],
+                               saved_model_probabilities(first, files)[0], atol=1e-6)
+    # The repeat's resolved recipe is the first's (nothing in it names the run or its directory).
+    repeated = load_recipe(second / "recipe.yaml").to_dict()
+    original = recipe.to_dict()
+    repeated.pop("name"), original.pop("name")
+    assert repeated == original
 
 
 def test_learns_an_easy_task(tmp_path):
@@ -174,7 +213,17 @@ def test_gpu_options_are_ignored_with_a_warning_on_cpu(tmp_path, image_folder):
                                                               "train.strategy=mirrored", "fine_tune.epochs=0"])
     messages = " ".join(str(w.message) for w in caught)
     assert "mixed_precision is ignored" in messages and "xla is ignored" in messages and "mirrored" in messages
-    assert result.summary["val_accuracy"] >= 0.0 and (result.run_dir / "model.keras").is_file()
+    # Mixed precision really was ignored: every layer of the saved model computes in float32.
+    model = keras.models.load_model(result.run_dir / "model.keras")
+
+    def layers(layer):
+        yield layer
+        for inner in getattr(layer, "layers", []):
+            yield from layers(inner)
+
+    assert {layer.dtype_policy.name for layer in layers(model)} == {"float32"}
+    accuracy, _ = saved_model_accuracy(result.run_dir, validation_paths(result.run_dir))
+    assert result.summary["val_accuracy"] == pytest.approx(accuracy, abs=1e-6)
 
 
 def test_run_files_get_ordinary_permissions(tiny_run):
