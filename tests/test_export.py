@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import tiny_trained_run
+from helpers import saved_model_accuracy, saved_model_probabilities, tiny_trained_run, validation_paths
 
 import tltool
 from tltool.cli import main
@@ -36,7 +36,16 @@ def check_report(result, out, fmt, quantize="none"):
     assert result["format"] == fmt and result["quantize"] == quantize
     assert result["n_images"] == 6  # the run's validation split: 2 of 8 images per class
     assert result["size_bytes"] > 0
-    assert 0.0 <= result["accuracy_export"] <= 1.0
+    # Both accuracies are those of the run's validation images, computed again here: the Keras model's
+    # from model.keras, the export's by loading it as a user would; labels from the class folders' names.
+    run_dir = out.parent.parent
+    files = validation_paths(run_dir)
+    assert len(files) == result["n_images"]
+    keras_accuracy, _ = saved_model_accuracy(run_dir, files)
+    assert result["accuracy_keras"] == pytest.approx(keras_accuracy, abs=1e-6)
+    _, labels = saved_model_probabilities(run_dir, files)
+    probs = tltool.load_predictor(out).predict(np.stack([load_image(p, 32) for p in files]))
+    assert result["accuracy_export"] == pytest.approx(float(np.mean(probs.argmax(1) == labels)), abs=1e-6)
     saved = json.loads((out / "export.json").read_text())
     for key in ("format", "quantize", "size_bytes", "max_abs_prob_diff", "top1_agreement", "accuracy_keras",
                 "accuracy_export", "n_images"):
