@@ -10,6 +10,7 @@ import yaml
 from click.testing import CliRunner
 
 import tltool
+from helpers import saved_model_accuracy, validation_paths
 from tltool.cli import main
 from tltool.errors import RecipeError, SearchFailedError
 from tltool.recipe import from_dict, load_recipe
@@ -190,7 +191,9 @@ def test_cli_tune_then_finetune_the_best_recipe(tmp_path, image_folder):
     # best.yaml is a complete recipe: finetune takes it as it is.
     result = runner.invoke(main, ["finetune", str(out / "best.yaml"), "--out", str(tmp_path / "run"), "-q"])
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["val_accuracy"] is not None
+    accuracy, _ = saved_model_accuracy(tmp_path / "run", validation_paths(tmp_path / "run"))
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["val_accuracy"] == pytest.approx(accuracy,
+                                                                                                       abs=1e-6)
 
 
 def test_cli_tune_errors(tmp_path, image_folder, monkeypatch):
