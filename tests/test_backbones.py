@@ -4,7 +4,8 @@ import keras
 import numpy as np
 import pytest
 
-from tltool.models.backbones import (get_backbone_spec, list_backbones, preprocessing_layer, resolve_weights)
+from tltool.models.backbones import (backbone_blocks, get_backbone_spec, graph_cuts, list_backbones,
+                                     preprocessing_layer, resolve_weights)
 from tltool.errors import BackboneError, WeightsError
 
 REQUIRED = ["vgg16", "vgg19", "resnet50", "resnet50_v2", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
@@ -18,15 +19,37 @@ def test_required_backbones_are_registered():
                                                   "efficientnet_b3"]
 
 
+#: Blocks of some families, as their papers count them (MobileNetV2: 17 inverted residual blocks).
+KNOWN_BLOCKS = {"vgg16": 5, "resnet50": 16, "resnet50_v2": 16, "mobilenet": 13, "mobilenet_v2": 17,
+                "efficientnet_b0": 16, "inception_v3": 11}
+
+
 @pytest.mark.parametrize("name", list_backbones())
 def test_spec_matches_the_real_network(name):
-    """Build each backbone with random weights at its smallest size and check the declared feature width."""
+    """Build each backbone with random weights at its smallest size: the declared feature width, and blocks
+    that are real cuts of the network (what follows a block end computes the output from it alone)."""
     spec = get_backbone_spec(name)
     size = max(spec.min_size, 32)
     net = spec.constructor_fn()(include_top=False, weights=None, input_shape=(size, size, 3), pooling="avg",
                                 **dict(spec.extra_kwargs))
     assert net.output_shape == (None, spec.feature_size)
+    blocks = backbone_blocks(net, spec)
+    assert len(blocks) == KNOWN_BLOCKS.get(name, len(blocks)) and len(blocks) >= 4
+    assert set(blocks) <= set(graph_cuts(net))
+    middle = net.get_layer(blocks[len(blocks) // 2]).output
+    bottom, top = keras.Model(net.input, middle), keras.Model(middle, net.output)
+    pixels = np.random.default_rng(0).uniform(-1, 1, (2, size, size, 3)).astype("float32")
+    np.testing.assert_allclose(np.asarray(top(bottom(pixels))), np.asarray(net(pixels)), rtol=1e-4, atol=1e-5)
     keras.backend.clear_session()
+
+
+def test_graph_cuts_exclude_layers_a_shortcut_jumps_over():
+    inputs = keras.Input((4,))
+    a = keras.layers.Dense(4, name="a")(inputs)
+    b = keras.layers.Dense(4, name="b")(a)
+    c = keras.layers.Add(name="c")([a, b])  # the shortcut from a jumps over b
+    out = keras.layers.Dense(2, name="d")(c)
+    assert graph_cuts(keras.Model(inputs, out))[1:] == ["a", "c"]  # [0] is the input layer
 
 
 def test_unknown_backbone_suggests_close_names():

@@ -21,7 +21,7 @@ def write(tmp_path, text: str) -> Path:
 def test_defaults_without_a_file():
     recipe = load_recipe(None)
     assert recipe.backbone.name == "mobilenet_v2"
-    assert recipe.frozen.epochs == 10 and recipe.fine_tune.epochs == 5
+    assert recipe.frozen.epochs == 30 and recipe.fine_tune.epochs == 5 and recipe.fine_tune.unfreeze == 2
     assert recipe.data.val_split == 0.2
 
 
@@ -129,7 +129,7 @@ def test_cli_recipe_fields_and_show(tmp_path):
 
     result = CliRunner().invoke(main, ["recipe", "fields", "fine_tune"])
     assert result.exit_code == 0
-    assert "fine_tune.unfreeze" in result.output and "20" in result.output and "head.dropout" not in result.output
+    assert "fine_tune.unfreeze" in result.output and " 2 " in result.output and "head.dropout" not in result.output
     shown = CliRunner().invoke(main, ["recipe", "show", "--set", "head.dense=[64]"])
     assert shown.exit_code == 0 and yaml.safe_load(shown.output)["head"]["dense"] == [64]
     bad = CliRunner().invoke(main, ["recipe", "show", "--set", "head.dropuot=1"])

@@ -69,25 +69,34 @@ class HeadConfig:
 
 @dataclass
 class FrozenStageConfig:
-    epochs: int = _f(10, "Epochs of stage 1: backbone frozen, only the head trains.", minimum=0)
+    epochs: int = _f(30, "Most epochs of stage 1: backbone frozen, only the head trains (on cached features an "
+                         "epoch takes milliseconds; early stopping ends it once validation stops improving).",
+                     minimum=0)
     learning_rate: float = _f(1e-3, "Learning rate of stage 1.", minimum=0.0)
     optimizer: str = _f("adam", "Optimizer of stage 1.", choices=("adam", "adamw", "sgd", "rmsprop"))
     early_stopping: int = _f(5, "Stop after this many epochs without val_loss improvement, restoring the "
                                 "best weights (0 = off).", minimum=0)
     cache_features: bool = _f(True, "Compute the backbone's features once, cache them on disk and train the "
                                     "head on them (much faster; same model).")
-    feature_views: int = _f(0, "Augmented views per training image added to the feature cache "
-                               "(0 = none).", minimum=0, maximum=32)
+    feature_views: Optional[int] = _f(None, "Augmented views of each training image in the feature cache; the "
+                                            "head sees one view of each image per epoch (0 = none, null = as "
+                                            "many as the data size calls for).", minimum=0, maximum=32)
 
 
 @dataclass
 class FineTuneStageConfig:
     epochs: int = _f(5, "Epochs of stage 2: top backbone layers unfrozen (0 skips the stage).", minimum=0)
-    learning_rate: float = _f(1e-5, "Learning rate of stage 2; keep it low.", minimum=0.0)
+    learning_rate: float = _f(1e-4, "Learning rate of stage 2 (low: the unfrozen blocks start pretrained).",
+                              minimum=0.0)
     optimizer: str = _f("adam", "Optimizer of stage 2.", choices=("adam", "adamw", "sgd", "rmsprop"))
     early_stopping: int = _f(3, "Patience of stage 2's early stopping (0 = off).", minimum=0)
-    unfreeze: int = _f(20, "How many of the backbone's top layers train in stage 2 (BatchNorm layers stay "
-                           "frozen, in inference mode).", minimum=1)
+    unfreeze: int = _f(2, "How many of the backbone's top blocks train in stage 2 (blocks as the registry defines "
+                          "them per family, e.g. MobileNetV2's 17 inverted residual blocks; BatchNorm layers stay "
+                          "frozen, in inference mode).", minimum=1)
+    activation_budget_mb: float = _f(2048, "Stage 2 trains on cached activations below the unfrozen blocks "
+                                           "(computed once per image and view) while they fit in this many MB; "
+                                           "above it, or at 0, it streams augmented images every epoch.",
+                                     minimum=0)
     schedule: str = _f("constant", "Learning rate over stage 2: `constant`, or `cosine` decay from "
                                    "learning_rate to 0 over its epochs.", choices=("constant", "cosine"))
 
@@ -109,7 +118,7 @@ class TrainConfig:
 class AugmentConfig:
     flip: str = _f("horizontal", "Random flips.", choices=("none", "horizontal", "vertical",
                                                           "horizontal_and_vertical"))
-    rotation: float = _f(0.0, "Random rotation, as a fraction of a full turn.", minimum=0.0, maximum=0.5)
+    rotation: float = _f(0.1, "Random rotation, as a fraction of a full turn.", minimum=0.0, maximum=0.5)
     zoom: float = _f(0.0, "Random zoom, as a fraction of the image size.", minimum=0.0, maximum=0.9)
     contrast: float = _f(0.0, "Random contrast change factor.", minimum=0.0, maximum=1.0)
     translation: float = _f(0.0, "Random translation, as a fraction of the image size.",

@@ -21,7 +21,7 @@ import os
 import time
 import uuid
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,9 +43,11 @@ def cache_dir(configured: str | None = None) -> Path:
 
 
 def extractor_key(backbone: str, weights_fingerprint: str, image_size: int, preprocessing: str,
-                  head_mode: str, pooling: str) -> str:
-    """A short hash of everything that changes what the feature extractor computes."""
-    text = json.dumps([CACHE_FORMAT, backbone, weights_fingerprint, image_size, preprocessing, head_mode, pooling])
+                  head_mode: str, pooling: str, cut: str = "") -> str:
+    """A short hash of everything that changes what the feature extractor computes (`cut`: the layer whose
+    activations are cached instead of the pooled features)."""
+    parts = [CACHE_FORMAT, backbone, weights_fingerprint, image_size, preprocessing, head_mode, pooling]
+    text = json.dumps(parts + ([cut] if cut else []))
     return f"{backbone}-{image_size}-" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -173,6 +175,7 @@ class FeatureCache:
 class FeatureStats:
     computed: int = 0      # images (views included) run through the extractor in this call
     seconds: float = 0.0   # time spent computing (not reading)
+    rows_per_view: list = field(default_factory=list)  # rows returned for view 0, 1, ... in that order
 
 
 _FORWARD_FNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -228,6 +231,18 @@ def compute_features(extractor, paths: list[str], image_size: int, batch_size: i
     return feats, oks
 
 
+def views_by_image(feats: np.ndarray, index: np.ndarray, rows_per_view: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """`cached_features` rows regrouped as [images, views, D], keeping the images present in every view.
+
+    Returns (features, image index into the paths). A file that failed to decode is missing from every view.
+    """
+    bounds = np.cumsum([0, *rows_per_view])
+    per_view = [dict(zip(index[a:b].tolist(), range(a, b))) for a, b in zip(bounds[:-1], bounds[1:])]
+    images = sorted(set(per_view[0]).intersection(*per_view[1:]))
+    rows = np.array([[view[i] for view in per_view] for i in images], dtype=np.int64).reshape(len(images), -1)
+    return feats[rows], np.asarray(images, dtype=np.int64)
+
+
 def cached_features(extractor, cache: FeatureCache | None, paths: list[str], image_size: int, batch_size: int,
                     skips: SkipLog, views: int = 0, augment=None, augment_key: str = "", verbose: int = 1,
                     log=print, jit_compile: bool = False) -> tuple[np.ndarray, np.ndarray, FeatureStats]:
@@ -263,6 +278,7 @@ def cached_features(extractor, cache: FeatureCache | None, paths: list[str], ima
         else:
             all_feats.append(feats[ok])
             all_index.append(np.asarray(missing, dtype=np.int64)[ok])
+        stats.rows_per_view.append(len(all_index[-1]))
     if verbose and stats.computed == 0:
         log(f"Features of all {len(paths)} images ({views} augmented views each) found in the cache: "
             f"extraction skipped.")

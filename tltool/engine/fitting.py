@@ -75,12 +75,21 @@ def stage_callbacks(history_path: Path | None, stage: int, patience: int, backup
 
 def features_dataset(features: np.ndarray, labels: np.ndarray, num_classes: int, batch_size: int,
                      shuffle: bool, seed: int | None):
-    """(float32 features, one-hot labels) batches from in-memory float16 features."""
+    """(float32 features, one-hot labels) batches from in-memory float16 features.
+
+    `features` is [N, D], or [N, V, D] for V views of each image (the plain image and its augmented
+    views): then every pass over the data takes one view of each image, drawn anew each epoch, as
+    augmentation on the fly would.
+    """
     import tensorflow as tf
 
     ds = tf.data.Dataset.from_tensor_slices((features, labels.astype(np.int32)))
     if shuffle:
         ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+    if features.ndim == 3:
+        views = features.shape[1]
+        draws = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+        ds = tf.data.Dataset.zip(ds, draws).map(lambda xy, r: (xy[0][r % views], xy[1]))
     ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), tf.one_hot(y, num_classes)))
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 

@@ -17,17 +17,20 @@ import numpy as np
 from tltool import rundir
 from tltool.data.folders import ImageFolder, balanced_class_weights
 from tltool.data.pipelines import augmentation_layer, image_dataset
-from tltool.engine.features import FeatureCache, augmentation_key, cache_dir, cached_features, extractor_key
+from tltool.engine.features import (FeatureCache, augmentation_key, cache_dir, cached_features, extractor_key,
+                                   views_by_image)
 from tltool.engine.fitting import (compile_model, features_dataset, fit_stage, learning_rate_callback,
                                    stage_callbacks)
 from tltool.engine.progress import RunProgress
 from tltool.engine.setup import RunSetup, Runtime
-from tltool.models.transfer import TransferModel, build_transfer_model, set_fine_tune_layers
+from tltool.engine.activations import CutModels, activation_megabytes, pooled_features, split_at_cut
+from tltool.models.transfer import TransferModel, build_transfer_model, fine_tune_cut, set_fine_tune_layers
 
 
 @dataclass
 class StageFeatures:
-    """Stage 1's cached features of the training (views included) and validation images."""
+    """Stage 1's cached features: of the training images [N, views, D] (view 0 the plain image, the others
+    augmented) and of the validation images [M, D]."""
 
     train_x: np.ndarray
     train_y: np.ndarray
@@ -35,6 +38,28 @@ class StageFeatures:
     val_y: np.ndarray
     seconds: float
     computed: int
+    train_acts: np.ndarray | None = None  # the activations at stage 2's cut they came from, when cached
+    val_acts: np.ndarray | None = None
+
+    @property
+    def width(self) -> int:
+        return self.train_x.shape[-1]
+
+
+#: Feature extractions a run spends on augmented views when the recipe leaves `frozen.feature_views` to
+#: tltool: about this many training images in all, at most MAX_AUTO_VIEWS views of each.
+AUTO_VIEW_IMAGES = 1000
+MAX_AUTO_VIEWS = 8
+
+
+def feature_views(recipe, train_images: int, augment) -> int:
+    """How many augmented views of each training image stage 1 caches: the recipe's number, or (null) as
+    many as the data size calls for, so that small datasets get the augmentation they need most."""
+    if augment is None:
+        return 0
+    if recipe.frozen.feature_views is not None:
+        return recipe.frozen.feature_views
+    return int(min(MAX_AUTO_VIEWS, max(1, round(AUTO_VIEW_IMAGES / max(1, train_images)))))
 
 
 @dataclass
@@ -81,20 +106,65 @@ def build_model(setup: RunSetup, runtime: Runtime) -> TransferModel:
 
 
 def stage1_features(ctx: TrainingContext, extractor) -> StageFeatures:
-    """Features of the training and validation images, from the on-disk cache where possible."""
-    recipe, setup = ctx.recipe, ctx.setup
+    """Pooled features of the training images (and their augmented views) and of the validation images, from
+    the on-disk cache where possible."""
+    return StageFeatures(*_extract(ctx, extractor))
+
+
+def cut_features(ctx: TrainingContext, cut: CutModels) -> StageFeatures:
+    """Activations at stage 2's cut (cached like features), and stage 1's pooled features computed from them."""
+    train_acts, train_y, val_acts, val_y, seconds, computed = _extract(ctx, cut.extractor, cut.cut)
+    with ctx.runtime.strategy.scope():
+        train_x, val_x = pooled_features(cut.features, train_acts), pooled_features(cut.features, val_acts)
+    return StageFeatures(train_x, train_y, val_x, val_y, seconds, computed, train_acts, val_acts)
+
+
+def _extract(ctx: TrainingContext, extractor, cut: str = ""):
+    """Rows of `extractor` for the training images [N, views, D] and the validation images [M, D], with their
+    labels, the seconds spent computing and the images computed (not read from the cache)."""
+    recipe, setup, split = ctx.recipe, ctx.setup, ctx.split
     cache = FeatureCache(cache_dir(recipe.train.cache_dir) / extractor_key(
         setup.spec.name, setup.weights.fingerprint, setup.image_size, setup.spec.preprocessing, recipe.head.mode,
-        recipe.head.pooling))
-    common = dict(image_size=setup.image_size, batch_size=recipe.data.batch_size, skips=ctx.split.skips,
+        recipe.head.pooling, cut))
+    augment = augmentation_layer(recipe.augment, seed=recipe.seed)
+    views = feature_views(recipe, len(split.train), augment)
+    common = dict(image_size=setup.image_size, batch_size=recipe.data.batch_size, skips=split.skips,
                   verbose=ctx.verbose, log=ctx.log, jit_compile=ctx.runtime.jit_compile)
-    train_x, train_rows, s1 = cached_features(
-        extractor, cache, ctx.split.train.paths, views=recipe.frozen.feature_views,
-        augment=augmentation_layer(recipe.augment, seed=recipe.seed), augment_key=augmentation_key(recipe), **common)
-    val_x, val_rows, s2 = cached_features(extractor, cache, ctx.split.val.paths, **common)
-    return StageFeatures(train_x, np.asarray(ctx.split.train.labels)[train_rows], val_x,
-                         np.asarray(ctx.split.val.labels)[val_rows], s1.seconds + s2.seconds,
-                         s1.computed + s2.computed)
+    if ctx.verbose and views and recipe.frozen.feature_views is None:
+        ctx.log(f"Stage 1 caches {views} augmented view(s) of each training image (frozen.feature_views: null "
+                f"= about {AUTO_VIEW_IMAGES} extractions for {len(split.train)} images, at most {MAX_AUTO_VIEWS}).")
+    train_x, train_rows, s1 = cached_features(extractor, cache, split.train.paths, views=views, augment=augment,
+                                              augment_key=augmentation_key(recipe), **common)
+    train_x, train_images = views_by_image(train_x, train_rows, s1.rows_per_view)
+    val_x, val_rows, s2 = cached_features(extractor, cache, split.val.paths, **common)
+    return (train_x, np.asarray(split.train.labels)[train_images], val_x, np.asarray(split.val.labels)[val_rows],
+            s1.seconds + s2.seconds, s1.computed + s2.computed)
+
+
+def activation_cut(ctx: TrainingContext, tm) -> CutModels | None:
+    """The split of the backbone that lets stage 2 train on cached activations, or None (with the reason in
+    the log) when it streams images instead."""
+    recipe, split = ctx.recipe, ctx.split
+    if recipe.fine_tune.epochs == 0 or not recipe.frozen.cache_features:
+        return None
+    cut, _, _ = fine_tune_cut(tm.backbone, ctx.setup.spec, recipe.fine_tune.unfreeze)
+    budget = recipe.fine_tune.activation_budget_mb
+    reason = None
+    if cut is None:
+        reason = "it unfreezes the whole backbone"
+    elif budget == 0:
+        reason = "fine_tune.activation_budget_mb is 0 (fresh augmentation on every step)"
+    else:
+        cut_models = split_at_cut(tm, cut)
+        views = feature_views(recipe, len(split.train), augmentation_layer(recipe.augment, seed=recipe.seed))
+        size = activation_megabytes(cut_models.width, len(split.train), views, len(split.val))
+        if size <= budget:
+            return cut_models
+        reason = (f"the activations at {cut} would take {size:.0f} MB (fine_tune.activation_budget_mb: "
+                  f"{budget:g})")
+    if ctx.verbose:
+        ctx.log(f"Stage 2 will stream images: {reason}.")
+    return None
 
 
 def run_stage1(ctx: TrainingContext, tm, features: StageFeatures | None, history_path=None, backup_dir=None,
@@ -114,21 +184,29 @@ def run_stage1(ctx: TrainingContext, tm, features: StageFeatures | None, history
     return fit_stage(model, train, val, recipe.frozen.epochs, callbacks, ctx.class_weight(), verbose=ctx.verbose)
 
 
-def run_stage2(ctx: TrainingContext, tm, history_path=None, backup_dir=None, extra_callbacks=()):
-    """Unfreeze the backbone's top layers and train the whole model on augmented images. Returns the History."""
+def run_stage2(ctx: TrainingContext, tm, cut: CutModels | None = None, features: StageFeatures | None = None,
+               history_path=None, backup_dir=None, extra_callbacks=()):
+    """Unfreeze the backbone's top blocks and train them with the head: on the cached activations at `cut`
+    (with `features` holding them), else on augmented images streamed through the whole model."""
     recipe, stage = ctx.recipe, ctx.recipe.fine_tune
-    trainable = set_fine_tune_layers(tm.backbone, stage.unfreeze, freeze_batchnorm=ctx.setup.pretrained)
+    unfrozen = set_fine_tune_layers(tm.backbone, ctx.setup.spec, stage.unfreeze, freeze_batchnorm=ctx.setup.pretrained)
     if ctx.verbose:
-        ctx.log(f"Stage 2: {trainable} backbone layers unfrozen, up to {stage.epochs} epochs at "
-                f"learning rate {stage.learning_rate:g}" + (" (cosine decay)." if stage.schedule == "cosine" else "."))
-    ctx.compile(tm.model, stage)
+        ctx.log(f"Stage 2: {unfrozen.describe()}, up to {stage.epochs} epochs at learning rate "
+                f"{stage.learning_rate:g}" + (" (cosine decay)" if stage.schedule == "cosine" else "")
+                + (", on cached activations." if cut is not None else ", on images."))
     schedule = learning_rate_callback(stage.learning_rate, stage.schedule, stage.epochs)
     callbacks = stage_callbacks(history_path, 2, stage.early_stopping, backup_dir,
                                 ([schedule] if schedule else []) + list(extra_callbacks))
-    augment = augmentation_layer(recipe.augment, seed=recipe.seed)
+    if cut is not None:
+        model, n, bs = cut.trainable, ctx.num_classes, recipe.data.batch_size
+        train = features_dataset(features.train_acts, features.train_y, n, bs, True, recipe.seed)
+        val = features_dataset(features.val_acts, features.val_y, n, bs, False, None)
+    else:
+        model, augment = tm.model, augmentation_layer(recipe.augment, seed=recipe.seed)
+        train, val = ctx.images(ctx.split.train, True, augment), ctx.images(ctx.split.val, False)
+    ctx.compile(model, stage)
     try:
-        return fit_stage(tm.model, ctx.images(ctx.split.train, True, augment), ctx.images(ctx.split.val, False),
-                         stage.epochs, callbacks, ctx.class_weight(), verbose=ctx.verbose)
+        return fit_stage(model, train, val, stage.epochs, callbacks, ctx.class_weight(), verbose=ctx.verbose)
     finally:
         tm.backbone.trainable = False
 
@@ -169,21 +247,30 @@ def train_stages(ctx: TrainingContext, tm, features: StageFeatures | None = None
         if progress:
             progress.finish_stage(stage, tm.model, timings)
 
+    def extract() -> StageFeatures:
+        found = cut_features(ctx, cut) if cut is not None else stage1_features(ctx, tm.feature_extractor)
+        timings["features_s"] = round(timings["features_s"] + found.seconds, 3)
+        timings["feature_images"] += found.computed
+        return found
+
     backup = progress.backup_dir if progress else (lambda stage: None)
+    stage2_due = recipe.fine_tune.epochs > 0 and not (progress and progress.done(2))
+    cut = activation_cut(ctx, tm) if stage2_due and features is None else None
     if recipe.frozen.epochs > 0 and not (progress and progress.done(1)):
         if ctx.verbose:
             ctx.log(f"Stage 1: frozen backbone, training the head for up to {recipe.frozen.epochs} epochs.")
         t0 = start(1)
         with ctx.runtime.strategy.scope():
             if features is None and recipe.frozen.cache_features:
-                features = stage1_features(ctx, tm.feature_extractor)
-                timings["features_s"], timings["feature_images"] = round(features.seconds, 3), features.computed
+                features = extract()
             run_stage1(ctx, tm, features, history_path, backup(1), callbacks(1))
         finish(1, t0)
-    if recipe.fine_tune.epochs > 0 and not (progress and progress.done(2)):
+    if stage2_due:
         t0 = start(2)
+        if cut is not None and (features is None or features.train_acts is None):  # resumed after stage 1
+            features = extract()
         with ctx.runtime.strategy.scope():
-            run_stage2(ctx, tm, history_path, backup(2), callbacks(2))
+            run_stage2(ctx, tm, cut, features, history_path, backup(2), callbacks(2))
         finish(2, t0)
     return timings
 

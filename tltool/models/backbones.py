@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import hashlib
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ class BackboneSpec:
     preprocessing: str                # "tf" ([-1, 1]), "torch" (ImageNet mean/std), "caffe" (BGR, mean) or "none"
     feature_size: int                 # width of the globally pooled features
     classic_feature_size: int         # width of the input of the original 1000-way layer
+    block_end: str = ""               # regex of the layers that end a block (stage 2 unfreezes whole blocks)
     extra_kwargs: tuple = ()          # constructor arguments fixed for this spec
 
     @property
@@ -57,30 +59,84 @@ def register_backbone(spec: BackboneSpec) -> BackboneSpec:
     return spec
 
 
-def _add(name, constructor, size, min_size, prep, feat, classic_feat, **kwargs):
-    register_backbone(BackboneSpec(name, constructor, size, min_size, prep, feat, classic_feat,
+def _add(name, constructor, size, min_size, prep, feat, classic_feat, block_end, **kwargs):
+    register_backbone(BackboneSpec(name, constructor, size, min_size, prep, feat, classic_feat, block_end,
                                    tuple(sorted(kwargs.items()))))
 
 
-_add("vgg16", "VGG16", 224, 32, "caffe", 512, 4096)
-_add("vgg19", "VGG19", 224, 32, "caffe", 512, 4096)
-_add("resnet50", "ResNet50", 224, 32, "caffe", 2048, 2048)
-_add("resnet101", "ResNet101", 224, 32, "caffe", 2048, 2048)
-_add("resnet50_v2", "ResNet50V2", 224, 32, "tf", 2048, 2048)
-_add("mobilenet", "MobileNet", 224, 32, "tf", 1024, 1024)
-_add("mobilenet_v2", "MobileNetV2", 224, 32, "tf", 1280, 1280)
-_add("mobilenet_v3_small", "MobileNetV3Small", 224, 32, "none", 576, 1024)
-_add("mobilenet_v3_large", "MobileNetV3Large", 224, 32, "none", 960, 1280)
-_add("efficientnet_b0", "EfficientNetB0", 224, 32, "none", 1280, 1280)
-_add("efficientnet_b1", "EfficientNetB1", 240, 32, "none", 1280, 1280)
-_add("efficientnet_b2", "EfficientNetB2", 260, 32, "none", 1408, 1408)
-_add("efficientnet_b3", "EfficientNetB3", 300, 32, "none", 1536, 1536)
-_add("efficientnet_v2_b0", "EfficientNetV2B0", 224, 32, "none", 1280, 1280)
-_add("efficientnet_v2_s", "EfficientNetV2S", 384, 32, "none", 1280, 1280)
-_add("convnext_tiny", "ConvNeXtTiny", 224, 32, "none", 768, 768)
-_add("xception", "Xception", 299, 71, "tf", 2048, 2048)
-_add("inception_v3", "InceptionV3", 299, 75, "tf", 2048, 2048)
-_add("densenet121", "DenseNet121", 224, 32, "torch", 1024, 1024)
+# The layers that end a block, per family: each is a cut of the network (every path from the input to
+# the output runs through it), so what follows it can be trained, and its output cached, on its own.
+# Residual families end a block at the addition (or at the projection of a block without a shortcut).
+_VGG = r"^block\d_pool$"
+_RESNET = r"^conv\d_block\d+_out$"
+_MOBILENET = r"^conv_pw_\d+_relu$"
+_MOBILENET_V2 = r"^(expanded_conv_project_BN|block_\d+_(add|project_BN))$"
+_MOBILENET_V3 = r"^expanded_conv(_\d+)?_(add|project_bn)$"
+_EFFICIENTNET = r"^block\d+[a-z]_(add|project_bn)$"
+_ADD = r"^add(_\d+)?$"  # ConvNeXt and Xception: Keras names their residual additions add, add_1, ...
+_INCEPTION = r"^mixed\d+$"
+_DENSENET = r"^(conv\d_block\d+_concat|pool\d_pool)$"
+
+
+_add("vgg16", "VGG16", 224, 32, "caffe", 512, 4096, _VGG)
+_add("vgg19", "VGG19", 224, 32, "caffe", 512, 4096, _VGG)
+_add("resnet50", "ResNet50", 224, 32, "caffe", 2048, 2048, _RESNET)
+_add("resnet101", "ResNet101", 224, 32, "caffe", 2048, 2048, _RESNET)
+_add("resnet50_v2", "ResNet50V2", 224, 32, "tf", 2048, 2048, _RESNET)
+_add("mobilenet", "MobileNet", 224, 32, "tf", 1024, 1024, _MOBILENET)
+_add("mobilenet_v2", "MobileNetV2", 224, 32, "tf", 1280, 1280, _MOBILENET_V2)
+_add("mobilenet_v3_small", "MobileNetV3Small", 224, 32, "none", 576, 1024, _MOBILENET_V3)
+_add("mobilenet_v3_large", "MobileNetV3Large", 224, 32, "none", 960, 1280, _MOBILENET_V3)
+_add("efficientnet_b0", "EfficientNetB0", 224, 32, "none", 1280, 1280, _EFFICIENTNET)
+_add("efficientnet_b1", "EfficientNetB1", 240, 32, "none", 1280, 1280, _EFFICIENTNET)
+_add("efficientnet_b2", "EfficientNetB2", 260, 32, "none", 1408, 1408, _EFFICIENTNET)
+_add("efficientnet_b3", "EfficientNetB3", 300, 32, "none", 1536, 1536, _EFFICIENTNET)
+_add("efficientnet_v2_b0", "EfficientNetV2B0", 224, 32, "none", 1280, 1280, _EFFICIENTNET)
+_add("efficientnet_v2_s", "EfficientNetV2S", 384, 32, "none", 1280, 1280, _EFFICIENTNET)
+_add("convnext_tiny", "ConvNeXtTiny", 224, 32, "none", 768, 768, _ADD)
+_add("xception", "Xception", 299, 71, "tf", 2048, 2048, _ADD)
+_add("inception_v3", "InceptionV3", 299, 75, "tf", 2048, 2048, _INCEPTION)
+_add("densenet121", "DenseNet121", 224, 32, "torch", 1024, 1024, _DENSENET)
+
+
+def graph_cuts(net) -> list[str]:
+    """Names of the layers of a functional network whose output every later layer depends on alone.
+
+    Read from the network's config (the public, serialised form of its graph): layer j's inputs come from
+    layers listed before it, and a layer i is a cut when no layer after it takes an input from before it.
+    """
+    layers = net.get_config()["layers"]
+    position = {layer["name"]: i for i, layer in enumerate(layers)}
+    earliest = [min((position[name] for name in _inbound(layer)), default=i) for i, layer in enumerate(layers)]
+    cuts, reach = [], len(layers)
+    for i in range(len(layers) - 1, -1, -1):
+        if reach >= i and i < len(layers) - 1:
+            cuts.append(layers[i]["name"])
+        reach = min(reach, earliest[i])
+    return cuts[::-1]
+
+
+def _inbound(layer_config: dict) -> set[str]:
+    found = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            if node.get("class_name") == "__keras_tensor__":
+                found.add(node["config"]["keras_history"][0])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, (list, tuple)):
+            for value in node:
+                walk(value)
+
+    walk(layer_config.get("inbound_nodes", []))
+    return found
+
+
+def backbone_blocks(net, spec: BackboneSpec) -> list[str]:
+    """The layers that end each block of `net` (a backbone built from `spec`), from the input up."""
+    pattern = re.compile(spec.block_end)
+    return [name for name in graph_cuts(net) if pattern.match(name)]
 
 
 def list_backbones(pattern: str = "*") -> list[str]:

@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tltool.models.backbones import BackboneSpec, ResolvedWeights, imagenet_unavailable, preprocessing_layer
+from tltool.models.backbones import (BackboneSpec, ResolvedWeights, backbone_blocks, imagenet_unavailable,
+                                     preprocessing_layer)
 from tltool.errors import BackboneError, WeightsError
 from tltool.recipe import HeadConfig
 
@@ -26,6 +27,8 @@ class TransferModel:
     feature_extractor: object  # keras.Model: pixels -> features
     backbone: object           # keras.Model: preprocessed pixels -> features
     head: object               # keras.Model: features -> probabilities
+    preprocess: object = None  # the layer turning pixels into the backbone's input (None: built in)
+    pretrained: bool = True    # the backbone runs in inference mode (BatchNorm statistics kept)
 
 
 def build_transfer_model(spec: BackboneSpec, weights: ResolvedWeights, num_classes: int, image_size: int,
@@ -54,7 +57,7 @@ def build_transfer_model(spec: BackboneSpec, weights: ResolvedWeights, num_class
     extractor = keras.Model(pixels, features, name="feature_extractor")
     head = build_head(feature_size, num_classes, head_cfg, seed=seed)
     model = keras.Model(pixels, head(features), name=f"tltool_{spec.name}")
-    return TransferModel(model, extractor, backbone, head)
+    return TransferModel(model, extractor, backbone, head, preprocess, weights.pretrained)
 
 
 def build_head(feature_size: int, num_classes: int, head_cfg: HeadConfig, seed: int | None = None):
@@ -132,21 +135,46 @@ def load_backbone_weights(net, path: Path, spec: BackboneSpec) -> None:
             from None
 
 
-def set_fine_tune_layers(backbone, unfreeze: int, freeze_batchnorm: bool = True) -> int:
-    """Unfreeze the top `unfreeze` layers of the backbone, keeping every BatchNorm frozen.
+@dataclass
+class Unfrozen:
+    """What stage 2 trains: the backbone's layers after `cut` (None: all of them)."""
 
-    Returns the number of layers that now train. For a pretrained backbone BatchNorm stays frozen (and,
-    since the backbone is called with training=False, in inference mode): updating its statistics on a
-    small dataset wrecks what pretraining learned. `freeze_batchnorm=False` is for random backbones.
+    blocks: int         # blocks unfrozen
+    total_blocks: int   # blocks the backbone has
+    cut: str | None     # the layer whose output stays fixed (the end of the last frozen block)
+    weight_layers: int  # layers with weights that now train
+
+    def describe(self) -> str:
+        where = f"after {self.cut}" if self.cut else "the whole backbone"
+        return (f"top {self.blocks} of {self.total_blocks} backbone blocks unfrozen ({where}: "
+                f"{self.weight_layers} layers with weights train)")
+
+
+def fine_tune_cut(backbone, spec: BackboneSpec, blocks: int) -> tuple[str | None, int, int]:
+    """(the layer ending the last frozen block or None for all, blocks unfrozen, blocks in all) for
+    unfreezing the top `blocks` blocks. The layers after the last block end (a final convolution) train
+    with the top block."""
+    ends = backbone_blocks(backbone, spec)
+    blocks = min(blocks, len(ends))
+    return (ends[len(ends) - 1 - blocks] if blocks < len(ends) else None), blocks, len(ends)
+
+
+def set_fine_tune_layers(backbone, spec: BackboneSpec, blocks: int, freeze_batchnorm: bool = True) -> Unfrozen:
+    """Unfreeze the backbone's top `blocks` blocks (see `backbones.backbone_blocks`), keeping BatchNorm frozen.
+
+    Blocks, not layers: "the top 20 layers" of a MobileNetV2 counts BatchNorm, activation and padding
+    layers and trains 6 convolutions. For a pretrained backbone BatchNorm stays frozen (and, since the
+    backbone is called with training=False, in inference mode): updating its statistics on a small dataset
+    wrecks what pretraining learned. `freeze_batchnorm=False` is for random backbones.
     """
     import keras
 
+    cut, blocks, total = fine_tune_cut(backbone, spec, blocks)
+    first = [layer.name for layer in backbone.layers].index(cut) + 1 if cut else 0
     backbone.trainable = True
-    layers = backbone.layers
-    cut = max(0, len(layers) - unfreeze)
     trainable = 0
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(backbone.layers):
         is_bn = isinstance(layer, keras.layers.BatchNormalization)
-        layer.trainable = i >= cut and not (is_bn and freeze_batchnorm)
+        layer.trainable = i >= first and not (is_bn and freeze_batchnorm)
         trainable += int(layer.trainable and bool(layer.weights))
-    return trainable
+    return Unfrozen(blocks, total, cut, trainable)

@@ -91,7 +91,7 @@ class TrialRunner:
             features = self.features()
             runtime = start_runtime(recipe)
             with runtime.strategy.scope():
-                head = build_head(features.train_x.shape[1], len(setup.classes), recipe.head, seed=recipe.seed)
+                head = build_head(features.width, len(setup.classes), recipe.head, seed=recipe.seed)
             return _Trial(TransferModel(head, None, None, head), self._quiet(setup, runtime), features)
         setup = self.setup_for(recipe)
         runtime = start_runtime(recipe)

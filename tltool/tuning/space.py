@@ -26,7 +26,7 @@ def default_space(recipe: Recipe) -> dict:
         "train.label_smoothing": {"choice": [0.0, 0.1]},
     }
     if recipe.fine_tune.epochs > 0:
-        space["fine_tune.unfreeze"] = {"choice": [10, 20, 40, 80]}
+        space["fine_tune.unfreeze"] = {"choice": [1, 2, 4, 6]}
         space["fine_tune.learning_rate"] = {"min": 1e-6, "max": 1e-4, "sampling": "log"}
     return space
 

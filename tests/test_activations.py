@@ -1,0 +1,72 @@
+"""Stage 2 on cached activations: the same training as streaming the same images through the whole backbone."""
+
+import keras
+import numpy as np
+
+from helpers import calibrated_backbone_weights, tiny_values
+from tltool.engine.features import augmentation_key, extractor_key
+from tltool.engine.setup import prepare_run, resolve_recipe, start_runtime
+from tltool.engine.stages import TrainingContext, activation_cut, build_model, cut_features, run_stage2
+from tltool.recipe import load_recipe
+
+
+def _weights_after_cut(tm, cut: str) -> list[np.ndarray]:
+    names = [layer.name for layer in tm.backbone.layers]
+    after = tm.backbone.layers[names.index(cut) + 1:]
+    return [np.asarray(w) for layer in after for w in layer.weights] + [np.asarray(w) for w in tm.head.weights]
+
+
+def test_stage2_on_cached_activations_equals_streaming_the_same_images(image_folder, tmp_path):
+    # A backbone with calibrated BatchNorm statistics: a random one's activations in inference mode are
+    # ~1e-10, below float16. No augmentation: the images streamed every epoch are exactly the one view the cache holds. SGD, not
+    # Adam: Adam's step is about lr * sign(gradient) for tiny gradients, which turns the float16 rounding
+    # of the cached activations into full-size differences.
+    weights = calibrated_backbone_weights(tmp_path / "backbone.weights.h5", images=image_folder)
+    recipe = resolve_recipe(None, data=image_folder, overrides=tiny_values(32) + [
+        "augment.flip=none", "augment.rotation=0", "head.dropout=0", "fine_tune.epochs=1", "fine_tune.unfreeze=2",
+        "fine_tune.early_stopping=0", "fine_tune.optimizer=sgd", "fine_tune.learning_rate=0.001",
+        "frozen.epochs=1", f"backbone.weights={weights}"])
+    setup = prepare_run(recipe)
+    runtime = start_runtime(recipe)
+    ctx = TrainingContext(setup, runtime, verbose=0)
+    cached, streamed = build_model(setup, runtime), build_model(setup, runtime)
+    streamed.model.set_weights(cached.model.get_weights())
+    cut = activation_cut(ctx, cached)
+    assert cut is not None
+    before = _weights_after_cut(cached, cut.cut)
+
+    run_stage2(ctx, cached, cut, cut_features(ctx, cut))
+    run_stage2(ctx, streamed)
+
+    after_cached = _weights_after_cut(cached, cut.cut)
+    after_streamed = _weights_after_cut(streamed, cut.cut)
+    change = max(np.abs(a - b).max() for a, b in zip(before, after_cached))
+    gap = max(np.abs(a - b).max() for a, b in zip(after_cached, after_streamed))
+    trained_cached = [bool(np.any(a != w0)) for w0, a in zip(before, after_cached)]
+    trained_streamed = [bool(np.any(b != w0)) for w0, b in zip(before, after_streamed)]
+    assert change > 1e-3  # it trained
+    assert trained_cached == trained_streamed  # the same weights train (BatchNorm stays frozen in both)
+    assert gap < 0.02 * change  # the same training, up to the float16 rounding of the cached activations
+    keras.backend.clear_session()
+
+
+def test_activation_budget_sends_stage2_back_to_images(image_folder):
+    messages = []
+    recipe = resolve_recipe(None, data=image_folder, overrides=tiny_values(32) + ["fine_tune.activation_budget_mb=0.001"])
+    setup = prepare_run(recipe)
+    runtime = start_runtime(recipe)
+    ctx = TrainingContext(setup, runtime, verbose=1, log=messages.append)
+    assert activation_cut(ctx, build_model(setup, runtime)) is None
+    assert any("Stage 2 will stream images: the activations at" in m and "activation_budget_mb" in m
+               for m in messages)
+    keras.backend.clear_session()
+
+
+def test_cache_key_covers_cut_views_and_augmentation():
+    key = dict(backbone="mobilenet_v2", weights_fingerprint="file:abc", image_size=96, preprocessing="tf",
+               head_mode="pooled", pooling="avg")
+    assert len({extractor_key(**key), extractor_key(**key, cut="block_14_add"),
+                extractor_key(**key, cut="block_15_add")}) == 3
+    base = load_recipe(None)
+    changed = [load_recipe(None, overrides=[o]) for o in ("augment.rotation=0.2", "augment.flip=none", "seed=7")]
+    assert len({augmentation_key(r) for r in [base, *changed]}) == 4

@@ -1,0 +1,68 @@
+"""Stage 2 on cached activations: the frozen part of the backbone runs once per image and view, not every epoch.
+
+When stage 2 unfreezes only the top blocks, everything below the cut (the end of the last frozen block)
+is a fixed function: frozen, its BatchNorm in inference mode. Its output for each training image and
+each augmented view is cached (an entry of the feature cache, keyed also by the cut), and stage 2 trains
+the top blocks and the head on it: the same training as on those views, minus the repeated forward pass
+through the frozen part. Stage 1's pooled features come from the same activations (the top blocks at
+their pretrained weights), so each view costs one pass through the bottom of the backbone in all.
+
+Stage 2 streams images instead, with a one-line reason, when the activations would not fit the recipe's
+`fine_tune.activation_budget_mb` (0 turns caching off, for fresh augmentation on every step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class CutModels:
+    """The backbone split at `cut`, as Keras models sharing the layers (and weights) of the full model."""
+
+    cut: str
+    extractor: object   # pixels -> flattened activations at the cut
+    features: object    # flattened activations -> pooled features (the top blocks)
+    trainable: object   # flattened activations -> probabilities (the top blocks and the head)
+    shape: tuple        # (H, W, C) of the activations
+
+    @property
+    def width(self) -> int:
+        return int(np.prod(self.shape))
+
+
+def split_at_cut(tm, cut: str) -> CutModels:
+    """`tm`'s backbone split at the layer `cut` (a graph cut: see `backbones.graph_cuts`)."""
+    import keras
+
+    backbone = tm.backbone
+    at_cut = backbone.get_layer(cut).output
+    bottom = keras.Model(backbone.input, at_cut, name="below_cut")
+    top = keras.Model(at_cut, backbone.output, name="above_cut")
+    shape = tuple(int(d) for d in at_cut.shape[1:])
+    pixels = keras.Input(tm.model.input_shape[1:], name="pixels")
+    x = tm.preprocess(pixels) if tm.preprocess is not None else pixels
+    extractor = keras.Model(pixels, keras.layers.Flatten()(bottom(x, training=False)), name="cut_extractor")
+    flat = keras.Input((int(np.prod(shape)),), name="activations")
+    activations = keras.layers.Reshape(shape)(flat)
+    # As in the full model: a pretrained backbone in inference mode, a random one training its BatchNorm.
+    pooled = top(activations, training=False) if tm.pretrained else top(activations)
+    features = keras.Model(flat, pooled, name="above_cut_features")
+    trainable = keras.Model(flat, tm.head(pooled), name="above_cut_and_head")
+    return CutModels(cut, extractor, features, trainable, shape)
+
+
+def activation_megabytes(width: int, train_images: int, views: int, val_images: int) -> float:
+    """Float16 activations of every training view and validation image, in MB (disk and memory alike)."""
+    return width * 2 * (train_images * (1 + views) + val_images) / 1e6
+
+
+def pooled_features(features_model, activations: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Stage 1's features from cached activations [..., width]: the top blocks at their current weights."""
+    flat = activations.reshape(-1, activations.shape[-1])
+    out = [np.asarray(features_model(flat[i:i + batch_size].astype(np.float32), training=False))
+           for i in range(0, len(flat), batch_size)]
+    pooled = np.concatenate(out) if out else np.zeros((0, features_model.output_shape[-1]), np.float32)
+    return pooled.astype(np.float16).reshape(*activations.shape[:-1], -1)
