@@ -17,13 +17,14 @@ import numpy as np
 from tltool import rundir
 from tltool.data.folders import ImageFolder, balanced_class_weights
 from tltool.data.pipelines import augmentation_layer, image_dataset
+from tltool.engine.activations import CutModels, activation_megabytes, pooled_features, split_at_cut
 from tltool.engine.features import (FeatureCache, augmentation_key, cache_dir, cached_features, extractor_key,
                                    views_by_image)
 from tltool.engine.fitting import (compile_model, features_dataset, fit_stage, learning_rate_callback,
                                    stage_callbacks)
+from tltool.engine.history import read_history
 from tltool.engine.progress import RunProgress
 from tltool.engine.setup import RunSetup, Runtime
-from tltool.engine.activations import CutModels, activation_megabytes, pooled_features, split_at_cut
 from tltool.models.transfer import TransferModel, build_transfer_model, fine_tune_cut, set_fine_tune_layers
 
 
@@ -254,6 +255,7 @@ def train_stages(ctx: TrainingContext, tm, features: StageFeatures | None = None
         return found
 
     backup = progress.backup_dir if progress else (lambda stage: None)
+    stage1_history = None
     stage2_due = recipe.fine_tune.epochs > 0 and not (progress and progress.done(2))
     cut = activation_cut(ctx, tm) if stage2_due and features is None else None
     if recipe.frozen.epochs > 0 and not (progress and progress.done(1)):
@@ -263,16 +265,40 @@ def train_stages(ctx: TrainingContext, tm, features: StageFeatures | None = None
         with ctx.runtime.strategy.scope():
             if features is None and recipe.frozen.cache_features:
                 features = extract()
-            run_stage1(ctx, tm, features, history_path, backup(1), callbacks(1))
+            stage1_history = run_stage1(ctx, tm, features, history_path, backup(1), callbacks(1))
         finish(1, t0)
     if stage2_due:
         t0 = start(2)
         if cut is not None and (features is None or features.train_acts is None):  # resumed after stage 1
             features = extract()
+        after_stage1 = tm.model.get_weights()
         with ctx.runtime.strategy.scope():
-            run_stage2(ctx, tm, cut, features, history_path, backup(2), callbacks(2))
+            fitted = run_stage2(ctx, tm, cut, features, history_path, backup(2), callbacks(2))
+        _keep_stage2_only_if_better(ctx, tm, after_stage1, stage1_history, fitted, history_path)
         finish(2, t0)
     return timings
+
+
+def _best_val_loss(stage: int, fitted, history_path: Path | None) -> float | None:
+    """The validation loss the model ended a stage with (early stopping restores the best epoch's weights):
+    from history.csv when the run has one (it spans resumed attempts), else from Keras's History."""
+    if history_path is not None:
+        losses = [r["val_loss"] for r in read_history(history_path) if r["stage"] == stage and r["val_loss"] is not None]
+    else:
+        losses = list((fitted.history if fitted is not None else {}).get("val_loss", []))
+    return min(losses) if losses else None
+
+
+def _keep_stage2_only_if_better(ctx: TrainingContext, tm, after_stage1: list, stage1_fit, stage2_fit,
+                                history_path: Path | None) -> None:
+    """Go back to the stage-1 model when fine-tuning made the validation loss worse (small datasets often do)."""
+    before = _best_val_loss(1, stage1_fit, history_path)
+    after = _best_val_loss(2, stage2_fit, history_path)
+    if before is not None and after is not None and after > before:
+        tm.model.set_weights(after_stage1)
+        if ctx.verbose:
+            ctx.log(f"Stage 2 did not improve the validation loss ({after:.4f} against {before:.4f} after stage 1): "
+                    f"keeping the stage-1 model.")
 
 
 def _tensorboard(run_dir: Path, stage: int) -> list:

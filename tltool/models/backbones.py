@@ -73,7 +73,8 @@ _MOBILENET = r"^conv_pw_\d+_relu$"
 _MOBILENET_V2 = r"^(expanded_conv_project_BN|block_\d+_(add|project_BN))$"
 _MOBILENET_V3 = r"^expanded_conv(_\d+)?_(add|project_bn)$"
 _EFFICIENTNET = r"^block\d+[a-z]_(add|project_bn)$"
-_ADD = r"^add(_\d+)?$"  # ConvNeXt and Xception: Keras names their residual additions add, add_1, ...
+_XCEPTION = r"^add(_\d+)?$"  # Keras names Xception's residual additions add, add_1, ...
+_CONVNEXT = r"^convnext_\w+_downsampling_block_\d$"  # its additions are operations, not layers: cut at stages
 _INCEPTION = r"^mixed\d+$"
 _DENSENET = r"^(conv\d_block\d+_concat|pool\d_pool)$"
 
@@ -93,8 +94,8 @@ _add("efficientnet_b2", "EfficientNetB2", 260, 32, "none", 1408, 1408, _EFFICIEN
 _add("efficientnet_b3", "EfficientNetB3", 300, 32, "none", 1536, 1536, _EFFICIENTNET)
 _add("efficientnet_v2_b0", "EfficientNetV2B0", 224, 32, "none", 1280, 1280, _EFFICIENTNET)
 _add("efficientnet_v2_s", "EfficientNetV2S", 384, 32, "none", 1280, 1280, _EFFICIENTNET)
-_add("convnext_tiny", "ConvNeXtTiny", 224, 32, "none", 768, 768, _ADD)
-_add("xception", "Xception", 299, 71, "tf", 2048, 2048, _ADD)
+_add("convnext_tiny", "ConvNeXtTiny", 224, 32, "none", 768, 768, _CONVNEXT)
+_add("xception", "Xception", 299, 71, "tf", 2048, 2048, _XCEPTION)
 _add("inception_v3", "InceptionV3", 299, 75, "tf", 2048, 2048, _INCEPTION)
 _add("densenet121", "DenseNet121", 224, 32, "torch", 1024, 1024, _DENSENET)
 
@@ -136,7 +137,8 @@ def _inbound(layer_config: dict) -> set[str]:
 def backbone_blocks(net, spec: BackboneSpec) -> list[str]:
     """The layers that end each block of `net` (a backbone built from `spec`), from the input up."""
     pattern = re.compile(spec.block_end)
-    return [name for name in graph_cuts(net) if pattern.match(name)]
+    layers = {layer.name for layer in net.layers}  # not operations such as ConvNeXt's `x + shortcut`
+    return [name for name in graph_cuts(net) if pattern.match(name) and name in layers]
 
 
 def list_backbones(pattern: str = "*") -> list[str]:
