@@ -116,8 +116,10 @@ class TrainConfig:
 
 @dataclass
 class AugmentConfig:
-    flip: str = _f("horizontal", "Random flips.", choices=("none", "horizontal", "vertical",
-                                                          "horizontal_and_vertical"))
+    flip: str = _f("auto", "Random flips; `auto`: horizontal, unless mirrored copies measurably hurt on the "
+                           "training images (digits, text, mirror-image classes); the run's recipe.yaml records "
+                           "the decision.",
+                   choices=("auto", "none", "horizontal", "vertical", "horizontal_and_vertical"))
     rotation: float = _f(0.1, "Random rotation, as a fraction of a full turn.", minimum=0.0, maximum=0.5)
     zoom: float = _f(0.0, "Random zoom, as a fraction of the image size.", minimum=0.0, maximum=0.9)
     contrast: float = _f(0.0, "Random contrast change factor.", minimum=0.0, maximum=1.0)
@@ -249,12 +251,14 @@ def from_dict(raw: dict, source: str = "recipe") -> Recipe:
     return recipe
 
 
-def save_recipe(recipe: Recipe, path: str | Path) -> None:
-    """Write the fully resolved recipe; `load_recipe` of the file gives the same recipe back."""
+def save_recipe(recipe: Recipe, path: str | Path, decisions=()) -> None:
+    """Write the fully resolved recipe; `load_recipe` of the file gives the same recipe back. `decisions`:
+    lines on values the run measured rather than took as given, written as comments."""
     from tltool.rundir import atomic_write_text
 
     header = ("# Resolved tltool recipe: every field with its value for this run.\n"
-              "# Repeat the run with: tltool finetune THIS_FILE --out NEW_DIR\n")
+              "# Repeat the run with: tltool finetune THIS_FILE --out NEW_DIR\n"
+              + "".join(f"# Measured: {line}\n" for line in decisions))
     atomic_write_text(Path(path), header + recipe.to_yaml())
 
 

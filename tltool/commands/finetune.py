@@ -66,8 +66,10 @@ def finetune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=
     runtime = start_runtime(recipe)
     tm = build_model(setup, runtime)
     progress = _start_or_resume(run_dir, setup, tm, resume, say)
-    timings = train_stages(TrainingContext(setup, runtime, verbose, say), tm, progress=progress, run_dir=run_dir,
-                           tensorboard=tensorboard)
+    ctx = TrainingContext(setup, runtime, verbose, say)
+    timings = train_stages(ctx, tm, progress=progress, run_dir=run_dir, tensorboard=tensorboard)
+    if ctx.decisions:  # values the run measured: recorded, so that a repeat or a resume takes them as given
+        save_recipe(recipe, run_dir / rundir.RECIPE_FILE, ctx.decisions)
     eval_sets, probes = _evaluate(tm.model, setup, timings)
     rundir.save_inference_model(tm.model, run_dir / rundir.MODEL_FILE)
     timings["total_s"] = round(progress.elapsed_before + time.perf_counter() - t_start, 3)

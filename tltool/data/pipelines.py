@@ -106,8 +106,8 @@ def augmentation_layer(cfg, seed: int | None = None):
     import keras
 
     layers = []
-    if cfg.flip != "none":
-        layers.append(keras.layers.RandomFlip(cfg.flip, seed=seed))
+    if cfg.flip != "none":  # `auto` not yet measured (images streamed): the usual horizontal flip
+        layers.append(keras.layers.RandomFlip("horizontal" if cfg.flip == "auto" else cfg.flip, seed=seed))
     if cfg.rotation > 0:
         layers.append(keras.layers.RandomRotation(cfg.rotation, fill_mode="reflect", seed=seed))
     if cfg.zoom > 0:

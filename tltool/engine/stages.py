@@ -9,7 +9,7 @@ run's `RunProgress` lists as done.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ from tltool import rundir
 from tltool.data.folders import ImageFolder, balanced_class_weights
 from tltool.data.pipelines import augmentation_layer, image_dataset
 from tltool.engine.activations import CutModels, activation_megabytes, pooled_features, split_at_cut
+from tltool.engine.decisions import decide_flip
 from tltool.engine.features import (FeatureCache, augmentation_key, cache_dir, cached_features, extractor_key,
                                    views_by_image)
 from tltool.engine.fitting import (compile_model, features_dataset, fit_stage, learning_rate_callback,
@@ -71,6 +72,8 @@ class TrainingContext:
     runtime: Runtime
     verbose: int = 1
     log: object = print
+    #: what the run measured instead of taking it from the recipe (see decisions.py), one line each
+    decisions: list = field(default_factory=list)
 
     @property
     def recipe(self):
@@ -114,23 +117,30 @@ def stage1_features(ctx: TrainingContext, extractor) -> StageFeatures:
 
 def cut_features(ctx: TrainingContext, cut: CutModels) -> StageFeatures:
     """Activations at stage 2's cut (cached like features), and stage 1's pooled features computed from them."""
-    train_acts, train_y, val_acts, val_y, seconds, computed = _extract(ctx, cut.extractor, cut.cut)
-    with ctx.runtime.strategy.scope():
-        train_x, val_x = pooled_features(cut.features, train_acts), pooled_features(cut.features, val_acts)
-    return StageFeatures(train_x, train_y, val_x, val_y, seconds, computed, train_acts, val_acts)
+    def pooled(activations):
+        with ctx.runtime.strategy.scope():
+            return pooled_features(cut.features, activations)
+
+    train_acts, train_y, val_acts, val_y, seconds, computed = _extract(ctx, cut.extractor, cut.cut, pooled)
+    return StageFeatures(pooled(train_acts), train_y, pooled(val_acts), val_y, seconds, computed, train_acts,
+                         val_acts)
 
 
-def _extract(ctx: TrainingContext, extractor, cut: str = ""):
+def _extract(ctx: TrainingContext, extractor, cut: str = "", to_features=lambda rows: rows):
     """Rows of `extractor` for the training images [N, views, D] and the validation images [M, D], with their
-    labels, the seconds spent computing and the images computed (not read from the cache)."""
+    labels, the seconds spent computing and the images computed (not read from the cache). `to_features`
+    turns rows into pooled features, for the measured decisions."""
     recipe, setup, split = ctx.recipe, ctx.setup, ctx.split
     cache = FeatureCache(cache_dir(recipe.train.cache_dir) / extractor_key(
         setup.spec.name, setup.weights.fingerprint, setup.image_size, setup.spec.preprocessing, recipe.head.mode,
         recipe.head.pooling, cut))
-    augment = augmentation_layer(recipe.augment, seed=recipe.seed)
-    views = feature_views(recipe, len(split.train), augment)
     common = dict(image_size=setup.image_size, batch_size=recipe.data.batch_size, skips=split.skips,
                   verbose=ctx.verbose, log=ctx.log, jit_compile=ctx.runtime.jit_compile)
+    spent = [0.0, 0]
+    if recipe.augment.flip == "auto":
+        spent = _measure_flip(ctx, extractor, cache, common, to_features)
+    augment = augmentation_layer(recipe.augment, seed=recipe.seed)
+    views = feature_views(recipe, len(split.train), augment)
     if ctx.verbose and views and recipe.frozen.feature_views is None:
         ctx.log(f"Stage 1 caches {views} augmented view(s) of each training image (frozen.feature_views: null "
                 f"= about {AUTO_VIEW_IMAGES} extractions for {len(split.train)} images, at most {MAX_AUTO_VIEWS}).")
@@ -139,7 +149,37 @@ def _extract(ctx: TrainingContext, extractor, cut: str = ""):
     train_x, train_images = views_by_image(train_x, train_rows, s1.rows_per_view)
     val_x, val_rows, s2 = cached_features(extractor, cache, split.val.paths, **common)
     return (train_x, np.asarray(split.train.labels)[train_images], val_x, np.asarray(split.val.labels)[val_rows],
-            s1.seconds + s2.seconds, s1.computed + s2.computed)
+            spent[0] + s1.seconds + s2.seconds, spent[1] + s1.computed + s2.computed)
+
+
+class _Mirror:
+    """The horizontal mirror image, as a deterministic "augmentation" of the feature extractor."""
+
+    def __call__(self, pixels, training=True):
+        import tensorflow as tf
+
+        return tf.reverse(pixels, axis=[2])
+
+
+_MIRROR = _Mirror()
+
+
+def _measure_flip(ctx: TrainingContext, extractor, cache, common: dict, to_features) -> list:
+    """Resolve `augment.flip: auto` on the training images (see decisions.py): the recipe gets the measured
+    value, the context a line saying why. Returns [seconds, images] spent computing the mirrored view."""
+    recipe, split = ctx.recipe, ctx.split
+    if ctx.verbose:
+        ctx.log("Measuring whether mirrored images help (augment.flip: auto).")
+    rows, index, stats = cached_features(extractor, cache, split.train.paths, views=1, augment=_MIRROR,
+                                         augment_key="mirror-horizontal", **common)
+    rows, images = views_by_image(rows, index, stats.rows_per_view)
+    features = to_features(rows)
+    decision = decide_flip(features[:, 0], features[:, 1], np.asarray(split.train.labels)[images], recipe.seed)
+    recipe.augment.flip = "horizontal" if decision.keep else "none"
+    ctx.decisions.append(decision.describe("horizontal"))
+    if ctx.verbose:
+        ctx.log(f"Measured {ctx.decisions[-1]}.")
+    return [stats.seconds, stats.computed]
 
 
 def activation_cut(ctx: TrainingContext, tm) -> CutModels | None:
