@@ -70,7 +70,7 @@ def test_finetune_measures_the_flip_and_records_it(tmp_path):
         # A random VGG16 (no BatchNorm to calibrate) keeps enough of the images in its features to tell
         # these classes apart.
         result = tltool.finetune(data=data, out=tmp_path / f"run-{data.name}", verbose=0, overrides=tiny_values(32) + [
-            "backbone.name=vgg16", "fine_tune.epochs=0", "frozen.epochs=2"])
+            "backbone.name=vgg16", "augment.flip=auto", "fine_tune.epochs=0", "frozen.epochs=2"])
         saved = (result.run_dir / "recipe.yaml").read_text()
         assert yaml.safe_load(saved)["augment"]["flip"] == expected, data.name
         line = next(line for line in saved.splitlines() if line.startswith("# Measured: augment.flip:"))
