@@ -16,7 +16,7 @@ from tltool.errors import RecipeError, SearchFailedError
 from tltool.recipe import from_dict, load_recipe
 
 TINY = ["backbone.weights=none", "data.image_size=32", "data.batch_size=8", "frozen.epochs=2",
-        "frozen.early_stopping=0", "fine_tune.epochs=0"]
+        "frozen.early_stopping=0", "fine_tune.epochs=0", "frozen.feature_views=0", "augment.flip=horizontal"]
 HEAD_SPACE = {
     "head.dropout": {"choice": [0.0, 0.5]},
     "head.dense": {"choice": [0, 8]},
