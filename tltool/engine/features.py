@@ -5,7 +5,7 @@ each image (and each of K augmented views, if asked) goes through the feature ex
 then trains on the stored vectors for all stage-1 epochs.
 
 The cache is a folder per *extractor key* (backbone, weights content, image size, preprocessing, head
-mode and pooling). Inside it, each extraction appends one shard: `NAME.npy` (float16 rows) and
+mode and pooling, and for stage 2's activations the cut they are taken at: see activations.py). Inside it, each extraction appends one shard: `NAME.npy` (float16 rows) and
 `NAME.json` (the file key of each row: path, size, modification time, view). A shard counts only once
 its index is written, and both are written atomically, so a crash never leaves an entry later runs trust.
 A changed file has a new key, so only it is recomputed. Shards are memory-mapped: reading the rows of one
