@@ -149,6 +149,26 @@ def test_head_search_reports_resumes_and_overwrites(tmp_path, image_folder):
     assert len(fresh["trials"]) == 1
 
 
+def test_stage2_trials_share_one_activation_cache_at_the_deepest_cut(tmp_path, image_folder, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("TLTOOL_CACHE_DIR", str(cache))
+    space = {"fine_tune.unfreeze": {"choice": [1, 3]}, "head.dropout": {"choice": [0.0]}}
+    recipe = _recipe_file(tmp_path, space, algorithm="grid")
+    lines = []
+    summary = tltool.tune(recipe, data=image_folder, out=tmp_path / "out", verbose=1, max_trials=2,
+                          overrides=TINY + ["fine_tune.epochs=1", "fine_tune.early_stopping=0"],
+                          log=lambda message="", **_: lines.append(str(message))).summary
+
+    assert summary["trials_completed"] == 2
+    assert all(t["cached_activations"] is True for t in summary["trials"])
+    assert any("Stage-2 trials train on activations cached at" in line and "top 3 blocks" in line
+               for line in lines)
+    # One cache entry: the activations at the deepest cut (3 blocks), from which stage 1's features and
+    # the 1-block trial's activations were computed; no image went through the backbone a second time.
+    assert len([entry for entry in cache.iterdir() if entry.is_dir()]) == 1
+    assert sum("Computing features of" in line for line in lines) == 2  # train + val, once for all trials
+
+
 def test_failed_trials_are_recorded_and_the_search_goes_on(tmp_path, image_folder):
     space = {"frozen.epochs": {"choice": [0, 2]},           # 0: the trial's recipe trains nothing
              "frozen.learning_rate": {"choice": [1e-3, 1e38]},  # 1e38: the loss becomes NaN

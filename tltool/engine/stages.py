@@ -42,6 +42,7 @@ class StageFeatures:
     computed: int
     train_acts: np.ndarray | None = None  # the activations at stage 2's cut they came from, when cached
     val_acts: np.ndarray | None = None
+    cut: str = ""  # the layer those activations were taken at
 
     @property
     def width(self) -> int:
@@ -123,7 +124,7 @@ def cut_features(ctx: TrainingContext, cut: CutModels) -> StageFeatures:
 
     train_acts, train_y, val_acts, val_y, seconds, computed = _extract(ctx, cut.extractor, cut.cut, pooled)
     return StageFeatures(pooled(train_acts), train_y, pooled(val_acts), val_y, seconds, computed, train_acts,
-                         val_acts)
+                         val_acts, cut.cut)
 
 
 def _extract(ctx: TrainingContext, extractor, cut: str = "", to_features=lambda rows: rows):
@@ -182,13 +183,14 @@ def _measure_flip(ctx: TrainingContext, extractor, cache, common: dict, to_featu
     return [stats.seconds, stats.computed]
 
 
-def activation_cut(ctx: TrainingContext, tm) -> CutModels | None:
-    """The split of the backbone that lets stage 2 train on cached activations, or None (with the reason in
-    the log) when it streams images instead."""
+def activation_cut(ctx: TrainingContext, tm, blocks: int | None = None) -> CutModels | None:
+    """The split of the backbone that lets stage 2 train on cached activations (with the recipe's blocks
+    unfrozen, or `blocks`), or None (with the reason in the log) when it streams images instead."""
     recipe, split = ctx.recipe, ctx.split
     if recipe.fine_tune.epochs == 0 or not recipe.frozen.cache_features:
         return None
-    cut, _, _ = fine_tune_cut(tm.backbone, ctx.setup.spec, recipe.fine_tune.unfreeze)
+    blocks = recipe.fine_tune.unfreeze if blocks is None else blocks
+    cut, _, _ = fine_tune_cut(tm.backbone, ctx.setup.spec, blocks)
     budget = recipe.fine_tune.activation_budget_mb
     reason = None
     if cut is None:
@@ -260,8 +262,9 @@ def train_stages(ctx: TrainingContext, tm, features: StageFeatures | None = None
     Args:
         ctx: the run's setup, runtime and messages.
         tm: the TransferModel to train (a head-only one when `features` is given and stage 2 is off).
-        features: stage-1 features computed beforehand (tune computes them once per search); None
-            computes them here when `frozen.cache_features` is on.
+        features: stage-1 features computed beforehand (tune computes them once per search), with the
+            activations at stage 2's cut when they hold some; None computes them here when
+            `frozen.cache_features` is on.
         progress: resume state of a run directory; stages it lists as done are skipped.
         run_dir: where history.csv (and TensorBoard logs) go; None for none.
         extra_callbacks: more Keras callbacks for both stages.
@@ -297,7 +300,11 @@ def train_stages(ctx: TrainingContext, tm, features: StageFeatures | None = None
     backup = progress.backup_dir if progress else (lambda stage: None)
     stage1_history = None
     stage2_due = recipe.fine_tune.epochs > 0 and not (progress and progress.done(2))
-    cut = activation_cut(ctx, tm) if stage2_due and features is None else None
+    cut = None
+    if stage2_due and features is None:
+        cut = activation_cut(ctx, tm)
+    elif stage2_due and features.train_acts is not None:
+        cut = split_at_cut(tm, features.cut)
     if recipe.frozen.epochs > 0 and not (progress and progress.done(1)):
         if ctx.verbose:
             ctx.log(f"Stage 1: frozen backbone, training the head for up to {recipe.frozen.epochs} epochs.")

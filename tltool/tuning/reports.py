@@ -24,15 +24,16 @@ def trial_records(oracle, space: SearchSpace) -> list[dict]:
         trial = oracle.trials[trial_id]
         log = getattr(oracle, "trial_log", {}).get(trial_id, {})
         metrics = {m: (float(trial.metrics.get_last_value(m)) if trial.metrics.exists(m) else None)
-                   for m in ("val_accuracy", "val_loss", "cached_features")}
+                   for m in ("val_accuracy", "val_loss", "cached_features", "cached_activations")}
         status = str(trial.status).lower()
         record = {"trial_id": trial_id, "hyperparameters": space.values(trial.hyperparameters.values),
                   name: metrics[name] if status == "completed" else None, "status": status,
                   "worker": log.get("worker"), "seconds": log.get("seconds")}
         for metric in ("val_accuracy", "val_loss"):
             record.setdefault(metric, metrics[metric] if status == "completed" else None)
-        if metrics["cached_features"] is not None and status == "completed":
-            record["cached_features"] = bool(metrics["cached_features"])
+        for metric in ("cached_features", "cached_activations"):
+            if metrics[metric] is not None and status == "completed":
+                record[metric] = bool(metrics[metric])
         if "tuner/epochs" in trial.hyperparameters.values:
             record["budget_epochs"] = int(trial.hyperparameters.values["tuner/epochs"])
         if status in ("failed", "invalid"):

@@ -11,6 +11,7 @@ runs in full.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import math
@@ -23,10 +24,12 @@ import numpy as np
 
 from tltool.engine.fitting import compile_model
 from tltool.engine.setup import prepare_run, start_runtime
-from tltool.engine.stages import TrainingContext, build_model, stage1_features, train_stages
+from tltool.engine.activations import activations_at, split_at_cut
+from tltool.engine.stages import (TrainingContext, activation_cut, build_model, cut_features, stage1_features,
+                                  train_stages)
 from tltool.errors import TltoolError
 from tltool.evaluation.metrics import accuracy, log_loss
-from tltool.models.transfer import TransferModel, build_head
+from tltool.models.transfer import TransferModel, build_head, fine_tune_cut
 from tltool.recipe import Recipe
 from tltool.tuning.distributed import serve_oracle
 from tltool.tuning.reports import fmt_value, last_line
@@ -35,7 +38,8 @@ from tltool.tuning.space import HEAD_KEYS, SearchSpace, stripped_recipe, trial_r
 
 @dataclass
 class _Trial:
-    """One trial's model and what trains it: `features` is the search's precomputed ones for a head trial."""
+    """One trial's model and what trains it: `features` is the search's precomputed ones (with activations
+    at the trial's cut for a stage-2 trial), None for a trial that runs in full."""
 
     tm: object
     ctx: object
@@ -43,14 +47,24 @@ class _Trial:
 
 
 class TrialRunner:
-    """Builds and trains one trial's model: the data, the weights and the shared features it needs."""
+    """Builds and trains one trial's model: the data, the weights and the shared features it needs.
 
-    def __init__(self, base_setup, verbose: int = 1, log=print):
+    Two caches serve the whole search. Head trials (no stage 2) train on the base recipe's stage-1 features.
+    Stage-2 trials train on activations cached once at the deepest cut the space may ask for (the most
+    blocks of `fine_tune.unfreeze`): a trial unfreezing fewer blocks runs the blocks in between once, not a
+    pass of every image through the backbone.
+    """
+
+    def __init__(self, base_setup, space: SearchSpace | None = None, verbose: int = 1, log=print):
         self.base = base_setup.recipe
         self.verbose = verbose
         self.log = log
         self._splits = {self._split_key(self.base): base_setup.split}
         self._features = None
+        most = space.largest("fine_tune.unfreeze") if space is not None else None
+        self._deepest_blocks = max(self.base.fine_tune.unfreeze, int(most or 0))
+        self._deep = None        # StageFeatures at the deepest cut; False when stage 2 trials stream images
+        self._at_cut = {}        # cut -> StageFeatures with the activations at that cut
 
     @staticmethod
     def _split_key(recipe: Recipe) -> str:
@@ -65,9 +79,19 @@ class TrialRunner:
         self._splits[key] = setup.split
         return setup
 
-    def is_head_trial(self, recipe: Recipe) -> bool:
-        return (recipe.fine_tune.epochs == 0 and recipe.frozen.epochs > 0 and recipe.frozen.cache_features
+    def _shares_features(self, recipe: Recipe) -> bool:
+        return (recipe.frozen.epochs > 0 and recipe.frozen.cache_features
                 and stripped_recipe(recipe) == stripped_recipe(self.base))
+
+    def is_head_trial(self, recipe: Recipe) -> bool:
+        return recipe.fine_tune.epochs == 0 and self._shares_features(recipe)
+
+    def is_cut_trial(self, recipe: Recipe) -> bool:
+        """Whether the trial's stage 2 can train on the search's activations at the deepest cut."""
+        return (recipe.fine_tune.epochs > 0 and recipe.fine_tune.activation_budget_mb > 0
+                and 0 < recipe.fine_tune.unfreeze <= self._deepest_blocks
+                and recipe.fine_tune.activation_budget_mb == self.base.fine_tune.activation_budget_mb
+                and self._shares_features(recipe))
 
     def all_head_trials(self, space: SearchSpace) -> bool:
         return set(space.keys) <= HEAD_KEYS and self.is_head_trial(self.base)
@@ -75,15 +99,59 @@ class TrialRunner:
     def features(self):
         """The base recipe's stage-1 features, computed (or read from the feature cache) once per search."""
         if self._features is None:
-            setup = self.setup_for(self.base)
-            runtime = start_runtime(self.base)
-            tm = build_model(setup, runtime)
-            with runtime.strategy.scope():
-                ctx = TrainingContext(setup, runtime, self.verbose, self.log)
-                self._features = stage1_features(ctx, tm.feature_extractor)
-            del tm
-            gc.collect()
+            self._features = self._with_base_model(lambda ctx, tm: stage1_features(ctx, tm.feature_extractor))
         return self._features
+
+    def deep_features(self):
+        """The base recipe's activations at the deepest cut the search may use, and stage 1's features from
+        them, computed (or read from the feature cache) once per search; None when stage 2 must stream
+        images (the reason is in the log)."""
+        if self._deep is None:
+            def extract(ctx, tm):
+                cut = activation_cut(ctx, tm, blocks=self._deepest_blocks)
+                if cut is None:
+                    return False
+                self.log(f"Stage-2 trials train on activations cached at {cut.cut} (the top "
+                         f"{self._deepest_blocks} blocks, the most the search unfreezes).")
+                return cut_features(ctx, cut)
+
+            self._deep = self._with_base_model(extract)
+            if self._deep:
+                self._at_cut[self._deep.cut] = self._deep
+                if self._features is None:
+                    self._features = dataclasses.replace(self._deep, train_acts=None, val_acts=None, cut="")
+        return self._deep or None
+
+    def _with_base_model(self, compute):
+        setup = self.setup_for(self.base)
+        runtime = start_runtime(self.base)
+        tm = build_model(setup, runtime)
+        with runtime.strategy.scope():
+            found = compute(TrainingContext(setup, runtime, self.verbose, self.log), tm)
+        del tm
+        gc.collect()
+        return found
+
+    def features_at_cut(self, tm, setup):
+        """The search's features with the activations at the trial's cut, from those at the deepest cut."""
+        deep = self.deep_features()
+        if deep is None:
+            return None
+        recipe = setup.recipe
+        cut, _, _ = fine_tune_cut(tm.backbone, setup.spec, recipe.fine_tune.unfreeze)
+        if cut is None:
+            return None
+        if cut not in self._at_cut:
+            found = dataclasses.replace(deep, cut=cut, train_acts=activations_at(tm.backbone, deep.cut, cut,
+                                                                                 deep.train_acts),
+                                        val_acts=activations_at(tm.backbone, deep.cut, cut, deep.val_acts))
+            if self._kept_megabytes() + _megabytes(found) > recipe.fine_tune.activation_budget_mb:
+                return found  # used by this trial only: memory stays within the budget
+            self._at_cut[cut] = found
+        return self._at_cut[cut]
+
+    def _kept_megabytes(self) -> float:
+        return sum(_megabytes(f) for f in self._at_cut.values())
 
     def build(self, recipe: Recipe) -> _Trial:
         if self.is_head_trial(recipe):
@@ -95,7 +163,9 @@ class TrialRunner:
             return _Trial(TransferModel(head, None, None, head), self._quiet(setup, runtime), features)
         setup = self.setup_for(recipe)
         runtime = start_runtime(recipe)
-        return _Trial(build_model(setup, runtime), self._quiet(setup, runtime))
+        tm = build_model(setup, runtime)
+        features = self.features_at_cut(tm, setup) if self.is_cut_trial(recipe) else None
+        return _Trial(tm, self._quiet(setup, runtime), features)
 
     @staticmethod
     def _quiet(setup, runtime) -> TrainingContext:
@@ -109,8 +179,7 @@ class TrialRunner:
             raise kt.errors.FailedTrialError(f"The loss became NaN in epoch {watch.epoch + 1}: the learning rate "
                                              f"is probably too high.")
         if trial.features is not None:
-            # One eager call of the head on the validation features (no tracing), scored as evaluate() would.
-            probs = np.asarray(trial.tm.head(trial.features.val_x.astype(np.float32), training=False))
+            probs = self._val_probabilities(trial)
             val_loss, val_acc = log_loss(trial.features.val_y, probs), accuracy(trial.features.val_y, probs)
         else:
             compile_model(trial.tm.model, "adam", 1e-3, 0.0)
@@ -118,8 +187,27 @@ class TrialRunner:
                                                         verbose=0)
         if not math.isfinite(val_loss):
             raise kt.errors.FailedTrialError("The validation loss is NaN: the learning rate is probably too high.")
+        cached_activations = trial.features is not None and trial.features.train_acts is not None
         return {"val_accuracy": float(val_acc), "val_loss": float(val_loss),
-                "cached_features": float(trial.features is not None)}
+                "cached_features": float(trial.features is not None),
+                "cached_activations": float(cached_activations)}
+
+    @staticmethod
+    def _val_probabilities(trial: _Trial, batch_size: int = 256) -> np.ndarray:
+        """The trained model's probabilities for the validation images, from the cached rows the trial used:
+        the same as the whole model on the images (the part below them is frozen), without that pass."""
+        features = trial.features
+        if features.train_acts is None:
+            model, rows = trial.tm.head, features.val_x
+        else:
+            model, rows = split_at_cut(trial.tm, features.cut).trainable, features.val_acts
+        # Eager calls (no tracing), scored as evaluate() would.
+        return np.concatenate([np.asarray(model(rows[i:i + batch_size].astype(np.float32), training=False))
+                               for i in range(0, len(rows), batch_size)])
+
+
+def _megabytes(features) -> float:
+    return (features.train_acts.nbytes + features.val_acts.nbytes) / 1e6
 
 
 class _NanWatch(keras.callbacks.Callback):
@@ -298,7 +386,8 @@ class RecipeTuner(kt.Tuner):
         values = self.hypermodel.space.values(trial.hyperparameters.values)
         shown = ", ".join(f"{k}={fmt_value(v)}" for k, v in values.items())
         if trial.status == "COMPLETED" and self._results:
-            how = "on cached features" if self._results.get("cached_features") else "in full"
+            how = ("on cached activations" if self._results.get("cached_activations")
+                   else "on cached features" if self._results.get("cached_features") else "in full")
             outcome = f"{name} {self._results[name]:.4f} ({how})"
         else:
             outcome = f"FAILED: {last_line(trial.message)}"

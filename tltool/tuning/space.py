@@ -63,6 +63,15 @@ class SearchSpace:
     def keys(self) -> list[str]:
         return list(self.space)
 
+    def largest(self, key: str):
+        """The largest value the space may give `key` (a number), or None when the space leaves it alone."""
+        entry = self.space.get(key)
+        if entry is None:
+            return None
+        values = entry.get("choice") or [entry.get("max"), entry.get("min")]
+        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        return max(numbers) if numbers else None
+
     def declare(self, hp) -> None:
         for key, entry in self.space.items():
             if "choice" in entry:
