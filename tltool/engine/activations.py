@@ -61,9 +61,11 @@ def activation_megabytes(width: int, train_images: int, views: int, val_images: 
 
 def pooled_features(features_model, activations: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Stage 1's features from cached activations [..., width]: the top blocks at their current weights."""
+    import tensorflow as tf
+
     flat = activations.reshape(-1, activations.shape[-1])
-    out = [np.asarray(features_model(flat[i:i + batch_size].astype(np.float32), training=False))
-           for i in range(0, len(flat), batch_size)]
+    run = tf.function(lambda batch: features_model(tf.cast(batch, tf.float32), training=False))  # not eager
+    out = [run(flat[i:i + batch_size]).numpy() for i in range(0, len(flat), batch_size)]
     pooled = np.concatenate(out) if out else np.zeros((0, features_model.output_shape[-1]), np.float32)
     return pooled.astype(np.float16).reshape(*activations.shape[:-1], -1)
 
@@ -72,6 +74,7 @@ def activations_at(backbone, deep_cut: str, cut: str, activations: np.ndarray, b
     """Activations at `cut` from cached ones [..., width] at a deeper cut `deep_cut`: the frozen blocks between
     the two run once per row, so one cache at the deepest cut serves every shallower one (as in `tune`)."""
     import keras
+    import tensorflow as tf
 
     source = backbone.get_layer(deep_cut).output
     middle = keras.Model(source, backbone.get_layer(cut).output, name="between_cuts")
@@ -79,8 +82,8 @@ def activations_at(backbone, deep_cut: str, cut: str, activations: np.ndarray, b
     x = keras.layers.Reshape(tuple(int(d) for d in source.shape[1:]))(flat)
     bridge = keras.Model(flat, keras.layers.Flatten()(middle(x, training=False)))
     rows = activations.reshape(-1, activations.shape[-1])
-    out = [np.asarray(bridge(rows[i:i + batch_size].astype(np.float32), training=False)).astype(np.float16)
-           for i in range(0, len(rows), batch_size)]
+    run = tf.function(lambda batch: bridge(tf.cast(batch, tf.float32), training=False))  # traced once, not eager
+    out = [run(rows[i:i + batch_size]).numpy().astype(np.float16) for i in range(0, len(rows), batch_size)]
     width = int(np.prod(bridge.output_shape[1:]))
     at_cut = np.concatenate(out) if out else np.zeros((0, width), np.float16)
     return at_cut.reshape(*activations.shape[:-1], width)
