@@ -121,3 +121,32 @@ def test_cli_predict_errors(models, tmp_path):
     assert "No model in" in result.stderr and "Traceback" not in result.stderr
     result = runner.invoke(main, ["predict", str(models["run"]), str(models["images"]), "--json", "--csv"])
     assert result.exit_code == 2 and "Pass at most one of --json and --csv" in result.stderr
+
+
+def test_tta_averages_each_image_with_its_mirror_and_is_refused_for_unmirrored_runs(models, tmp_path):
+    plain = tltool.load_predictor(models["tflite"])
+    averaged = tltool.mirror_tta(plain, models["tflite"])
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    expected = (plain.predict(pixels) + plain.predict(pixels[:, :, ::-1])) / 2
+    np.testing.assert_allclose(averaged.predict(pixels), expected, rtol=1e-5, atol=1e-35)
+    assert not np.allclose(expected, plain.predict(pixels), rtol=0.01, atol=0)  # mirroring changes the answer
+
+    rows = tltool.predict_files(models["run"], [models["images"]], tta=True)
+    assert all(r["error"] is None for r in rows)
+    result = CliRunner().invoke(main, ["predict", str(models["run"]), str(models["images"]), "--tta", "--json"])
+    assert result.exit_code == 0, result.output
+    assert [r["score"] for r in json.loads(result.output)] == [r["score"] for r in rows]
+
+    # A run that was trained without mirrored images (digits, text) must not be averaged with them.
+    import shutil
+
+    import yaml
+
+    unmirrored = tmp_path / "unmirrored-run"
+    shutil.copytree(models["run"], unmirrored, ignore=shutil.ignore_patterns("export"))
+    recipe = yaml.safe_load((unmirrored / "recipe.yaml").read_text())
+    recipe["augment"]["flip"] = "none"
+    (unmirrored / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    refused = CliRunner().invoke(main, ["predict", str(unmirrored), str(models["images"]), "--tta"])
+    assert refused.exit_code != 0 and "trained without mirrored images (augment.flip: none" in refused.output
+    assert "Traceback" not in refused.output

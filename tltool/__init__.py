@@ -42,6 +42,7 @@ _LAZY = {
     "load_image": "tltool.data.images",
     "scan_folder": "tltool.data.folders",
     "load_predictor": "tltool.exporting.predictors",
+    "mirror_tta": "tltool.exporting.predictors",
     "compute_metrics": "tltool.evaluation.metrics",
     # errors and interruption
     "TltoolError": "tltool.errors",

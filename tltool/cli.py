@@ -278,6 +278,10 @@ def check(folder, val_data, test_data, group_by, as_json, quiet):
     sys.exit(0 if report["ok"] else 1)
 
 
+TTA_HELP = ("Test-time augmentation: average each image's probabilities with its mirror image's (twice the "
+            "work; for models trained on mirrored images).")
+
+
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--data", required=True, type=click.Path(path_type=Path),
@@ -286,14 +290,15 @@ def check(folder, val_data, test_data, group_by, as_json, quiet):
               help="Folder for metrics.json, plots/ and report.html (default: MODEL/eval-DATANAME).")
 @click.option("--top-k", type=click.IntRange(1), default=5, show_default=True, help="k of the top-k accuracy.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
+@click.option("--tta", is_flag=True, help=TTA_HELP)
 @handle_errors
-def evaluate(model, data, out, top_k, force):
+def evaluate(model, data, out, top_k, force, tta):
     """Evaluate a trained model on a labelled image folder (MODEL: a run directory).
 
     Writes metrics.json (accuracy, per-class precision/recall/F1, confusion matrix, calibration,
     confidence thresholds), the plots, and report.html: one page that opens offline in any browser.
     """
-    metrics = tltool.evaluate(model, data, out=out, top_k=top_k, force=force, log=echo)
+    metrics = tltool.evaluate(model, data, out=out, top_k=top_k, force=force, tta=tta, log=echo)
     for probe in metrics["probes"]:
         if probe["overconfident"]:
             click.secho(f"Warning: on a {probe['name']} image the model says {probe['predicted']} "
@@ -326,8 +331,9 @@ def export(run, fmt, quantize, out, force):
 @click.option("--threshold", type=click.FloatRange(0, 1),
               help="Below this top probability the label is `unknown` (none of the classes).")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Images per batch.")
+@click.option("--tta", is_flag=True, help=TTA_HELP)
 @handle_errors
-def predict(model, files, top_k, as_json, as_csv, threshold, batch_size):
+def predict(model, files, top_k, as_json, as_csv, threshold, batch_size, tta):
     """Classify image FILES (or folders of them) with MODEL: a run directory or an exported model.
 
     A file that cannot be read is reported with its reason and the others go on; the exit code is 1
@@ -336,6 +342,8 @@ def predict(model, files, top_k, as_json, as_csv, threshold, batch_size):
     if as_json and as_csv:
         raise click.UsageError("Pass at most one of --json and --csv.")
     predictor = tltool.load_predictor(model)
+    if tta:
+        predictor = tltool.mirror_tta(predictor, model)
     results = tltool.predict_files(predictor, files, top_k=top_k, threshold=threshold, batch_size=batch_size)
     if as_json:
         import json

@@ -10,10 +10,10 @@ from tltool.data.folders import SkipLog, scan_folder
 from tltool.errors import DataError
 from tltool.evaluation.report import write_report
 from tltool.evaluation.sets import evaluate_folder, sanity_probes
-from tltool.exporting.predictors import load_predictor
+from tltool.exporting.predictors import load_predictor, mirror_tta
 
 
-def evaluate(model, data, out=None, top_k: int = 5, force: bool = False, log=None) -> dict:
+def evaluate(model, data, out=None, top_k: int = 5, force: bool = False, tta: bool = False, log=None) -> dict:
     """Evaluate a model on a labelled image folder; write metrics.json, pictures and report.html.
 
     Args:
@@ -24,6 +24,8 @@ def evaluate(model, data, out=None, top_k: int = 5, force: bool = False, log=Non
         out: folder for the results; default `MODEL/eval-DATA` for a run directory, else `./eval-DATA`.
         top_k: k of the top-k accuracy (clipped to the number of classes). Default 5.
         force: replace `out` if it exists and is not empty (default: refuse).
+        tta: test-time augmentation: average each image's probabilities with its mirror image's (for
+            models trained on mirrored copies; refused for a run that was not).
         log: callable for progress messages, or None for silence.
 
     Returns:
@@ -38,6 +40,8 @@ def evaluate(model, data, out=None, top_k: int = 5, force: bool = False, log=Non
         raise DataError(f"Expected `top_k` to be at least 1. Received: top_k={top_k}")
     t0 = time.perf_counter()
     predictor, run_dir = _open_model(model)
+    if tta:
+        predictor = mirror_tta(predictor, model)
     t_load = time.perf_counter() - t0
     skips = SkipLog()
     folder = scan_folder(data, skips, classes=predictor.labels, role="evaluation")
@@ -50,7 +54,8 @@ def evaluate(model, data, out=None, top_k: int = 5, force: bool = False, log=Non
     probes = sanity_probes(predictor)
     t_predict = time.perf_counter() - t1
     result.metrics = metrics = {
-        "model": str(model if run_dir is None else run_dir), "data": str(folder.root), **result.metrics,
+        "model": str(model if run_dir is None else run_dir), "data": str(folder.root), "tta": bool(tta),
+        **result.metrics,
         "probes": [p.as_dict(predictor.labels) for p in probes], "skipped_files": skips.as_list(),
         "timings": {"load_s": round(t_load, 3), "predict_s": round(t_predict, 3)}}
     write_report(out, [result], probes, metrics, run_dir=run_dir, title=f"Evaluation on {data_name}")

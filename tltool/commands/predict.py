@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from tltool.data.images import ImageReadError, is_image_name, load_image
-from tltool.exporting.predictors import Predictor, load_predictor
+from tltool.exporting.predictors import Predictor, load_predictor, mirror_tta
 
 UNKNOWN_LABEL = "unknown"
 
@@ -33,7 +33,7 @@ def collect_files(paths_or_dirs) -> list[tuple[Path, str | None]]:
 
 
 def predict_files(model, paths_or_dirs, top_k: int = 3, threshold: float | None = None,
-                  batch_size: int = 32) -> list[dict]:
+                  batch_size: int = 32, tta: bool = False) -> list[dict]:
     """Classify image files; a file that cannot be read gets its reason and the others go on.
 
     Args:
@@ -42,12 +42,15 @@ def predict_files(model, paths_or_dirs, top_k: int = 3, threshold: float | None 
         top_k: how many of the most likely classes to list per image (at most the number of classes).
         threshold: below this top probability the label is `unknown` (`top_k` still lists the classes).
         batch_size: images per forward pass.
+        tta: average each image's probabilities with its mirror image's (see `MirrorAveraged`).
 
     Returns:
         One dict per file, in input order: {path, label, score, top_k: [{label, score}], error}; for a
         failed file label and score are None, top_k is empty and error says why.
     """
     predictor = model if isinstance(model, Predictor) else load_predictor(model)
+    if tta:
+        predictor = mirror_tta(predictor, model)
     k = max(1, min(int(top_k), len(predictor.labels)))
     results: list[dict] = []
     pending: list[tuple[dict, np.ndarray]] = []

@@ -149,6 +149,51 @@ class OnnxPredictor(Predictor):
         return self.session.run(None, {self._input: pixels.astype(np.float32)})[0]
 
 
+class MirrorAveraged(Predictor):
+    """Test-time augmentation: the mean of a model's probabilities for each image and its mirror image.
+
+    A model trained on mirrored copies has learnt both; averaging the two answers evens out what either
+    view shows by chance. Measured on held-out photos it adds about a point of accuracy (see the README),
+    at twice the inference cost. Only for models whose training mirrored images (`mirror_tta` checks).
+    """
+
+    def __init__(self, inner: Predictor):
+        super().__init__(inner.source, inner.labels, inner.image_size)
+        self.inner = inner
+        self.format = f"{inner.format}+mirror"
+
+    def predict(self, pixels: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        pixels = np.asarray(pixels)
+        mirrored = np.ascontiguousarray(pixels[:, :, ::-1]) if pixels.ndim == 4 else pixels
+        return (self.inner.predict(pixels, batch_size) + self.inner.predict(mirrored, batch_size)) / 2
+
+
+def mirror_tta(predictor: Predictor, model=None) -> MirrorAveraged:
+    """`predictor` with test-time mirroring, refused for a run whose recipe says it never saw mirrored images
+    (digits, text, scans: `augment.flip` measured or set to none or vertical). `model`: where it was loaded from."""
+    flip = _trained_flip(model)
+    if flip is not None and "horizontal" not in flip:
+        raise RunDirError(f"--tta mirrors each image, but {model} was trained without mirrored images "
+                          f"(augment.flip: {flip} in its {rundir.RECIPE_FILE}): mirrored copies would mislead it. "
+                          f"Leave out --tta.")
+    return MirrorAveraged(predictor)
+
+
+def _trained_flip(model) -> str | None:
+    """The `augment.flip` a run directory's recipe trained with, or None when `model` is not a run."""
+    if model is None or isinstance(model, Predictor):
+        return None
+    recipe_file = Path(model) / rundir.RECIPE_FILE
+    if not recipe_file.is_file():
+        return None
+    import yaml
+
+    try:
+        return str(((yaml.safe_load(recipe_file.read_text()) or {}).get("augment") or {}).get("flip", "auto"))
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+
+
 def load_predictor(path) -> Predictor:
     """Load a model for inference from whatever tltool wrote.
 
