@@ -8,7 +8,7 @@ from PIL import Image
 
 import tltool
 from helpers import tiny_values
-from tltool.engine.decisions import cross_validated_accuracy, decide_flip, stratified_folds
+from tltool.engine.decisions import cross_validated_accuracy, decide_flip, decide_views, stratified_folds
 
 
 def _two_classes(rng, n: int = 30, d: int = 16):
@@ -30,6 +30,23 @@ def test_mirrored_copies_alike_keep_the_flip():
     plain, labels = _two_classes(rng)
     decision = decide_flip(plain, plain + rng.normal(0, 0.1, plain.shape), labels, seed=0)
     assert decision.keep and decision.accuracy_with >= decision.accuracy_without - 0.01
+
+
+def test_views_that_blur_the_classes_are_dropped_and_faithful_ones_kept():
+    rng = np.random.default_rng(3)
+    plain, labels = _two_classes(rng)
+    # Views that carry the other class's features half the time (as rotation does to classes that differ
+    # by orientation), and views that are the image with a little noise.
+    swapped = plain[:, [1, 0, *range(2, plain.shape[1])]]
+    blurring = np.stack([np.where(rng.random((len(plain), 1)) < 0.5, swapped, plain) for _ in range(4)], axis=1)
+    faithful = plain[:, None] + rng.normal(0, 0.1, (len(plain), 4, plain.shape[1]))
+
+    dropped = decide_views(plain, blurring, labels, seed=0)
+    kept = decide_views(plain, faithful, labels, seed=0)
+
+    assert not dropped.keep and dropped.accuracy_with < dropped.accuracy_without - 0.1
+    assert "frozen.feature_views: 0 (the 4 augmented views hurt)" in dropped.describe()
+    assert kept.keep and kept.views == 4 and "frozen.feature_views: 4 (kept)" in kept.describe()
 
 
 def test_too_few_images_keep_the_flip_unmeasured():
@@ -70,8 +87,12 @@ def test_finetune_measures_the_flip_and_records_it(tmp_path):
         # A random VGG16 (no BatchNorm to calibrate) keeps enough of the images in its features to tell
         # these classes apart.
         result = tltool.finetune(data=data, out=tmp_path / f"run-{data.name}", verbose=0, overrides=tiny_values(32) + [
-            "backbone.name=vgg16", "augment.flip=auto", "fine_tune.epochs=0", "frozen.epochs=2"])
+            "backbone.name=vgg16", "augment.flip=auto", "frozen.feature_views=null", "fine_tune.epochs=0",
+            "frozen.epochs=2"])
         saved = (result.run_dir / "recipe.yaml").read_text()
+        # The views were measured too, and the number kept is what the recipe now says.
+        views_line = next(line for line in saved.splitlines() if line.startswith("# Measured: frozen.feature_views"))
+        assert yaml.safe_load(saved)["frozen"]["feature_views"] == int(views_line.split(": ")[2].split()[0])
         assert yaml.safe_load(saved)["augment"]["flip"] == expected, data.name
         line = next(line for line in saved.splitlines() if line.startswith("# Measured: augment.flip:"))
         without, with_flip = (float(w) for w in re.findall(r"(\d\.\d+) with", line.replace("without", "with")))

@@ -7,6 +7,10 @@ an honest estimate, and costs seconds: a softmax regression on cached features t
   text, many scans and any classes that are mirror images of each other. Train on the plain images with
   and without their mirrored copies, score both on the held-out folds' plain images, and keep the flip
   unless it costs accuracy.
+- Augmented views (`frozen.feature_views: null`): rotated (and flipped) copies help most photo sets and
+  hurt data whose classes differ by orientation or fine geometry. Once the views are cached, train on
+  the plain images with and without them, score on the held-out folds' plain images, and drop the views
+  (train on the plain images only) if they cost accuracy.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 
 FOLDS = 3
-#: A flip is kept unless it lowers the cross-validated accuracy by more than this (noise on small data).
-FLIP_TOLERANCE = 0.01
+#: An augmentation (flip, views) is kept unless it lowers the cross-validated accuracy by more than this
+#: (noise on small data).
+TOLERANCE = 0.01
 
 
 @dataclass
@@ -34,6 +39,33 @@ class FlipDecision:
                 f"{self.accuracy_without:.3f} without, {self.accuracy_with:.3f} with mirrored copies")
 
 
+@dataclass
+class ViewsDecision:
+    keep: bool
+    accuracy_without: float | None  # cross-validated accuracy, plain images only
+    accuracy_with: float | None     # the same, with the augmented views added to the training folds
+    views: int
+
+    def describe(self) -> str:
+        if self.accuracy_without is None:
+            return (f"frozen.feature_views: {self.views} (auto: too few images per class to measure whether "
+                    f"they help; kept)")
+        verdict = f"{self.views} (kept)" if self.keep else f"0 (the {self.views} augmented views hurt)"
+        return (f"frozen.feature_views: {verdict}: {FOLDS}-fold accuracy on the training images "
+                f"{self.accuracy_without:.3f} without, {self.accuracy_with:.3f} with augmented views")
+
+
+def decide_views(plain: np.ndarray, views: np.ndarray, labels: np.ndarray, seed: int) -> ViewsDecision:
+    """Whether training on augmented views helps: features of the plain images [N, D] and of their views
+    [N, V, D]."""
+    folds = stratified_folds(labels, FOLDS, seed)
+    if folds is None:
+        return ViewsDecision(True, None, None, views.shape[1])
+    without = cross_validated_accuracy(plain, labels, folds)
+    with_views = cross_validated_accuracy(plain, labels, folds, extra=views)
+    return ViewsDecision(with_views >= without - TOLERANCE, without, with_views, views.shape[1])
+
+
 def decide_flip(plain: np.ndarray, mirrored: np.ndarray, labels: np.ndarray, seed: int) -> FlipDecision:
     """Whether training on mirrored copies helps: features of the plain and the mirrored training images."""
     folds = stratified_folds(labels, FOLDS, seed)
@@ -41,7 +73,7 @@ def decide_flip(plain: np.ndarray, mirrored: np.ndarray, labels: np.ndarray, see
         return FlipDecision(True, None, None)
     without = cross_validated_accuracy(plain, labels, folds)
     with_flip = cross_validated_accuracy(plain, labels, folds, extra=mirrored)
-    return FlipDecision(with_flip >= without - FLIP_TOLERANCE, without, with_flip)
+    return FlipDecision(with_flip >= without - TOLERANCE, without, with_flip)
 
 
 def stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray | None:
@@ -59,18 +91,24 @@ def stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray | None
 
 
 def cross_validated_accuracy(x: np.ndarray, y: np.ndarray, folds: np.ndarray, extra: np.ndarray | None = None) -> float:
-    """Mean held-out accuracy of a softmax regression over the folds; `extra` rows (one per image, same
-    labels) join the training folds only."""
+    """Mean held-out accuracy of a softmax regression over the folds; `extra` rows (one per image [N, D], or
+    several [N, V, D], with the image's label) join the training folds only."""
     center = np.asarray(x, np.float64).mean(axis=0)  # features of a ReLU network share a large common part
     x, y = _normalised(x, center), np.asarray(y)
-    extra = _normalised(extra, center) if extra is not None else None
+    copies = 1
+    if extra is not None:
+        extra = np.asarray(extra)
+        copies = extra.shape[1] if extra.ndim == 3 else 1
+        extra = _normalised(extra.reshape(len(x), copies, -1).reshape(len(x) * copies, -1), center)
+        extra = extra.reshape(len(x), copies, -1)
     classes = int(y.max()) + 1
     scores = []
     for fold in np.unique(folds):
         train, held = folds != fold, folds == fold
         tx, ty = x[train], y[train]
         if extra is not None:
-            tx, ty = np.concatenate([tx, extra[train]]), np.concatenate([ty, y[train]])
+            tx = np.concatenate([tx, extra[train].reshape(-1, tx.shape[1])])
+            ty = np.concatenate([ty, np.repeat(y[train], copies)])
         w, b = softmax_regression(tx, ty, classes)
         scores.append(float(np.mean(np.argmax(x[held] @ w + b, axis=1) == y[held])))
     return float(np.mean(scores))

@@ -18,7 +18,7 @@ from tltool import rundir
 from tltool.data.folders import ImageFolder, balanced_class_weights
 from tltool.data.pipelines import augmentation_layer, image_dataset
 from tltool.engine.activations import CutModels, activation_megabytes, pooled_features, split_at_cut
-from tltool.engine.decisions import decide_flip
+from tltool.engine.decisions import decide_flip, decide_views
 from tltool.engine.features import (FeatureCache, augmentation_key, cache_dir, cached_features, extractor_key,
                                    views_by_image)
 from tltool.engine.fitting import (compile_model, features_dataset, fit_stage, learning_rate_callback,
@@ -148,9 +148,25 @@ def _extract(ctx: TrainingContext, extractor, cut: str = "", to_features=lambda 
     train_x, train_rows, s1 = cached_features(extractor, cache, split.train.paths, views=views, augment=augment,
                                               augment_key=augmentation_key(recipe), **common)
     train_x, train_images = views_by_image(train_x, train_rows, s1.rows_per_view)
+    train_y = np.asarray(split.train.labels)[train_images]
+    if views and recipe.frozen.feature_views is None:
+        train_x = _measure_views(ctx, train_x, train_y, to_features)
     val_x, val_rows, s2 = cached_features(extractor, cache, split.val.paths, **common)
-    return (train_x, np.asarray(split.train.labels)[train_images], val_x, np.asarray(split.val.labels)[val_rows],
+    return (train_x, train_y, val_x, np.asarray(split.val.labels)[val_rows],
             spent[0] + s1.seconds + s2.seconds, spent[1] + s1.computed + s2.computed)
+
+
+def _measure_views(ctx: TrainingContext, rows: np.ndarray, labels: np.ndarray, to_features) -> np.ndarray:
+    """Resolve `frozen.feature_views: null` on the training images (see decisions.py): the recipe gets the
+    number kept (0 when the augmented views hurt), the context a line saying why. Returns the rows
+    [N, views, ...] to train on: all of them, or the plain images' alone."""
+    features = to_features(rows)
+    decision = decide_views(features[:, 0], features[:, 1:], labels, ctx.recipe.seed)
+    ctx.recipe.frozen.feature_views = decision.views if decision.keep else 0
+    ctx.decisions.append(decision.describe())
+    if ctx.verbose:
+        ctx.log(f"Measured {ctx.decisions[-1]}.")
+    return rows if decision.keep else rows[:, :1]
 
 
 class _Mirror:
