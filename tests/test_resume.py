@@ -20,7 +20,7 @@ def finetune_args(data, out):
     return ["finetune", "--data", str(data), "--out", str(out), "--quiet", "--weights", "none",
             "--image-size", "32", "--batch-size", "8", "--epochs", str(STAGE1), "--fine-tune-epochs", str(STAGE2),
             "--set", "frozen.early_stopping=0", "--set", "fine_tune.early_stopping=0",
-            "--set", "fine_tune.unfreeze=10",
+            "--set", "fine_tune.unfreeze=1",
             # No augmented views to extract and no flip to measure: what is tested is the resume.
             "--set", "frozen.feature_views=0", "--set", "augment.flip=horizontal"]
 
