@@ -42,6 +42,8 @@ def test_chief_and_two_workers_share_one_search(tmp_path, image_folder):
     port = _free_port()
     command = [sys.executable, "-m", "tltool", "tune", str(recipe), "--data", str(image_folder), "--weights", "none",
                "--image-size", "32", "--batch-size", "8", "--set", "frozen.epochs=10", "--set", "fine_tune.epochs=0",
+               # No augmented views or flip to measure in each worker: what is tested is the sharing.
+               "--set", "frozen.feature_views=0", "--set", "augment.flip=horizontal",
                "--max-trials", "6", "--out", str(out)]
     base_env = {**os.environ, "KERASTUNER_ORACLE_IP": "127.0.0.1", "KERASTUNER_ORACLE_PORT": str(port),
                 "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
