@@ -125,7 +125,8 @@ def saved_model_probabilities(run_dir: Path, paths) -> tuple[np.ndarray, np.ndar
     model = keras.models.load_model(Path(run_dir) / "model.keras", compile=False)
     size = int(model.input_shape[1])
     pixels = np.stack([load_image(p, size) for p in paths]).astype(np.float32)
-    probs = np.asarray(model.predict(pixels, batch_size=16, verbose=0), np.float64)
+    outputs = model.predict(pixels, batch_size=16, verbose=0)  # {probabilities, ood_score}
+    probs = np.asarray(outputs["probabilities"], np.float64)
     labels = np.array([classes.index(Path(p).parent.name) for p in paths])
     return probs, labels
 

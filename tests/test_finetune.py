@@ -63,8 +63,9 @@ def test_history_has_one_row_per_epoch_of_each_stage(tiny_run):
 def test_saved_model_reloads_safely_and_takes_plain_pixels(tiny_run):
     model = keras.models.load_model(tiny_run.run_dir / "model.keras", safe_mode=True)
     pixels = np.full((2, 32, 32, 3), 200, "float32")
-    probs = model.predict(pixels, verbose=0)
-    assert probs.shape == (2, 3)
+    outputs = model.predict(pixels, verbose=0)
+    probs, ood = outputs["probabilities"], outputs["ood_score"]
+    assert probs.shape == (2, 3) and ood.shape == (2, 1)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
 
 
@@ -142,7 +143,7 @@ def test_classic_head_swaps_only_the_last_layer(tmp_path, image_folder):
                              overrides=["backbone.weights=none", "head.mode=classic", "data.image_size=32",
                                         "frozen.epochs=1", "fine_tune.epochs=0"])
     model = result.model
-    assert model.output_shape == (None, 3)
+    assert model.output["probabilities"].shape == (None, 3)
     backbone = next(layer for layer in model.layers if isinstance(layer, keras.Model) and "classic" in layer.name)
     assert backbone.output_shape == (None, 4096)  # VGG16's fc2 kept
 

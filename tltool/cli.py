@@ -291,16 +291,23 @@ TTA_HELP = ("Test-time augmentation: average each image's probabilities with its
 @click.option("--top-k", type=click.IntRange(1), default=5, show_default=True, help="k of the top-k accuracy.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
 @click.option("--tta", is_flag=True, help=TTA_HELP)
+@click.option("--ood-data", type=click.Path(path_type=Path),
+              help="A folder of images from other domains (no classes needed): how many the model rejects as "
+                   "unknown, and how well its OOD score separates them from --data (AUROC).")
+@click.option("--no-robustness", is_flag=True,
+              help="Skip measuring the accuracy under small perturbations (FGSM, Gaussian noise; 10-20 s on a CPU).")
 @handle_errors
-def evaluate(model, data, out, top_k, force, tta):
-    """Evaluate a trained model on a labelled image folder (MODEL: a run directory).
+def evaluate(model, data, out, top_k, force, tta, ood_data, no_robustness):
+    """Evaluate a trained model on a labelled image folder (MODEL: a run directory or an export).
 
     Writes metrics.json (accuracy, per-class precision/recall/F1, confusion matrix, calibration,
-    confidence thresholds), the plots, and report.html: one page that opens offline in any browser.
+    confidence thresholds, out-of-distribution rejection, accuracy under small perturbations), the plots,
+    and report.html: one page that opens offline in any browser.
     """
-    metrics = tltool.evaluate(model, data, out=out, top_k=top_k, force=force, tta=tta, log=echo)
+    metrics = tltool.evaluate(model, data, out=out, top_k=top_k, force=force, tta=tta, ood_data=ood_data,
+                              robustness=not no_robustness, log=echo)
     for probe in metrics["probes"]:
-        if probe["overconfident"]:
+        if probe["overconfident"]:  # neither unsure nor rejected by the OOD score
             click.secho(f"Warning: on a {probe['name']} image the model says {probe['predicted']} "
                         f"({probe['confidence']:.0%}); see the sanity probes in the report.", fg="yellow", err=True)
 
@@ -329,11 +336,14 @@ def export(run, fmt, quantize, out, force):
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of results.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV, one row per file.")
 @click.option("--threshold", type=click.FloatRange(0, 1),
-              help="Below this top probability the label is `unknown` (none of the classes).")
+              help="Below this top probability the label is `unknown` (reason: low_confidence).")
+@click.option("--no-reject", is_flag=True,
+              help="Always name a class, even for images the model judges out of distribution (by default "
+                   "their label is `unknown`, reason: out_of_distribution).")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Images per batch.")
 @click.option("--tta", is_flag=True, help=TTA_HELP)
 @handle_errors
-def predict(model, files, top_k, as_json, as_csv, threshold, batch_size, tta):
+def predict(model, files, top_k, as_json, as_csv, threshold, no_reject, batch_size, tta):
     """Classify image FILES (or folders of them) with MODEL: a run directory or an exported model.
 
     A file that cannot be read is reported with its reason and the others go on; the exit code is 1
@@ -344,7 +354,8 @@ def predict(model, files, top_k, as_json, as_csv, threshold, batch_size, tta):
     predictor = tltool.load_predictor(model)
     if tta:
         predictor = tltool.mirror_tta(predictor, model)
-    results = tltool.predict_files(predictor, files, top_k=top_k, threshold=threshold, batch_size=batch_size)
+    results = tltool.predict_files(predictor, files, top_k=top_k, threshold=threshold, batch_size=batch_size,
+                                   reject=not no_reject)
     if as_json:
         import json
 
@@ -363,14 +374,24 @@ def predict(model, files, top_k, as_json, as_csv, threshold, batch_size, tta):
         width = max((len(r["path"]) for r in results), default=0)
         for r in results:
             if r["error"] is None:
-                others = ", ".join(f"{t['label']} {t['score']:.3f}" for t in r["top_k"][1:])
-                echo(f"{r['path']:<{width}}  {r['label']} {r['score']:.3f}" + (f"  ({others})" if others else ""))
+                echo(f"{r['path']:<{width}}  {_answer(r)}")
     failed = [r for r in results if r["error"] is not None]
     for r in failed:
         click.echo(f"Error: {r['path']}: {r['error']}", err=True)
     if failed:
         click.echo(f"{len(failed)} of {len(results)} file(s) could not be classified.", err=True)
         sys.exit(1)
+
+
+def _answer(row: dict) -> str:
+    """One result as the plain-text line shows it: the label and score, what else was likely, and why not."""
+    others = ", ".join(f"{t['label']} {t['score']:.3f}" for t in row["top_k"][1:])
+    if row["reason"] == "out_of_distribution":
+        return (f"unknown (out of distribution, ood_score {row['ood_score']:.2f}; would be {row['predicted']} "
+                f"{row['score']:.3f})")
+    if row["reason"] == "low_confidence":
+        return f"unknown (low confidence; would be {row['predicted']} {row['score']:.3f})"
+    return f"{row['label']} {row['score']:.3f}" + (f"  ({others})" if others else "")
 
 
 if __name__ == "__main__":

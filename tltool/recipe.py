@@ -128,6 +128,23 @@ class AugmentConfig:
 
 
 @dataclass
+class TrustConfig:
+    calibrate: bool = _f(True, "After training, fit a temperature on the validation images and fold it into the "
+                               "final layer, so that probabilities mean what they say (every export inherits it).")
+    ood: bool = _f(True, "Score how far each image lies from the training images in feature space; the model "
+                         "and every export output it as `ood_score` (above 1: unknown), and `predict` answers "
+                         "`unknown` for such images.")
+    keep_rate: float = _f(0.95, "Share of the validation images the out-of-distribution threshold keeps.",
+                          minimum=0.5, maximum=1.0)
+    robustness: bool = _f(False, "Also measure, for the run report, the validation accuracy under small "
+                                 "perturbations (FGSM, Gaussian noise) on up to 128 images: about 10-20 s on a CPU. "
+                                 "`tltool evaluate` measures it by default.")
+    ood_bank: int = _f(2048, "Most training-image features the score compares with; larger training sets are "
+                             "summarised by that many centroids (per class, in proportion).", minimum=1,
+                       maximum=65536)
+
+
+@dataclass
 class TuneConfig:
     algorithm: str = _f("hyperband", "Search algorithm.", choices=("hyperband", "bayesian", "random", "grid"))
     objective: str = _f("val_accuracy", "Metric the search maximises (val_accuracy) or minimises (val_loss).",
@@ -161,6 +178,8 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Settings of both stages."})
     augment: AugmentConfig = field(default_factory=AugmentConfig,
                                    metadata={"help": "Augmentation of training images."})
+    trust: TrustConfig = field(default_factory=TrustConfig,
+                               metadata={"help": "Calibration and out-of-distribution rejection."})
     tune: TuneConfig = field(default_factory=TuneConfig, metadata={"help": "Hyperparameter search."})
     export: ExportConfig = field(default_factory=ExportConfig, metadata={"help": "Export defaults."})
 
@@ -286,7 +305,8 @@ def describe_fields() -> list[tuple[str, Any, str]]:
 
 _SECTIONS = {
     "data": DataConfig, "backbone": BackboneConfig, "head": HeadConfig, "frozen": FrozenStageConfig,
-    "fine_tune": FineTuneStageConfig, "train": TrainConfig, "augment": AugmentConfig, "tune": TuneConfig,
+    "fine_tune": FineTuneStageConfig, "train": TrainConfig, "augment": AugmentConfig, "trust": TrustConfig,
+    "tune": TuneConfig,
     "export": ExportConfig,
 }
 
@@ -421,7 +441,7 @@ def _cross_checks(recipe: Recipe, source: str) -> None:
 
 # Not searchable: identity fields, the search itself, and process-wide switches (op determinism cannot be
 # turned off again within a process, so one trial would change every later one).
-_UNTUNABLE = ("version", "name", "tune.", "train.deterministic", "train.strategy", "train.mixed_precision")
+_UNTUNABLE = ("version", "name", "tune.", "trust.", "train.deterministic", "train.strategy", "train.mixed_precision")
 SPACE_FORMS = "{choice: [...]}, {min: A, max: B, step: S, sampling: linear|log} or {boolean: true}"
 
 

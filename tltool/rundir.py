@@ -138,7 +138,8 @@ def save_inference_model(model, path: Path) -> None:
     inference or their own training, and a stale optimizer state would only cause warnings on load."""
     import keras
 
-    atomic_save_model(keras.Model(model.inputs, model.outputs, name=model.name), path)
+    # `output`, not `outputs`: a model with named outputs ({probabilities, ood_score}) keeps its names.
+    atomic_save_model(keras.Model(model.inputs, model.output, name=model.name), path)
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:

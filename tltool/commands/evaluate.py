@@ -9,11 +9,13 @@ from tltool import rundir
 from tltool.data.folders import SkipLog, scan_folder
 from tltool.errors import DataError
 from tltool.evaluation.report import write_report
-from tltool.evaluation.sets import evaluate_folder, sanity_probes
+from tltool.evaluation.sets import (add_calibration, evaluate_folder, evaluate_ood_folder, measure_robustness,
+                                    sanity_probes)
 from tltool.exporting.predictors import load_predictor, mirror_tta
 
 
-def evaluate(model, data, out=None, top_k: int = 5, force: bool = False, tta: bool = False, log=None) -> dict:
+def evaluate(model, data, out=None, top_k: int = 5, force: bool = False, tta: bool = False, ood_data=None,
+             robustness: bool = True, log=None) -> dict:
     """Evaluate a model on a labelled image folder; write metrics.json, pictures and report.html.
 
     Args:
@@ -26,6 +28,10 @@ def evaluate(model, data, out=None, top_k: int = 5, force: bool = False, tta: bo
         force: replace `out` if it exists and is not empty (default: refuse).
         tta: test-time augmentation: average each image's probabilities with its mirror image's (for
             models trained on mirrored copies; refused for a run that was not).
+        ood_data: a folder of images from other domains (no classes needed): the share the model rejects
+            as out of distribution and the AUROC of its OOD score against the images of `data`.
+        robustness: measure the accuracy under small perturbations (FGSM, noise) on up to 128 images of
+            `data` (Keras models only: run directories and .keras files).
         log: callable for progress messages, or None for silence.
 
     Returns:
@@ -51,17 +57,41 @@ def evaluate(model, data, out=None, top_k: int = 5, force: bool = False, tta: bo
     say(f"Evaluating on {len(folder)} images of {len(predictor.labels)} classes from {folder.root}.")
     t1 = time.perf_counter()
     result = evaluate_folder(predictor, folder, skips, name=data_name, top_k=top_k)
+    ood_sets = [evaluate_ood_folder(predictor, ood_data, result, skips)] if ood_data is not None else []
     probes = sanity_probes(predictor)
     t_predict = time.perf_counter() - t1
+    add_calibration([result], _run_temperature(run_dir))
+    if robustness:
+        say("Measuring the accuracy under small perturbations (FGSM and noise).")
+        result.metrics["robustness"] = measure_robustness(predictor, result)
     result.metrics = metrics = {
         "model": str(model if run_dir is None else run_dir), "data": str(folder.root), "tta": bool(tta),
-        **result.metrics,
+        **result.metrics, "ood_data": ood_sets[0].metrics if ood_sets else None,
         "probes": [p.as_dict(predictor.labels) for p in probes], "skipped_files": skips.as_list(),
-        "timings": {"load_s": round(t_load, 3), "predict_s": round(t_predict, 3)}}
-    write_report(out, [result], probes, metrics, run_dir=run_dir, title=f"Evaluation on {data_name}")
+        "timings": {"load_s": round(t_load, 3), "predict_s": round(t_predict, 3),
+                    "robustness_s": round(time.perf_counter() - t1 - t_predict, 3)}}
+    write_report(out, [result], probes, metrics, run_dir=run_dir, title=f"Evaluation on {data_name}",
+                 ood_sets=ood_sets)
     say(f"accuracy {metrics['accuracy']:.4f}, top-{metrics['top_k']} {metrics['top_k_accuracy']:.4f}, "
         f"macro F1 {metrics['macro_avg']['f1']:.4f}. Report: {out / 'report.html'}")
+    if ood_sets:
+        say(_ood_line(ood_sets[0].metrics))
     return {**metrics, "out": str(out)}
+
+
+def _ood_line(m: dict) -> str:
+    found = (f"AUROC {m['auroc']:.3f} (95% interval {m['auroc_low']:.3f}-{m['auroc_high']:.3f})")
+    if not m["separated"]:
+        found += ": no measurable separation from the in-domain images; do not rely on the score for these"
+    return (f"--ood-data: {m['rejected']:.1%} of {m['images']} images rejected as unknown "
+            f"({m['inside_rejected']:.1%} of the {m['inside_images']} in-domain images); {found}.")
+
+
+def _run_temperature(run_dir) -> float | None:
+    """The temperature a run folded into its model (None for exports and runs without calibration)."""
+    if run_dir is None:
+        return None
+    return (rundir.read_summary(run_dir).get("trust") or {}).get("temperature")
 
 
 def _open_model(model):

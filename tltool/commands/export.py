@@ -10,12 +10,16 @@ Layouts (default folder RUN/export/FORMAT, or FORMAT-QUANTIZE for quantized TFLi
     savedmodel/1/        TF Serving layout (numbered version). Signatures: `serving_default` takes encoded
                          images (tf.string: JPEG, PNG, GIF, BMP) and decodes, resizes and runs the model in
                          the graph; `serving_pixels` takes uint8 pixels. Both return `probabilities`,
-                         `label`, `score`, `top_k_labels`, `top_k_scores`. labels.txt is an asset.
-    keras/model.keras    the Keras model, with labels.txt
-    tflite/model.tflite  float32 pixels (0..255) in, probabilities out; int8 takes and returns uint8.
-                         Labels and input size travel inside the file as the `tltool` metadata entry
-                         (JSON), and in labels.txt next to it.
-    onnx/model.onnx      float32 NHWC pixels (0..255) in; labels in the model's metadata_props (`tltool`).
+                         `label`, `score`, `top_k_labels`, `top_k_scores`, and `ood_score` and
+                         `is_unknown` (ood_score > 1). labels.txt is an asset.
+    keras/model.keras    the Keras model ({probabilities, ood_score} out), with labels.txt
+    tflite/model.tflite  float32 pixels (0..255) in; output 0 probabilities [N, classes], output 1 ood_score
+                         [N, 1]; int8 takes and returns uint8. Labels and input size travel inside the file
+                         as the `tltool` metadata entry (JSON), and in labels.txt next to it.
+    onnx/model.onnx      float32 NHWC pixels (0..255) in; outputs `probabilities` and `ood_score` (by name);
+                         labels in the model's metadata_props (`tltool`).
+
+Models trained before tltool had the OOD score have probabilities alone, and export as before.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from tltool.errors import ExportError, ExportOptionError, RunDirError
 from tltool.exporting import checks, tflite
 from tltool.exporting.metadata import model_metadata
 from tltool.exporting.predictors import KerasPredictor, load_predictor
+from tltool.models.ood import Scores
 from tltool.recipe import load_recipe
 
 FORMATS = ("savedmodel", "keras", "tflite", "onnx")
@@ -132,7 +137,9 @@ def describe_export(result: dict) -> list[str]:
     return [f"Exported {what} to {result['path']} ({size}).",
             f"Check on {result['n_images']} validation images: top-1 agreement {result['top1_agreement']:.4f}, "
             f"max |prob diff| {result['max_abs_prob_diff']:.2g}, accuracy {result['accuracy_keras']:.4f} (Keras) "
-            f"vs {result['accuracy_export']:.4f} (export)."]
+            f"vs {result['accuracy_export']:.4f} (export)"
+            + (f"; in/out-of-distribution agreement {result['unknown_agreement']:.4f}, max |ood_score diff| "
+               f"{result['max_abs_ood_diff']:.2g}." if "unknown_agreement" in result else ".")]
 
 
 def _check_options(format: str, quantize: str) -> None:
@@ -176,7 +183,7 @@ class _CheckImages:
     paths: list[str]
     pixels: np.ndarray
     labels: np.ndarray
-    probs_keras: np.ndarray
+    keras: Scores  # the Keras model's probabilities (and OOD scores) on them
 
     @classmethod
     def of(cls, setup: RunSetup, keras_predictor) -> "_CheckImages":
@@ -185,11 +192,11 @@ class _CheckImages:
                                                    checks.MAX_CHECK_IMAGES, setup.recipe.seed)
         if not paths:
             raise ExportError(f"No readable validation images in {val.root}: the export cannot be checked.")
-        return cls(paths, pixels, np.asarray(labels), keras_predictor.predict(pixels))
+        return cls(paths, pixels, np.asarray(labels), keras_predictor.scores(pixels))
 
     def against(self, predictor) -> dict:
         """The export's figures: `predictor` (the artifact as a user would load it) against the Keras model."""
-        return checks.compare(self.probs_keras, predictor.predict(self.pixels), self.labels)
+        return checks.compare(self.keras, predictor.scores(self.pixels), self.labels)
 
 
 def _keras_artifact(keras_predictor, setup, quantize, tmp: Path, check: _CheckImages, tol):
@@ -204,7 +211,7 @@ def _savedmodel_artifact(keras_predictor, setup, quantize, tmp: Path, check: _Ch
     artifact = tmp / SAVEDMODEL_VERSION
     write_savedmodel(keras_predictor.model, keras_predictor.labels, keras_predictor.image_size, artifact)
     predictor = load_predictor(tmp)
-    signature = checks.check_encoded_signature(predictor, check.paths, check.probs_keras)
+    signature = checks.check_encoded_signature(predictor, check.paths, check.keras)
     return artifact, check.against(predictor), {"encoded_images_signature": signature}
 
 

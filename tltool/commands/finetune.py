@@ -11,7 +11,9 @@ from tltool import rundir
 from tltool.engine.progress import RunProgress, check_resumable
 from tltool.engine.setup import RunSetup, prepare_run, resolve_recipe, start_runtime
 from tltool.engine.stages import TrainingContext, build_model, train_stages
+from tltool.engine.trust import Trust, fit_trust
 from tltool.errors import RecipeError
+from tltool.models.ood import build_ood_scorer, with_ood_output
 from tltool.recipe import load_recipe, save_recipe
 
 
@@ -19,7 +21,8 @@ from tltool.recipe import load_recipe, save_recipe
 class FinetuneResult:
     run_dir: Path
     summary: dict
-    model: object = None        # the trained keras.Model (pixels -> probabilities)
+    model: object = None        # the trained keras.Model: pixels -> {probabilities, ood_score} (probabilities
+    #                             alone with trust.ood off)
     model_parts: object = None  # its TransferModel: feature_extractor, backbone, head
 
 
@@ -70,15 +73,25 @@ def finetune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=
     timings = train_stages(ctx, tm, progress=progress, run_dir=run_dir, tensorboard=tensorboard)
     if ctx.decisions:  # values the run measured: recorded, so that a repeat or a resume takes them as given
         save_recipe(recipe, run_dir / rundir.RECIPE_FILE, ctx.decisions)
-    eval_sets, probes = _evaluate(tm.model, setup, timings)
-    rundir.save_inference_model(tm.model, run_dir / rundir.MODEL_FILE)
+    trust = fit_trust(ctx, tm)
+    timings["trust_s"] = round(trust.seconds, 3)
+    model = inference_model(tm, trust)
+    eval_sets, probes = _evaluate(model, setup, timings)
+    rundir.save_inference_model(model, run_dir / rundir.MODEL_FILE)
     timings["total_s"] = round(progress.elapsed_before + time.perf_counter() - t_start, 3)
-    summary = run_summary(setup, eval_sets, timings, resumed=resume)
+    summary = run_summary(setup, eval_sets, timings, resumed=resume, trust=trust)
     rundir.write_summary(run_dir, summary)
-    _write_report(run_dir, eval_sets, probes, setup.classes, say)
+    _write_report(run_dir, eval_sets, probes, setup.classes, trust.temperature, say)
     progress.finish_run()
     say(_done_line(summary, run_dir))
-    return FinetuneResult(run_dir, summary, tm.model, tm)
+    return FinetuneResult(run_dir, summary, model, tm)
+
+
+def inference_model(tm, trust: Trust):
+    """The model a run saves: `tm.model` (probabilities), with the OOD score as a second output when fitted."""
+    if trust.ood is None:
+        return tm.model
+    return with_ood_output(tm, build_ood_scorer(trust.ood.bank, trust.ood.threshold))
 
 
 def _resumable_run(out, recipe, other_args: dict) -> Path:
@@ -121,12 +134,13 @@ def _evaluate(model, setup: RunSetup, timings: dict):
 
     t0 = time.perf_counter()
     result = evaluate_run_sets(KerasPredictor(model, setup.classes),
-                               {"val": setup.split.val, "test": setup.split.test}, setup.split.skips)
+                               {"val": setup.split.val, "test": setup.split.test}, setup.split.skips,
+                               robustness=setup.recipe.trust.robustness)
     timings["evaluate_s"] = round(time.perf_counter() - t0, 3)
     return result
 
 
-def run_summary(setup: RunSetup, eval_sets, timings: dict, resumed: bool) -> dict:
+def run_summary(setup: RunSetup, eval_sets, timings: dict, resumed: bool, trust: Trust | None = None) -> dict:
     """The content of summary.json: what the run trained on and how well it did."""
     recipe, classes = setup.recipe, setup.classes
     used = setup.split.without_skipped()  # files found broken only while decoding are not counted
@@ -150,6 +164,7 @@ def run_summary(setup: RunSetup, eval_sets, timings: dict, resumed: bool) -> dic
         "test_accuracy": score("test", "accuracy"),
         "test_loss": score("test", "log_loss"),
         "skipped_files": setup.split.skips.as_list(),
+        "trust": trust.as_dict() if trust is not None else None,
         "timings": timings,
         "resumed": bool(resumed),
         "versions": _versions(),
@@ -164,13 +179,13 @@ def _done_line(summary: dict, run_dir: Path) -> str:
             + (f"; {skipped} unreadable file(s) skipped" if skipped else "") + f". Run directory: {run_dir}")
 
 
-def _write_report(run_dir: Path, eval_sets, probes, classes, say) -> None:
+def _write_report(run_dir: Path, eval_sets, probes, classes, temperature, say) -> None:
     """metrics.json, plots/ and report.html; a failure only warns, since the run itself is complete by now."""
     from tltool.evaluation.sets import write_run_report
 
     try:
         t0 = time.perf_counter()
-        write_run_report(run_dir, eval_sets, probes, classes)
+        write_run_report(run_dir, eval_sets, probes, classes, temperature)
         say(f"Report ({time.perf_counter() - t0:.1f}s): {run_dir / 'report.html'}")
     except Exception as exc:  # noqa: BLE001 - a report bug must not cost a finished training run
         warnings.warn(f"The run report could not be written ({type(exc).__name__}: {exc}). Write it with "

@@ -10,6 +10,8 @@ from tltool.data.images import ImageReadError, is_image_name, load_image
 from tltool.exporting.predictors import Predictor, load_predictor, mirror_tta
 
 UNKNOWN_LABEL = "unknown"
+OUT_OF_DISTRIBUTION = "out_of_distribution"  # the model's OOD score is above 1 (see models/ood.py)
+LOW_CONFIDENCE = "low_confidence"            # the top probability is below --threshold
 
 
 def collect_files(paths_or_dirs) -> list[tuple[Path, str | None]]:
@@ -33,7 +35,7 @@ def collect_files(paths_or_dirs) -> list[tuple[Path, str | None]]:
 
 
 def predict_files(model, paths_or_dirs, top_k: int = 3, threshold: float | None = None,
-                  batch_size: int = 32, tta: bool = False) -> list[dict]:
+                  batch_size: int = 32, tta: bool = False, reject: bool = True) -> list[dict]:
     """Classify image files; a file that cannot be read gets its reason and the others go on.
 
     Args:
@@ -43,10 +45,15 @@ def predict_files(model, paths_or_dirs, top_k: int = 3, threshold: float | None 
         threshold: below this top probability the label is `unknown` (`top_k` still lists the classes).
         batch_size: images per forward pass.
         tta: average each image's probabilities with its mirror image's (see `MirrorAveraged`).
+        reject: answer `unknown` for images the model's OOD score puts out of distribution (models
+            exported before tltool had the score never reject).
 
     Returns:
-        One dict per file, in input order: {path, label, score, top_k: [{label, score}], error}; for a
-        failed file label and score are None, top_k is empty and error says why.
+        One dict per file, in input order: {path, label, predicted, score, reason, ood_score,
+        top_k: [{label, score}], error}. `predicted` is the most likely class; `label` is it or `unknown`,
+        with `reason` `out_of_distribution` or `low_confidence` (else None); `ood_score` is None for a
+        model without the score. For a failed file label, predicted and score are None, top_k is empty
+        and error says why.
     """
     predictor = model if isinstance(model, Predictor) else load_predictor(model)
     if tta:
@@ -58,17 +65,26 @@ def predict_files(model, paths_or_dirs, top_k: int = 3, threshold: float | None 
     def flush():
         if not pending:
             return
-        probs = predictor.predict(np.stack([pixels for _, pixels in pending]), batch_size=batch_size)
-        for (row, _), p in zip(pending, probs):
+        scores = predictor.scores(np.stack([pixels for _, pixels in pending]), batch_size=batch_size)
+        unknown = scores.out_of_distribution()
+        for i, (row, _) in enumerate(pending):
+            p = scores.probabilities[i]
             order = np.argsort(-p, kind="stable")[:k]
             score = float(p[order[0]])
-            row["label"] = predictor.labels[order[0]] if threshold is None or score >= threshold else UNKNOWN_LABEL
+            row["predicted"] = predictor.labels[order[0]]
+            if reject and unknown[i]:
+                row["reason"] = OUT_OF_DISTRIBUTION
+            elif threshold is not None and score < threshold:
+                row["reason"] = LOW_CONFIDENCE
+            row["label"] = UNKNOWN_LABEL if row["reason"] else row["predicted"]
             row["score"] = round(score, 6)
+            row["ood_score"] = None if scores.ood_score is None else round(float(scores.ood_score[i]), 6)
             row["top_k"] = [{"label": predictor.labels[i], "score": round(float(p[i]), 6)} for i in order]
         pending.clear()
 
     for path, error in collect_files(paths_or_dirs):
-        row = {"path": str(path), "label": None, "score": None, "top_k": [], "error": error}
+        row = {"path": str(path), "label": None, "predicted": None, "score": None, "reason": None,
+               "ood_score": None, "top_k": [], "error": error}
         results.append(row)
         if error is not None:
             continue
@@ -83,14 +99,16 @@ def predict_files(model, paths_or_dirs, top_k: int = 3, threshold: float | None 
 
 
 def results_to_csv_rows(results: list[dict]) -> tuple[list[str], list[list]]:
-    """The results flattened: path, label, score, error, then label_i / score_i for each of the top k."""
+    """The results flattened: path, label, score, error, predicted, reason, ood_score, then label_i / score_i
+    for each of the top k."""
     k = max((len(r["top_k"]) for r in results), default=0)
-    header = ["path", "label", "score", "error"]
+    header = ["path", "label", "score", "error", "predicted", "reason", "ood_score"]
     for i in range(1, k + 1):
         header += [f"label_{i}", f"score_{i}"]
     rows = []
     for r in results:
-        row = [r["path"], r["label"] or "", "" if r["score"] is None else r["score"], r["error"] or ""]
+        row = [r["path"], r["label"] or "", "" if r["score"] is None else r["score"], r["error"] or "",
+               r["predicted"] or "", r["reason"] or "", "" if r["ood_score"] is None else r["ood_score"]]
         for i in range(k):
             entry = r["top_k"][i] if i < len(r["top_k"]) else {"label": "", "score": ""}
             row += [entry["label"], entry["score"]]

@@ -75,6 +75,8 @@ class TrainingContext:
     log: object = print
     #: what the run measured instead of taking it from the recipe (see decisions.py), one line each
     decisions: list = field(default_factory=list)
+    #: the cached features (and activations) the stages trained on, for what is fitted after training
+    features: "StageFeatures | None" = None
 
     @property
     def recipe(self):
@@ -339,6 +341,7 @@ def train_stages(ctx: TrainingContext, tm, features: StageFeatures | None = None
             fitted = run_stage2(ctx, tm, cut, features, history_path, backup(2), callbacks(2))
         _keep_stage2_only_if_better(ctx, tm, after_stage1, stage1_history, fitted, history_path)
         finish(2, t0)
+    ctx.features = features
     return timings
 
 

@@ -184,3 +184,55 @@ def compute_metrics(y_true, probs, labels: list[str], top_k: int = 5,
         "thresholds": threshold_table(confidence, correct, target_accuracy=target_accuracy),
         "mean_confidence": float(confidence.mean()) if len(confidence) else 0.0,
     }
+
+
+# ---------------------------------------------------------------------------- calibration and OOD
+
+
+def calibration_change(y_true, probs, temperature: float) -> dict:
+    """ECE and negative log-likelihood of a calibrated model's `probs` and of the same model before its
+    temperature was folded in (softmax(T * log p) undoes softmax(logits / T) exactly)."""
+    from tltool.engine.trust import softmax_with_temperature
+
+    y_true, probs = np.asarray(y_true), np.asarray(probs, np.float64)
+    before = softmax_with_temperature(probs, 1.0 / temperature)
+
+    def ece(p):
+        return calibration(p.max(axis=1), p.argmax(axis=1) == y_true)[0] if len(y_true) else 0.0
+
+    return {"temperature": float(temperature), "ece_before": ece(before), "ece_after": ece(probs),
+            "nll_before": log_loss(y_true, before), "nll_after": log_loss(y_true, probs)}
+
+
+def auroc(inside, outside) -> float:
+    """Area under the ROC curve of a score meant to be higher `outside` the training distribution than
+    `inside` it: the chance that a random outside image scores above a random inside one (ties count half)."""
+    inside, outside = np.asarray(inside, np.float64), np.asarray(outside, np.float64)
+    if not len(inside) or not len(outside):
+        return float("nan")
+    _, inverse, counts = np.unique(np.concatenate([inside, outside]), return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[inverse]  # tied scores share their mean rank
+    n_out = len(outside)
+    return float((ranks[len(inside):].sum() - n_out * (n_out + 1) / 2) / (len(inside) * n_out))
+
+
+def auroc_interval(area: float, n_inside: int, n_outside: int, z: float = 1.96) -> tuple[float, float]:
+    """A 95% interval of an AUROC from the counts behind it (Hanley & McNeil, 1982)."""
+    q1, q2 = area / (2 - area), 2 * area ** 2 / (1 + area)
+    var = (area * (1 - area) + (n_outside - 1) * (q1 - area ** 2) + (n_inside - 1) * (q2 - area ** 2)) \
+        / max(1, n_inside * n_outside)
+    half = z * float(np.sqrt(max(var, 0.0)))
+    return max(0.0, area - half), min(1.0, area + half)
+
+
+def ood_metrics(inside, outside, limit: float = 1.0) -> dict:
+    """How an OOD score (above `limit`: rejected) separates images from other domains (`outside`) from the
+    in-domain ones (`inside`): the share of each rejected, the AUROC with its 95% interval, and whether the
+    separation is measurable at all (the interval's lower end above chance, 0.5)."""
+    inside, outside = np.asarray(inside, np.float64), np.asarray(outside, np.float64)
+    area = auroc(inside, outside)
+    low, high = auroc_interval(area, len(inside), len(outside)) if np.isfinite(area) else (float("nan"),) * 2
+    return {"images": int(len(outside)), "rejected": float((outside > limit).mean()) if len(outside) else 0.0,
+            "inside_images": int(len(inside)),
+            "inside_rejected": float((inside > limit).mean()) if len(inside) else 0.0,
+            "auroc": area, "auroc_low": low, "auroc_high": high, "separated": bool(low > 0.5)}

@@ -28,7 +28,7 @@ THUMBNAIL_PX = 128
 
 
 def write_report(out: Path, sets: list, probes: list, metrics: dict, run_dir: Path | None = None,
-                 title: str = "Run report") -> Path:
+                 title: str = "Run report", ood_sets=()) -> Path:
     """Draw every picture and write metrics.json, plots/*.png and report.html into `out`.
 
     Args:
@@ -38,6 +38,7 @@ def write_report(out: Path, sets: list, probes: list, metrics: dict, run_dir: Pa
         metrics: what metrics.json holds.
         run_dir: a run directory whose recipe, summary and training history go into the report, or None.
         title: the page's heading.
+        ood_sets: `OodSet`s (folders of images from other domains), with how many the model rejects.
 
     Returns:
         The path of report.html.
@@ -66,7 +67,7 @@ def write_report(out: Path, sets: list, probes: list, metrics: dict, run_dir: Pa
     for name, png in pictures.items():
         rundir.atomic_write_bytes(out / PLOTS_DIR / f"{name}.png", png)
     rundir.atomic_write_json(out / METRICS_FILE, metrics)
-    page = render_html(title, sets, probes, pictures, run_dir=run_dir)
+    page = render_html(title, sets, probes, pictures, run_dir=run_dir, ood_sets=ood_sets)
     rundir.atomic_write_text(out / REPORT_FILE, page)
     return out / REPORT_FILE
 
@@ -117,7 +118,7 @@ pre{background:#fff;border:1px solid #ddd;padding:.8rem;overflow:auto;font-size:
 
 
 _BOLD = " style='font-weight:bold'"
-_BADGES = {"over-confident": "flag", "leaning": "lean", "unsure": "ok"}
+_BADGES = {"over-confident": "flag", "leaning": "lean", "unsure": "ok", "rejected": "ok"}
 
 
 def _e(value) -> str:
@@ -140,7 +141,8 @@ def _thumbnail(pixels) -> bytes:
     return buffer.getvalue()
 
 
-def render_html(title: str, sets: list, probes: list, pictures: dict[str, bytes], run_dir: Path | None = None) -> str:
+def render_html(title: str, sets: list, probes: list, pictures: dict[str, bytes], run_dir: Path | None = None,
+                ood_sets=()) -> str:
     """The report page as one HTML string (pictures embedded)."""
     from tltool import __version__
 
@@ -156,6 +158,7 @@ def render_html(title: str, sets: list, probes: list, pictures: dict[str, bytes]
     parts.append(_probes_html(probes, labels))
     for s in sets:
         parts.append(_cards_html(s))
+    parts.append(_trust_html(sets, ood_sets, summary))
     if "training_curves" in pictures:
         parts.append("<h2>Training</h2><div class='pics'>" + _img(pictures["training_curves"], "training curves")
                      + "</div><p class='muted'>Dotted line: start of stage 2 (backbone layers unfrozen). Rows of "
@@ -184,12 +187,17 @@ def _probes_html(probes: list, labels: list[str]) -> str:
                      f"</b> {badge}<br>&rarr; <b>{_e(row['predicted'])}</b> {_pct(row['confidence'])}"
                      f"<br><span class='muted'>{top}</span></div></div>")
     uniform = 1.0 / max(len(labels), 1)
-    if bad:
+    rejected = [r for r in rows if r["rejected"]]
+    if len(rejected) == len(rows):
+        verdict = (f"<p>The out-of-distribution score rejects all {len(rows)} probes: <code>tltool predict</code> "
+                   f"answers <b>unknown</b> for them, whatever the softmax leans towards.</p>")
+    elif bad:
         worst = max(bad, key=lambda r: r["confidence"])
         verdict = (f"<p><b>Warning:</b> the model is at least 80% sure about {len(bad)} of {len(rows)} images with "
                    f"nothing in them (e.g. {_e(worst['name'])} &rarr; {_e(worst['predicted'])}, "
-                   f"{_pct(worst['confidence'])}). Expect confident answers on images unlike the training data: "
-                   f"use a confidence threshold, or add an 'other' class with such images.</p>")
+                   f"{_pct(worst['confidence'])}) and does not reject them as out of distribution. Expect "
+                   f"confident answers on images unlike the training data: add an 'other' class with such "
+                   f"images.</p>")
     elif any(r["verdict"] == "leaning" for r in rows):
         verdict = (f"<p>No probe reaches 80%, but the model leans towards a class on some images with nothing in "
                    f"them (a uniform guess is {_pct(uniform)}).</p>")
@@ -197,6 +205,9 @@ def _probes_html(probes: list, labels: list[str]) -> str:
         verdict = (f"<p>The model is unsure about every probe (a uniform guess is {_pct(uniform)}), as it should "
                    f"be for images that show none of its classes.</p>")
     state = "bad" if bad else ("lean" if any(r["verdict"] == "leaning" for r in rows) else "good")
+    if rejected and len(rejected) < len(rows):
+        verdict += (f"<p>{len(rejected)} of {len(rows)} probes are rejected as out of distribution "
+                    f"(<code>predict</code> answers unknown).</p>")
     return (f"<section class='probes {state}'><h2 style='margin-top:0;border:0'>Sanity probes: "
             f"images with nothing in them</h2>{verdict}{''.join(items)}</section>")
 
@@ -211,8 +222,71 @@ def _cards_html(s) -> str:
              ("weighted F1", f"{m['weighted_avg']['f1']:.3f}"),
              ("calibration error (ECE)", f"{m['expected_calibration_error']:.3f}"),
              ("suggested threshold", suggestion)]
+    if m.get("kept_in_distribution") is not None:
+        cards.append(("judged in distribution", _pct(m["kept_in_distribution"])))
     body = "".join(f"<div class='card'>{_e(k)}<b>{_e(v)}</b></div>" for k, v in cards)
     return f"<h2>{_e(s.name[:1].upper() + s.name[1:])} set</h2><div class='cards'>{body}</div>"
+
+
+def _trust_html(sets: list, ood_sets, summary: dict) -> str:
+    """Calibration before and after the temperature, the OOD score on other domains, and robustness."""
+    out = []
+    calibrated = [s for s in sets if s.metrics.get("calibration")]
+    if calibrated:
+        temperature = calibrated[0].metrics["calibration"]["temperature"]
+        rows = "".join(f"<tr><td>{_e(s.name)}</td><td>{c['ece_before']:.3f}</td><td>{c['ece_after']:.3f}</td>"
+                       f"<td>{c['nll_before']:.4f}</td><td>{c['nll_after']:.4f}</td></tr>"
+                       for s in calibrated for c in [s.metrics["calibration"]])
+        out.append(f"<h3>Calibration</h3><p class='muted'>Temperature {temperature:.3f}, fitted on the validation "
+                   f"images and folded into the final layer (every export has it). ECE: expected calibration "
+                   f"error, 15 bins; NLL: negative log-likelihood.</p><table><tr><th>set</th><th>ECE before</th>"
+                   f"<th>ECE after</th><th>NLL before</th><th>NLL after</th></tr>{rows}</table>")
+    ood = (summary.get("trust") or {}).get("ood")
+    if ood:
+        out.append(f"<h3>Out-of-distribution score</h3><p class='muted'>Cosine distance from an image's features to "
+                   f"the nearest of {ood['bank_rows']} training {'centroids' if ood['centroids'] else 'images'}, "
+                   f"divided by the threshold that keeps {_pct(ood['val_kept'])} of the validation images: "
+                   f"<code>ood_score</code> above 1 means <b>unknown</b>.</p>")
+    for o in ood_sets:
+        out.append(_ood_set_html(o))
+    robust = [s for s in sets if s.metrics.get("robustness")]
+    for s in robust:
+        r = s.metrics["robustness"]
+        cells = [("clean", r["clean"])] + [(f"FGSM {k}", v) for k, v in r["fgsm"].items()] \
+            + [(f"noise &sigma; {k}", v) for k, v in r["gaussian_noise"].items()]
+        out.append(f"<h3>Small perturbations ({_e(s.name)}, {r['images']} images)</h3><p class='muted'>Accuracy "
+                   f"after each pixel moves by eps (of the 0-255 range) in the direction that raises the loss most "
+                   f"(FGSM), or after Gaussian noise. A measurement: the model has no defence against such "
+                   f"changes.</p><table><tr>" + "".join(f"<th>{k}</th>" for k, _ in cells) + "</tr><tr>"
+                   + "".join(f"<td>{_pct(v)}</td>" for _, v in cells) + "</tr></table>")
+    return f"<h2>Trust</h2>{''.join(out)}" if out else ""
+
+
+def _ood_set_html(o) -> str:
+    from tltool.data.images import ImageReadError, load_image
+
+    m = o.metrics
+    if m["separated"]:
+        verdict = (f"The score separates these images from the in-domain ones: AUROC {m['auroc']:.3f} "
+                   f"(95% interval {m['auroc_low']:.3f}-{m['auroc_high']:.3f}).")
+    else:
+        verdict = (f"<b>No measurable separation</b>: AUROC {m['auroc']:.3f} (95% interval {m['auroc_low']:.3f}-"
+                   f"{m['auroc_high']:.3f}) includes chance (0.5). To this model these images look like its "
+                   f"training data; do not rely on the score to reject them.")
+    items = []
+    for i in o.examples():
+        try:
+            pixels = load_image(o.paths[i], 56)
+        except ImageReadError:
+            continue
+        unknown = o.ood_score[i] > 1.0
+        answer = "unknown" if unknown else _e(o.labels[int(np.argmax(o.probs[i]))])
+        items.append(f"<div class='probe'>{_img(_thumbnail(pixels), Path(o.paths[i]).name)}<div>"
+                     f"<span class='{'ok' if unknown else 'flag'}'>{answer}</span><br>"
+                     f"<span class='muted'>ood_score {o.ood_score[i]:.2f}</span></div></div>")
+    return (f"<h3>Other domains: {_e(o.name)}</h3><p>{_pct(m['rejected'])} of {m['images']} images rejected as "
+            f"unknown ({_pct(m['inside_rejected'])} of the {m['inside_images']} in-domain images). {verdict}</p>"
+            + "".join(items))
 
 
 def _set_html(s, pictures: dict[str, bytes]) -> str:

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+from tltool.data.images import is_image_name
 from tltool.errors import DataError
-from tltool.evaluation.metrics import compute_metrics
+from tltool.evaluation.metrics import calibration_change, compute_metrics, ood_metrics
+from tltool.models.ood import UNKNOWN_ABOVE, Scores, scores_of
 
 
 @dataclass
@@ -27,6 +29,7 @@ class EvalSet:
     probs: np.ndarray
     labels: list[str]
     metrics: dict = field(default_factory=dict)
+    ood_score: np.ndarray | None = None  # the model's OOD score of each image (None: the model has none)
 
     @property
     def picture_prefix(self) -> str:
@@ -41,8 +44,8 @@ class EvalSet:
         return wrong[order][:count].tolist()
 
 
-def predict_images(predictor, paths, skips, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities for the images that decode; returns (probs, indices of those images in `paths`).
+def predict_images(predictor, paths, skips, batch_size: int = 64) -> tuple[Scores, np.ndarray]:
+    """Scores of the images that decode; returns (Scores, indices of those images in `paths`).
 
     Images are decoded in parallel and in order, `batch_size` at a time, so memory stays flat however
     large the folder; files that fail to decode are recorded in `skips` and left out.
@@ -53,24 +56,64 @@ def predict_images(predictor, paths, skips, batch_size: int = 64) -> tuple[np.nd
     offset = 0
     for pixels, ok in decoded_batches(paths, predictor.image_size, batch_size, skips):
         if ok.any():
-            chunks.append(predictor.predict(pixels[ok]))
+            chunks.append(scores_of(predictor, pixels[ok]))
             kept.append(offset + np.flatnonzero(ok))
         offset += len(ok)
     if not chunks:
-        return np.zeros((0, len(predictor.labels))), np.zeros(0, np.int64)
-    return np.concatenate(chunks), np.concatenate(kept)
+        return Scores(np.zeros((0, len(predictor.labels))), None), np.zeros(0, np.int64)
+    ood = None if chunks[0].ood_score is None else np.concatenate([c.ood_score for c in chunks])
+    return Scores(np.concatenate([c.probabilities for c in chunks]), ood), np.concatenate(kept)
 
 
 def evaluate_folder(predictor, folder, skips, name: str, key: str = "", top_k: int = 5) -> EvalSet:
     """Run `predictor` over an `ImageFolder` and compute its metrics."""
-    probs, kept = predict_images(predictor, folder.paths, skips)
+    scores, kept = predict_images(predictor, folder.paths, skips)
     if len(kept) == 0:
         raise DataError(f"None of the {len(folder.paths)} images in {folder.root} could be decoded; see the "
                         f"skipped files for why.")
     paths = [folder.paths[i] for i in kept]
     y_true = np.asarray(folder.labels, dtype=np.int64)[kept]
-    result = EvalSet(name, key, paths, y_true, probs, predictor.labels)
-    result.metrics = compute_metrics(y_true, probs, predictor.labels, top_k=top_k)
+    result = EvalSet(name, key, paths, y_true, scores.probabilities, predictor.labels, ood_score=scores.ood_score)
+    result.metrics = compute_metrics(y_true, scores.probabilities, predictor.labels, top_k=top_k)
+    if scores.ood_score is not None:
+        result.metrics["kept_in_distribution"] = float((~scores.out_of_distribution()).mean())
+    return result
+
+
+@dataclass
+class OodSet:
+    """An unlabelled folder of images from other domains, run through a model with an OOD score."""
+
+    name: str
+    paths: list[str]
+    probs: np.ndarray
+    ood_score: np.ndarray
+    labels: list[str]
+    metrics: dict = field(default_factory=dict)
+
+    def examples(self, count: int = 8) -> list[int]:
+        """Indices of the images the model accepted (most in-distribution first), then of rejected ones."""
+        order = np.argsort(self.ood_score, kind="stable")
+        accepted = [int(i) for i in order if self.ood_score[i] <= UNKNOWN_ABOVE][:count // 2]
+        rejected = [int(i) for i in order[::-1] if self.ood_score[i] > UNKNOWN_ABOVE][:count - len(accepted)]
+        return accepted + rejected
+
+
+def evaluate_ood_folder(predictor, folder: Path, inside: EvalSet, skips) -> OodSet:
+    """Score every image under `folder` (no classes needed) and measure the separation from `inside`."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise DataError(f"--ood-data {root} is not a folder. Pass a folder of images from other domains.")
+    if not getattr(predictor, "has_ood", False):
+        raise DataError(f"{getattr(predictor, 'source', 'The model')} has no out-of-distribution score (it was "
+                        f"trained or exported before tltool had one, or with trust.ood: false). Train it again with `tltool finetune` to measure --ood-data.")
+    paths = sorted(str(p) for p in root.rglob("*") if p.is_file() and is_image_name(p))
+    scores, kept = predict_images(predictor, paths, skips)
+    if len(kept) == 0:
+        raise DataError(f"No readable images under --ood-data {root}. Pass a folder of image files.")
+    result = OodSet(root.resolve().name or "ood", [paths[i] for i in kept], scores.probabilities, scores.ood_score,
+                    predictor.labels)
+    result.metrics = {"data": str(root), **ood_metrics(inside.ood_score, scores.ood_score, UNKNOWN_ABOVE)}
     return result
 
 
@@ -86,11 +129,18 @@ class Probe:
     name: str
     pixels: np.ndarray
     probs: np.ndarray = None
+    ood_score: float | None = None  # None: the model has no OOD score
+
+    @property
+    def rejected(self) -> bool:
+        return self.ood_score is not None and self.ood_score > UNKNOWN_ABOVE
 
     def as_dict(self, labels: list[str]) -> dict:
         order = np.argsort(-self.probs, kind="stable")[:3]
         confidence = float(self.probs[order[0]])
-        if confidence >= PROBE_WARN_CONFIDENCE:
+        if self.rejected:
+            verdict = "rejected"  # the model answers "unknown", whatever its softmax says
+        elif confidence >= PROBE_WARN_CONFIDENCE:
             verdict = "over-confident"
         elif confidence >= max(0.5, 2.0 / len(labels)):  # well above a uniform guess, but not sure
             verdict = "leaning"
@@ -98,6 +148,7 @@ class Probe:
             verdict = "unsure"
         return {"name": self.name, "predicted": labels[order[0]], "confidence": confidence,
                 "top": [{"label": labels[i], "probability": float(self.probs[i])} for i in order],
+                "ood_score": self.ood_score, "rejected": self.rejected,
                 "verdict": verdict, "overconfident": verdict == "over-confident"}
 
 
@@ -108,19 +159,22 @@ def sanity_probes(predictor, seed: int = 0) -> list[Probe]:
               Probe("blank black", np.zeros((size, size, 3), np.uint8)),
               Probe("blank white", np.full((size, size, 3), 255, np.uint8)),
               Probe("noise", np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))]
-    probs = predictor.predict(np.stack([p.pixels for p in probes]))
-    for probe, row in zip(probes, probs):
-        probe.probs = np.asarray(row, dtype=np.float64)
+    scores = scores_of(predictor, np.stack([p.pixels for p in probes]))
+    for i, probe in enumerate(probes):
+        probe.probs = np.asarray(scores.probabilities[i], dtype=np.float64)
+        probe.ood_score = None if scores.ood_score is None else float(scores.ood_score[i])
     return probes
 
 
-def evaluate_run_sets(predictor, datasets: dict, skips, top_k: int = 5):
+def evaluate_run_sets(predictor, datasets: dict, skips, top_k: int = 5, robustness: bool = False):
     """Predictions and metrics of a just-trained model on its validation (and test) images, and probes.
 
     Args:
         predictor: the trained model behind the predictor interface (`labels`, `image_size`, `predict`).
         datasets: {"val": ImageFolder, "test": ImageFolder or None}.
         skips: the run's SkipLog.
+        robustness: also measure the validation accuracy under small perturbations (`robustness` in its
+            metrics; see robustness.py).
 
     Returns:
         (list of EvalSet, list of Probe): what `write_run_report` turns into the report.
@@ -131,10 +185,41 @@ def evaluate_run_sets(predictor, datasets: dict, skips, top_k: int = 5):
     names = {"val": "validation", "test": "test"}
     sets = [evaluate_folder(predictor, folder, skips, name=names.get(key, key), key=key, top_k=top_k)
             for key, folder in datasets.items() if folder is not None]
+    for s in sets[:1] if robustness else ():
+        s.metrics["robustness"] = measure_robustness(predictor, s)
     return sets, sanity_probes(predictor)
 
 
-def write_run_report(run_dir, sets, probes, labels: list[str]) -> dict:
+def measure_robustness(predictor, s: EvalSet) -> dict | None:
+    """Accuracy of a Keras model on (a sample of) `s` under FGSM and noise (see robustness.py); None for a
+    model without gradients here (TFLite, ONNX, SavedModel)."""
+    from tltool.data.images import ImageReadError, load_image
+    from tltool.evaluation.robustness import perturbed_accuracy, sample
+
+    model = getattr(predictor, "model", None)
+    if model is None:
+        return None
+    pixels, labels = [], []
+    for i in sample(len(s.paths)):
+        try:
+            pixels.append(load_image(s.paths[i], predictor.image_size))
+            labels.append(s.y_true[i])
+        except ImageReadError:  # a file changed since it was scored
+            continue
+    if not pixels:
+        return None
+    return perturbed_accuracy(model, np.stack(pixels), np.asarray(labels))
+
+
+def add_calibration(sets, temperature: float | None) -> None:
+    """Each set's ECE and NLL before and after the run's temperature, in its metrics (`calibration`)."""
+    if temperature is None:
+        return
+    for s in sets:
+        s.metrics["calibration"] = calibration_change(s.y_true, s.probs, temperature)
+
+
+def write_run_report(run_dir, sets, probes, labels: list[str], temperature: float | None = None) -> dict:
     """The end-of-run report of `finetune`: metrics.json, pictures and report.html inside the run directory.
 
     Returns:
@@ -142,6 +227,7 @@ def write_run_report(run_dir, sets, probes, labels: list[str]) -> dict:
     """
     from tltool.evaluation.report import write_report
 
+    add_calibration(sets, temperature)
     metrics = {s.key: s.metrics for s in sets}
     metrics["probes"] = [p.as_dict(labels) for p in probes]
     write_report(Path(run_dir), sets, probes, metrics, run_dir=Path(run_dir), title="Run report")

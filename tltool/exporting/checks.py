@@ -1,7 +1,8 @@
 """The self-check of every export: the exported model against the Keras model, on the run's validation images.
 
 `export` runs the same images through the Keras model and through the artifact reloaded the way a user
-would load it (`load_predictor`), and holds the figures to the tolerance of the format and quantization.
+would load it (`load_predictor`), and holds the figures to the tolerance of the format and quantization:
+the probabilities, and the out-of-distribution score of models that have one.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from tltool import rundir
 from tltool.data.folders import SkipLog
 from tltool.data.pipelines import decoded_batches
 from tltool.errors import ExportError
+from tltool.models.ood import Scores
 
 #: Validation images used by the self-check, and training images used to calibrate int8 quantization.
 MAX_CHECK_IMAGES = 1000
@@ -28,30 +30,46 @@ class Tolerance:
     max_abs_prob_diff: float | None = None   # largest |p_keras - p_export| over all images and classes
     max_accuracy_drop: float | None = None   # in percentage points, accuracy_keras - accuracy_export
     max_size_ratio: float | None = None      # size relative to the float32 TFLite model
+    max_abs_ood_diff: float | None = None    # largest |ood_score_keras - ood_score_export|
+    min_unknown_agreement: float | None = None  # share of images both call in / out of distribution alike
 
 
 def tolerance_for(format: str, quantize: str) -> Tolerance:
     """The bounds an export of `format` with `quantize` must meet."""
+    # Quantized models move the OOD score of images near the threshold across it now and then: they are
+    # held to agreeing on in / out of distribution for nearly every image, the float ones to the score.
     if quantize == "int8":
         # The weight schemes that meet both bounds are explained in exporting/tflite.py.
-        return Tolerance(max_accuracy_drop=1.5, max_size_ratio=0.3)
+        return Tolerance(max_accuracy_drop=1.5, max_size_ratio=0.3, min_unknown_agreement=0.95)
     if quantize == "dynamic":
-        return Tolerance(max_accuracy_drop=1.5)
+        return Tolerance(max_accuracy_drop=1.5, min_unknown_agreement=0.95)
     if quantize == "float16":
-        return Tolerance(max_abs_prob_diff=2e-2)
+        return Tolerance(max_abs_prob_diff=2e-2, max_abs_ood_diff=2e-2)
     # Same TensorFlow kernels (keras, savedmodel) agree to rounding; converted graphs (fused ops,
     # other kernels) to about 1e-5, so 1e-3 on probabilities is tight and still robust.
-    return Tolerance(max_abs_prob_diff=1e-4 if format in ("keras", "savedmodel") else 1e-3)
+    tight = 1e-4 if format in ("keras", "savedmodel") else 1e-3
+    return Tolerance(max_abs_prob_diff=tight, max_abs_ood_diff=tight)
 
 
-def compare(probs_keras: np.ndarray, probs_export: np.ndarray, labels: np.ndarray) -> dict:
+def compare(keras: Scores, export: Scores, labels: np.ndarray) -> dict:
+    """The export's answers against the Keras model's on the same images (probabilities, and the OOD score
+    when the model has one: an export that lost it fails)."""
+    probs_keras, probs_export = keras.probabilities, export.probabilities
     top_keras, top_export = probs_keras.argmax(1), probs_export.argmax(1)
-    return {
+    report = {
         "max_abs_prob_diff": float(np.abs(probs_keras - probs_export).max()),
         "top1_agreement": round(float((top_keras == top_export).mean()), 6),
         "accuracy_keras": round(float((top_keras == labels).mean()), 6),
         "accuracy_export": round(float((top_export == labels).mean()), 6),
     }
+    if keras.ood_score is not None:
+        if export.ood_score is None:
+            raise ExportError("The export has no `ood_score` output although the model has one. Nothing was "
+                              "written; please report this.")
+        report["max_abs_ood_diff"] = float(np.abs(keras.ood_score - export.ood_score).max())
+        report["unknown_agreement"] = round(float((keras.out_of_distribution()
+                                                   == export.out_of_distribution()).mean()), 6)
+    return report
 
 
 def first_accurate(candidates, artifact: Path, check, tol: Tolerance):
@@ -76,6 +94,7 @@ def _accuracy_drop(report: dict) -> float:
 
 
 def check_tolerance(result: dict, tol: Tolerance) -> None:
+    """Raise ExportError saying what missed when `result` (an export's figures) is outside `tol`."""
     what = f"{result['format']}" + (f" ({result['quantize']})" if result["quantize"] != "none" else "")
     problems = []
     if tol.max_abs_prob_diff is not None and result["max_abs_prob_diff"] > tol.max_abs_prob_diff:
@@ -87,6 +106,12 @@ def check_tolerance(result: dict, tol: Tolerance) -> None:
                         f"{100 * result['accuracy_export']:.1f}%; allowed {tol.max_accuracy_drop:g})")
     if tol.max_size_ratio is not None and result.get("size_ratio", 0) > tol.max_size_ratio:
         problems.append(f"it is {result['size_ratio']:.3f}x the float32 size (allowed {tol.max_size_ratio:g}x)")
+    if tol.max_abs_ood_diff is not None and result.get("max_abs_ood_diff", 0) > tol.max_abs_ood_diff:
+        problems.append(f"OOD scores differ from the Keras model's by up to {result['max_abs_ood_diff']:.3g} "
+                        f"(allowed {tol.max_abs_ood_diff:g})")
+    if tol.min_unknown_agreement is not None and result.get("unknown_agreement", 1) < tol.min_unknown_agreement:
+        problems.append(f"it judges {100 * (1 - result['unknown_agreement']):.1f}% of the images in / out of "
+                        f"distribution differently (allowed {100 * (1 - tol.min_unknown_agreement):.0f}%)")
     if problems:
         hint = (" Try --quantize dynamic or float16, or more varied training images for calibration."
                 if result["quantize"] in ("int8", "dynamic") else "")
@@ -98,7 +123,7 @@ def check_tolerance(result: dict, tol: Tolerance) -> None:
                           f"{'; '.join(problems)}. Nothing was written.{hint}")
 
 
-def check_encoded_signature(predictor, paths: list[str], probs_keras: np.ndarray) -> dict:
+def check_encoded_signature(predictor, paths: list[str], keras: Scores) -> dict:
     """Run the files' own bytes through `serving_default` (decoding and resizing in the graph).
 
     TensorFlow's decoders and resize differ slightly from Pillow's (rounding; CMYK JPEGs, EXIF in formats
@@ -107,7 +132,8 @@ def check_encoded_signature(predictor, paths: list[str], probs_keras: np.ndarray
     import tensorflow as tf
 
     fn = predictor.signatures["serving_default"]
-    rows, probs, failed = [], [], 0
+    probs_keras = keras.probabilities
+    rows, probs, ood, failed = [], [], [], 0
     for i, path in enumerate(paths):
         try:
             out = fn(images=tf.constant([Path(path).read_bytes()]))
@@ -116,13 +142,18 @@ def check_encoded_signature(predictor, paths: list[str], probs_keras: np.ndarray
             continue
         rows.append(i)
         probs.append(out["probabilities"].numpy()[0])
+        if "is_unknown" in out:
+            ood.append(bool(out["is_unknown"].numpy()[0]))
     if not rows:
         return {"n_images": 0, "undecodable": failed}
     probs = np.stack(probs)
     ref = probs_keras[rows]
-    return {"n_images": len(rows), "undecodable": failed,
-            "max_abs_prob_diff": float(np.abs(ref - probs).max()),
-            "top1_agreement": round(float((ref.argmax(1) == probs.argmax(1)).mean()), 6)}
+    report = {"n_images": len(rows), "undecodable": failed,
+              "max_abs_prob_diff": float(np.abs(ref - probs).max()),
+              "top1_agreement": round(float((ref.argmax(1) == probs.argmax(1)).mean()), 6)}
+    if keras.ood_score is not None and ood:
+        report["unknown_agreement"] = round(float((keras.out_of_distribution()[rows] == np.array(ood)).mean()), 6)
+    return report
 
 
 def load_images(paths, labels, size: int, limit: int, seed: int):

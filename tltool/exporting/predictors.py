@@ -1,9 +1,10 @@
 """Loading any tltool model (run directory or export) for inference.
 
-`load_predictor` gives one interface over every format: `.labels`, `.image_size`, `.format` and
-`.predict(uint8 pixels N x H x W x 3) -> probabilities N x C`. Images are read with Pillow
-(`tltool.data.images.load_image`: EXIF rotation, CMYK, alpha on white) for every format, so the same file gives
-the same pixels, and the same answer, whichever model it goes to.
+`load_predictor` gives one interface over every format: `.labels`, `.image_size`, `.format`,
+`.predict(uint8 pixels N x H x W x 3) -> probabilities N x C` and `.scores(pixels)`, which adds the
+out-of-distribution score of models that have it (`.has_ood`; models exported before it existed have not).
+Images are read with Pillow (`tltool.data.images.load_image`: EXIF rotation, CMYK, alpha on white) for every
+format, so the same file gives the same pixels, and the same answer, whichever model it goes to.
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ import numpy as np
 from tltool import rundir
 from tltool.errors import RunDirError
 from tltool.exporting.metadata import METADATA_KEY, read_tflite_metadata
+from tltool.models.ood import OOD_SCORE, PROBABILITIES, Scores, split_outputs
 
 
 class Predictor:
-    """A loaded model: `predict(uint8 pixels) -> probabilities`, with the labels of its outputs."""
+    """A loaded model: `scores(uint8 pixels)` -> probabilities and (where the model has it) the OOD score,
+    `predict(uint8 pixels)` -> probabilities, with the labels of its outputs."""
 
     format = "?"
+    has_ood = False  # the model outputs `ood_score` (every model tltool trained since it existed)
 
     def __init__(self, source: Path, labels: list[str], image_size: int):
         self.source = Path(source)
@@ -31,18 +35,26 @@ class Predictor:
 
     def predict(self, pixels: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """Class probabilities (float32, N x num_classes) for uint8 RGB pixels N x size x size x 3."""
+        return self.scores(pixels, batch_size).probabilities
+
+    def scores(self, pixels: np.ndarray, batch_size: int = 32) -> Scores:
+        """Probabilities and OOD scores (None for a model without them) for uint8 RGB pixels N x size x size x 3."""
         pixels = np.asarray(pixels)
         expected = (self.image_size, self.image_size, 3)
         if pixels.ndim != 4 or pixels.shape[1:] != expected:
             raise ValueError(f"Expected pixels of shape (N, {self.image_size}, {self.image_size}, 3). "
                              f"Received: shape={pixels.shape}")
         if len(pixels) == 0:
-            return np.zeros((0, len(self.labels)), np.float32)
+            empty = np.zeros(0, np.float32) if self.has_ood else None
+            return Scores(np.zeros((0, len(self.labels)), np.float32), empty)
         pixels = np.clip(pixels, 0, 255).astype(np.uint8) if pixels.dtype != np.uint8 else pixels
         parts = [self._predict_batch(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)]
-        return np.concatenate(parts).astype(np.float32)
+        probs = np.concatenate([p for p, _ in parts]).astype(np.float32)
+        ood = np.concatenate([o for _, o in parts]).astype(np.float32).reshape(-1) if self.has_ood else None
+        return Scores(probs, ood)
 
-    def _predict_batch(self, pixels: np.ndarray) -> np.ndarray:
+    def _predict_batch(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(probabilities, ood_score or None) of one batch."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -50,12 +62,14 @@ class Predictor:
 
 
 class KerasPredictor(Predictor):
-    """A Keras model (pixels in, probabilities out), loaded from a file or already in memory."""
+    """A Keras model (pixels in, probabilities [and ood_score] out), loaded from a file or already in memory."""
 
     format = "keras"
 
     def __init__(self, model, labels: list[str], source: Path | str = "<memory>", batch_size: int = 32):
-        outputs = model.output_shape[-1]
+        output = model.output  # one tensor, or {probabilities, ood_score}
+        self.has_ood = isinstance(output, dict) and OOD_SCORE in output
+        outputs = (output[PROBABILITIES] if isinstance(output, dict) else output).shape[-1]
         if outputs != len(labels):
             raise RunDirError(f"{source} is inconsistent: the model has {outputs} outputs but its labels list "
                               f"{len(labels)} classes. Train the run again with `tltool finetune`.")
@@ -74,8 +88,11 @@ class KerasPredictor(Predictor):
                               f"Train the run again with `tltool finetune`.") from None
         return cls(model, labels, model_file)
 
+    def scores(self, pixels: np.ndarray, batch_size: int | None = None) -> Scores:
+        return super().scores(pixels, batch_size or self.batch_size)
+
     def predict(self, pixels: np.ndarray, batch_size: int | None = None) -> np.ndarray:
-        return super().predict(pixels, batch_size or self.batch_size)
+        return self.scores(pixels, batch_size).probabilities
 
     def _predict_batch(self, pixels):
         x = pixels.astype(np.float32)
@@ -85,7 +102,8 @@ class KerasPredictor(Predictor):
         pad = -len(x) % self.batch_size
         if pad:
             x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), np.float32)])
-        return np.asarray(self.model.predict_on_batch(x))[:len(pixels)]
+        probs, ood = split_outputs(self.model.predict_on_batch(x))
+        return probs[:len(pixels)], None if ood is None else ood[:len(pixels)]
 
 
 class SavedModelPredictor(Predictor):
@@ -99,13 +117,16 @@ class SavedModelPredictor(Predictor):
         if "serving_pixels" not in self.signatures:
             raise RunDirError(f"The SavedModel at {path} has no `serving_pixels` signature: it was not written "
                               f"by `tltool export`. Export the run again.")
-        spec = self.signatures["serving_pixels"].structured_input_signature[1]["pixels"]
+        signature = self.signatures["serving_pixels"]
+        spec = signature.structured_input_signature[1]["pixels"]
+        self.has_ood = OOD_SCORE in signature.structured_outputs
         super().__init__(path, rundir.read_labels(path / "assets" / rundir.LABELS_FILE), spec.shape[1])
 
     def _predict_batch(self, pixels):
         import tensorflow as tf
 
-        return self.signatures["serving_pixels"](pixels=tf.constant(pixels))["probabilities"].numpy()
+        out = self.signatures["serving_pixels"](pixels=tf.constant(pixels))
+        return out[PROBABILITIES].numpy(), out[OOD_SCORE].numpy() if self.has_ood else None
 
 
 class TFLitePredictor(Predictor):
@@ -118,6 +139,11 @@ class TFLitePredictor(Predictor):
         labels = meta.get("labels") or _labels_next_to(path)
         super().__init__(path, labels, meta.get("image_size") or details["shape"][1])
         self.quantize = meta.get("quantize", "none")
+        # Outputs told apart by shape: [N, classes] probabilities, [N, 1] the OOD score (never one class).
+        outputs = self.interpreter.get_output_details()
+        self._probs = next(d for d in outputs if d["shape"][-1] == len(self.labels))
+        self._ood = next((d for d in outputs if d["shape"][-1] == 1 and d is not self._probs), None)
+        self.has_ood = self._ood is not None
         self._batch = None
 
     def _predict_batch(self, pixels):
@@ -127,10 +153,10 @@ class TFLitePredictor(Predictor):
             it.resize_tensor_input(index, [len(pixels), self.image_size, self.image_size, 3])
             it.allocate_tensors()
             self._batch = len(pixels)
-        inp, out = it.get_input_details()[0], it.get_output_details()[0]
-        it.set_tensor(index, _quantize(pixels.astype(np.float32), inp))
+        it.set_tensor(index, _quantize(pixels.astype(np.float32), it.get_input_details()[0]))
         it.invoke()
-        return _dequantize(it.get_tensor(out["index"]), out)
+        probs = _dequantize(it.get_tensor(self._probs["index"]), self._probs)
+        return probs, _dequantize(it.get_tensor(self._ood["index"]), self._ood) if self.has_ood else None
 
 
 class OnnxPredictor(Predictor):
@@ -142,11 +168,15 @@ class OnnxPredictor(Predictor):
         self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         meta = json.loads(self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY, "{}"))
         self._input = self.session.get_inputs()[0].name
+        names = [o.name for o in self.session.get_outputs()]
+        self.has_ood = OOD_SCORE in names
+        self._outputs = [PROBABILITIES, OOD_SCORE] if self.has_ood else names[:1]
         labels = meta.get("labels") or _labels_next_to(path)
         super().__init__(path, labels, meta.get("image_size") or self.session.get_inputs()[0].shape[1])
 
     def _predict_batch(self, pixels):
-        return self.session.run(None, {self._input: pixels.astype(np.float32)})[0]
+        out = self.session.run(self._outputs, {self._input: pixels.astype(np.float32)})
+        return out[0], out[1] if self.has_ood else None
 
 
 class MirrorAveraged(Predictor):
@@ -160,12 +190,15 @@ class MirrorAveraged(Predictor):
     def __init__(self, inner: Predictor):
         super().__init__(inner.source, inner.labels, inner.image_size)
         self.inner = inner
+        self.has_ood = inner.has_ood
         self.format = f"{inner.format}+mirror"
 
-    def predict(self, pixels: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    def scores(self, pixels: np.ndarray, batch_size: int = 32) -> Scores:
         pixels = np.asarray(pixels)
         mirrored = np.ascontiguousarray(pixels[:, :, ::-1]) if pixels.ndim == 4 else pixels
-        return (self.inner.predict(pixels, batch_size) + self.inner.predict(mirrored, batch_size)) / 2
+        plain, flipped = self.inner.scores(pixels, batch_size), self.inner.scores(mirrored, batch_size)
+        ood = None if plain.ood_score is None else (plain.ood_score + flipped.ood_score) / 2
+        return Scores((plain.probabilities + flipped.probabilities) / 2, ood)
 
 
 def mirror_tta(predictor: Predictor, model=None) -> MirrorAveraged:

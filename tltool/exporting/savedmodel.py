@@ -8,10 +8,12 @@ from pathlib import Path
 from tltool import rundir
 from tltool.errors import ExportError
 from tltool.exporting.graph_decode import decode_like_pillow
+from tltool.models.ood import OOD_SCORE, PROBABILITIES, UNKNOWN_ABOVE
 
 
 def write_savedmodel(model, labels: list[str], size: int, path: Path) -> None:
-    """A SavedModel whose serving signatures do all the work: decode, resize, run, name the top classes."""
+    """A SavedModel whose serving signatures do all the work: decode, resize, run, name the top classes, and
+    (for a model with the OOD score) say whether the image is out of distribution (`ood_score`, `is_unknown`)."""
     import keras
     import tensorflow as tf
 
@@ -29,11 +31,16 @@ def write_savedmodel(model, labels: list[str], size: int, path: Path) -> None:
         archive.track(table)
 
         def outputs(pixels):
-            probs = model(tf.cast(pixels, tf.float32), training=False)
+            out = model(tf.cast(pixels, tf.float32), training=False)
+            probs = out[PROBABILITIES] if isinstance(out, dict) else out
             scores, index = tf.math.top_k(probs, k=k)
             names = table.lookup(tf.cast(index, tf.int64))
-            return {"probabilities": probs, "label": names[:, 0], "score": scores[:, 0],
-                    "top_k_labels": names, "top_k_scores": scores}
+            result = {PROBABILITIES: probs, "label": names[:, 0], "score": scores[:, 0],
+                      "top_k_labels": names, "top_k_scores": scores}
+            if isinstance(out, dict) and OOD_SCORE in out:
+                ood = tf.reshape(out[OOD_SCORE], [-1])
+                result.update({OOD_SCORE: ood, "is_unknown": ood > UNKNOWN_ABOVE})
+            return result
 
         def serve_encoded(images):
             pixels = tf.map_fn(lambda encoded: decode_like_pillow(encoded, size), images,

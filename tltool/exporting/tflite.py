@@ -25,6 +25,7 @@ import numpy as np
 
 from tltool.errors import ExportError
 from tltool.exporting.metadata import embed_tflite_metadata
+from tltool.models.ood import OOD_SCORE, PROBABILITIES
 
 @dataclass(frozen=True)
 class Converted:
@@ -64,14 +65,20 @@ def convert(model, size: int, quantize: str, representative: np.ndarray | None, 
 
 
 def _float_savedmodel(model, size: int, path: str) -> None:
-    """The model alone with a float32 pixel signature: the converter's input."""
-    import functools
+    """The model alone with a float32 pixel signature: the converter's input.
 
+    Outputs as a list, probabilities first: the converter orders a dict's outputs by name, which would put
+    `ood_score` first, and runtimes that classify (MediaPipe Tasks) read the first output tensor.
+    """
     import keras
     import tensorflow as tf
 
+    def serve(pixels):
+        out = model(pixels, training=False)
+        return [out[PROBABILITIES], out[OOD_SCORE]] if isinstance(out, dict) else out
+
     archive = keras.export.ExportArchive()
-    archive.add_endpoint("serving_default", functools.partial(model.__call__, training=False),
+    archive.add_endpoint("serving_default", serve,
                          input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")])
     archive.write_out(path, verbose=False)
 

@@ -1,0 +1,81 @@
+"""The out-of-distribution score as part of the model: a second output, `ood_score`, next to the probabilities.
+
+The score is the cosine distance from an image's backbone features to the nearest of a bank of training
+features (L2-normalised rows; centroids for large training sets), divided by the threshold that keeps
+`trust.keep_rate` of the validation images: above 1.0 the image is unlike anything the model was trained
+on. Dividing by the threshold inside the model lets every export carry the whole decision with no extra
+file: `is_unknown = ood_score > 1`.
+
+The branch is made of built-in layers only (unit normalisation, a frozen Dense holding the bank, a max),
+so `model.keras` still loads in plain Keras and the converters (TFLite, ONNX) see ordinary ops; its values
+stay in [0, 2 / threshold], which int8 quantization represents well.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+PROBABILITIES = "probabilities"
+OOD_SCORE = "ood_score"
+#: `ood_score` above this means out of distribution (the threshold is folded into the score)
+UNKNOWN_ABOVE = 1.0
+
+
+def build_ood_scorer(bank: np.ndarray, threshold: float):
+    """features [N, D] -> ood_score [N, 1]: (1 - the largest cosine similarity to a bank row) / threshold."""
+    import keras
+
+    bank = np.asarray(bank, np.float32)
+    rows, width = bank.shape
+    scale = 1.0 / max(float(threshold), 1e-6)
+    features = keras.Input((width,), name="features")
+    unit = keras.layers.UnitNormalization(name="ood_unit_features")(features)
+    similarity = keras.layers.Dense(rows, use_bias=False, trainable=False, dtype="float32", name="ood_bank",
+                                    kernel_initializer=keras.initializers.Constant(bank.T))(unit)
+    nearest = keras.layers.GlobalMaxPooling1D(name="ood_nearest")(keras.layers.Reshape((rows, 1))(similarity))
+    score = keras.layers.Dense(1, trainable=False, dtype="float32", name="ood_distance",
+                               kernel_initializer=keras.initializers.Constant(-scale),
+                               bias_initializer=keras.initializers.Constant(scale))(nearest)
+    return keras.Model(features, score, name="ood")
+
+
+def with_ood_output(tm, scorer):
+    """The inference model of `tm` (a TransferModel): pixels -> {probabilities, ood_score}, sharing its layers."""
+    import keras
+
+    pixels = tm.model.inputs[0]
+    features = tm.feature_extractor.outputs[0]  # the same tensor the head is called on inside tm.model
+    return keras.Model(pixels, {PROBABILITIES: tm.model.outputs[0], OOD_SCORE: scorer(features)},
+                       name=tm.model.name)
+
+
+def split_outputs(outputs) -> tuple[np.ndarray, np.ndarray | None]:
+    """(probabilities, ood_score [N] or None) from whatever a model returned: one array (models without the
+    score, as every model exported before it existed), or a dict of both."""
+    if isinstance(outputs, dict):
+        score = outputs.get(OOD_SCORE)
+        return np.asarray(outputs[PROBABILITIES]), None if score is None else np.asarray(score).reshape(-1)
+    return np.asarray(outputs), None
+
+
+@dataclass
+class Scores:
+    """A model's answer for a batch of images: probabilities, and the OOD score where the model has one."""
+
+    probabilities: np.ndarray      # [N, classes]
+    ood_score: np.ndarray | None   # [N]; above UNKNOWN_ABOVE the image is out of distribution; None: no score
+
+    def out_of_distribution(self, limit: float = UNKNOWN_ABOVE) -> np.ndarray:
+        """[N] bool: the images whose score is above `limit` (all False for a model without the score)."""
+        if self.ood_score is None:
+            return np.zeros(len(self.probabilities), bool)
+        return self.ood_score > limit
+
+
+def scores_of(predictor, pixels: np.ndarray) -> Scores:
+    """`predictor.scores(pixels)`, or for a predictor-like object with only `predict`, its probabilities."""
+    if hasattr(predictor, "scores"):
+        return predictor.scores(pixels)
+    return Scores(np.asarray(predictor.predict(pixels)), None)
