@@ -25,11 +25,15 @@ def val_pixels(run_dir, n=6):
     return files, np.stack([load_image(p, 32) for p in files])
 
 
-def keras_probs(run_dir, pixels):
+def keras_outputs(run_dir, pixels) -> dict:
     import keras
 
     model = keras.models.load_model(run_dir / "model.keras", compile=False)
-    return np.asarray(model(pixels.astype(np.float32), training=False))
+    return {k: np.asarray(v) for k, v in model(pixels.astype(np.float32), training=False).items()}
+
+
+def keras_probs(run_dir, pixels):
+    return keras_outputs(run_dir, pixels)["probabilities"]
 
 
 def check_report(result, out, fmt, quantize="none"):
@@ -44,11 +48,18 @@ def check_report(result, out, fmt, quantize="none"):
     keras_accuracy, _ = saved_model_accuracy(run_dir, files)
     assert result["accuracy_keras"] == pytest.approx(keras_accuracy, abs=1e-6)
     _, labels = saved_model_probabilities(run_dir, files)
-    probs = tltool.load_predictor(out).predict(np.stack([load_image(p, 32) for p in files]))
-    assert result["accuracy_export"] == pytest.approx(float(np.mean(probs.argmax(1) == labels)), abs=1e-6)
+    pixels = np.stack([load_image(p, 32) for p in files])
+    scores = tltool.load_predictor(out).scores(pixels)
+    assert result["accuracy_export"] == pytest.approx(float(np.mean(scores.probabilities.argmax(1) == labels)),
+                                                      abs=1e-6)
+    # The OOD score travels in every export, and its check covers it: measured again here.
+    ood_keras = keras_outputs(run_dir, pixels)["ood_score"].reshape(-1)
+    assert scores.ood_score is not None and scores.ood_score.shape == ood_keras.shape
+    assert result["max_abs_ood_diff"] == pytest.approx(float(np.abs(scores.ood_score - ood_keras).max()), abs=1e-5)
+    assert result["unknown_agreement"] == pytest.approx(float(np.mean((scores.ood_score > 1) == (ood_keras > 1))))
     saved = json.loads((out / "export.json").read_text())
     for key in ("format", "quantize", "size_bytes", "max_abs_prob_diff", "top1_agreement", "accuracy_keras",
-                "accuracy_export", "n_images"):
+                "accuracy_export", "n_images", "max_abs_ood_diff", "unknown_agreement"):
         assert saved[key] == result[key]
 
 
@@ -103,6 +114,9 @@ def test_savedmodel_signatures_labels_asset_and_serving_layout(run_dir):
     expected = keras_probs(run_dir, pixels)
     by_pixels = loaded.signatures["serving_pixels"](pixels=tf.constant(pixels))
     np.testing.assert_allclose(by_pixels["probabilities"].numpy(), expected, atol=1e-4)
+    ood = keras_outputs(run_dir, pixels)["ood_score"].reshape(-1)
+    np.testing.assert_allclose(by_pixels["ood_score"].numpy(), ood, atol=1e-4)
+    np.testing.assert_array_equal(by_pixels["is_unknown"].numpy(), ood > 1)
     # The default signature decodes the files' own bytes in the graph. Lossless PNGs at the model's size
     # (one with a transparent border, which must come out white as with Pillow) give the very same pixels.
     encoded = []

@@ -26,7 +26,8 @@ def test_head_on_cached_features_equals_the_full_model(tmp_path, image_folder):
                                                           "frozen.learning_rate=0.01", "frozen.early_stopping=0",
                                                           f"backbone.weights={weights}"])
     model = result.model
-    extractor = next(layer for layer in model.layers if layer.name.startswith("mobilenetv2"))
+    extractor = next(layer for layer in model.get_layer("feature_extractor").layers
+                     if layer.name.startswith("mobilenetv2"))
     assert extractor.trainable is False
     # The float16 features stage 1 trained on, read back from the run's own cache entry.
     entries = [p for p in Path(os.environ["TLTOOL_CACHE_DIR"]).iterdir() if p.is_dir()]

@@ -25,7 +25,7 @@ import numpy as np
 
 from tltool.errors import ExportError
 from tltool.exporting.metadata import embed_tflite_metadata
-from tltool.models.ood import OOD_SCORE, PROBABILITIES
+from tltool.models.ood import ood_parts, tflite_friendly_score
 
 @dataclass(frozen=True)
 class Converted:
@@ -67,17 +67,24 @@ def convert(model, size: int, quantize: str, representative: np.ndarray | None, 
 def _float_savedmodel(model, size: int, path: str) -> None:
     """The model alone with a float32 pixel signature: the converter's input.
 
-    Outputs as a list, probabilities first: the converter orders a dict's outputs by name, which would put
-    `ood_score` first, and runtimes that classify (MediaPipe Tasks) read the first output tensor.
+    A model with the OOD score gets the score in converter-friendly ops (see `tflite_friendly_score`),
+    and its outputs as a list, probabilities first (`output_0`, then `ood_score` as `output_1`).
     """
     import keras
     import tensorflow as tf
 
-    def serve(pixels):
-        out = model(pixels, training=False)
-        return [out[PROBABILITIES], out[OOD_SCORE]] if isinstance(out, dict) else out
+    if isinstance(model.output, dict):
+        extractor, head, bank, scale = ood_parts(model)
+
+        def serve(pixels):
+            features = extractor(pixels, training=False)
+            return [head(features, training=False), tflite_friendly_score(features, bank, scale)]
+    else:  # a model trained before the OOD score existed
+        def serve(pixels):
+            return model(pixels, training=False)
 
     archive = keras.export.ExportArchive()
+    archive.track(model)  # the variables `serve` uses
     archive.add_endpoint("serving_default", serve,
                          input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")])
     archive.write_out(path, verbose=False)

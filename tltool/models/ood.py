@@ -42,13 +42,36 @@ def build_ood_scorer(bank: np.ndarray, threshold: float):
 
 
 def with_ood_output(tm, scorer):
-    """The inference model of `tm` (a TransferModel): pixels -> {probabilities, ood_score}, sharing its layers."""
+    """The inference model of `tm` (a TransferModel): pixels -> {probabilities, ood_score}, sharing its layers.
+
+    Its three parts stay nested models (`feature_extractor`, `head`, `ood`), so that converters can take
+    them apart again (see `tflite_friendly_score`)."""
     import keras
 
-    pixels = tm.model.inputs[0]
-    features = tm.feature_extractor.outputs[0]  # the same tensor the head is called on inside tm.model
-    return keras.Model(pixels, {PROBABILITIES: tm.model.outputs[0], OOD_SCORE: scorer(features)},
+    pixels = keras.Input(tm.model.input_shape[1:], name="pixels")
+    features = tm.feature_extractor(pixels)
+    return keras.Model(pixels, {PROBABILITIES: tm.head(features), OOD_SCORE: scorer(features)},
                        name=tm.model.name)
+
+
+def ood_parts(model):
+    """(feature_extractor, head, bank [D, rows], scale = 1 / threshold) of a model `with_ood_output` built."""
+    scorer = model.get_layer("ood")
+    bank = scorer.get_layer("ood_bank").get_weights()[0]
+    scale = float(scorer.get_layer("ood_distance").get_weights()[1][0])  # the bias is +1/threshold
+    return model.get_layer("feature_extractor"), model.get_layer("head"), bank, scale
+
+
+def tflite_friendly_score(features, bank: np.ndarray, scale: float):
+    """The same ood_score in TensorFlow ops that the TFLite converter maps to int8-capable kernels that
+    XNNPACK (LiteRT's default CPU delegate) runs: L2_NORMALIZATION, one FULLY_CONNECTED holding the scaled
+    bank, REDUCE_MIN. Keras's own unit normalisation becomes SQUARE (no int8 kernel) and RSQRT, and a
+    separate 1x1 layer for the scale failed XNNPACK's preparation in int8 models."""
+    import tensorflow as tf
+
+    unit = tf.math.l2_normalize(features, axis=1, epsilon=1e-12)
+    distances = tf.matmul(unit, tf.constant(-scale * bank, tf.float32)) + scale  # (1 - cos) / threshold
+    return tf.reduce_min(distances, axis=1, keepdims=True)
 
 
 def split_outputs(outputs) -> tuple[np.ndarray, np.ndarray | None]:
