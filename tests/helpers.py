@@ -11,17 +11,16 @@ COLORS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220)}
 
 
 def make_image_folder(root: Path, classes=("red", "green", "blue"), per_class: int = 8, size: int = 40,
-                      seed: int = 0, noise: float = 20.0, tint: float = 0.0) -> Path:
-    """A folder of solid-colour images with noise (standard deviation `noise`), one sub-folder per class:
-    trivially learnable. `tint`: each image's colour also moves by up to this much per channel."""
+                      seed: int = 0) -> Path:
+    """A folder of solid-colour images with noise, one sub-folder per class: trivially learnable."""
     rng = np.random.default_rng(seed)
     for name in classes:
         folder = root / name
         folder.mkdir(parents=True, exist_ok=True)
         base = np.array(COLORS.get(name, tuple(rng.integers(0, 255, 3))), np.float32)
         for i in range(per_class):
-            colour = base + rng.uniform(-tint, tint, 3)
-            pixels = np.clip(colour + rng.normal(0, noise, (size, size, 3)), 0, 255).astype(np.uint8)
+            noise = rng.normal(0, 20, (size, size, 3))
+            pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
             ext = ".png" if i % 2 else ".jpg"
             Image.fromarray(pixels).save(folder / f"{name}_{i:03d}{ext}")
     return root
@@ -78,15 +77,16 @@ def calibrated_backbone_weights(path: Path, backbone: str = "mobilenet_v2", size
     return path
 
 
-def tiny_trained_run(root: Path, noise: float = 20.0, tint: float = 0.0, calibrate_on_noise: bool = False) -> Path:
+def tiny_trained_run(root: Path, calibrate_on_noise: bool = False) -> Path:
     """A finished run in root/run, trained on root/images, whose probabilities differ from image to image.
 
     Stage 1 only, on a calibrated backbone, trained to confident outputs: export and inference tests need
     a model whose answers depend on the image, or every parity check would pass trivially.
+    `calibrate_on_noise`: BatchNorm statistics from noise images instead of the training images.
     """
     import tltool
 
-    images = make_image_folder(Path(root) / "images", noise=noise, tint=tint)
+    images = make_image_folder(Path(root) / "images")
     weights = calibrated_backbone_weights(Path(root) / "backbone.weights.h5",
                                           images=None if calibrate_on_noise else images)
     tltool.finetune(data=images, out=Path(root) / "run", verbose=0,
