@@ -47,7 +47,7 @@ def run_model(model, files: list[str], size: int, batch: int = 64) -> dict:
     from tltool.data.images import ImageReadError, load_image
 
     extractor = model.get_layer("feature_extractor")
-    forward = tf.function(lambda x: (extractor(x, training=False), model(x, training=False)))
+    forward = tf.function(lambda x: (extractor(x, training=False), model(x, training=False)), reduce_retracing=True)
     out = {"features": [], "probabilities": [], "ood_score": []}
     for i in range(0, len(files), batch):
         pixels = []

@@ -43,7 +43,7 @@ def test_head_on_cached_features_equals_the_full_model(tmp_path, image_folder):
     assert spread.mean() > 0.1 and (spread > 1e-2).mean() > 0.9, spread.mean()
 
     pixels = np.stack([load_image(p, 32) for p in paths]).astype("float32")
-    full = model.predict(pixels, verbose=0)
+    full = model.predict(pixels, verbose=0)["probabilities"]
     on_features = result.model_parts.head.predict(feats, verbose=0)  # the head that stage 1 trained
     np.testing.assert_allclose(full, on_features, atol=5e-4)  # float16 storage of the features
     # A model whose answer does not depend on the image would match trivially: this one does depend on it.

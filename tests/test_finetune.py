@@ -124,7 +124,8 @@ def test_weights_file_saved_by_the_test_is_loaded(tmp_path, image_folder):
     result = tltool.finetune(data=image_folder, out=tmp_path / "out", weights=str(path), verbose=0,
                              overrides=["data.image_size=32", "frozen.epochs=1", "fine_tune.epochs=0"])
     model = keras.models.load_model(result.run_dir / "model.keras")
-    backbone = next(layer for layer in model.layers if isinstance(layer, keras.Model))
+    backbone = next(layer for layer in model.get_layer("feature_extractor").layers
+                    if isinstance(layer, keras.Model))
     np.testing.assert_allclose(backbone.get_weights()[0], reference)
 
 
@@ -144,7 +145,8 @@ def test_classic_head_swaps_only_the_last_layer(tmp_path, image_folder):
                                         "frozen.epochs=1", "fine_tune.epochs=0"])
     model = result.model
     assert model.output["probabilities"].shape == (None, 3)
-    backbone = next(layer for layer in model.layers if isinstance(layer, keras.Model) and "classic" in layer.name)
+    backbone = next(layer for layer in model.get_layer("feature_extractor").layers
+                    if isinstance(layer, keras.Model) and "classic" in layer.name)
     assert backbone.output_shape == (None, 4096)  # VGG16's fc2 kept
 
 

@@ -96,8 +96,9 @@ def test_cli_predict_json(models):
     rows = json.loads(result.stdout)
     assert [r["path"] for r in rows] == files
     for row in rows:
-        assert set(row) == {"path", "label", "score", "top_k", "error"}
+        assert set(row) == {"path", "label", "predicted", "score", "reason", "ood_score", "top_k", "error"}
         assert row["label"] in LABELS and len(row["top_k"]) == 2
+        assert row["predicted"] == row["label"] and row["reason"] is None and row["ood_score"] <= 1
         assert row["top_k"][0] == {"label": row["label"], "score": row["score"]}
 
 
@@ -106,8 +107,8 @@ def test_cli_predict_csv_with_bad_file_exits_1(models, bad_files):
     result = CliRunner().invoke(main, ["predict", str(models["tflite"]), *files, "--csv"])
     assert result.exit_code == 1
     table = list(csv.DictReader(io.StringIO(result.stdout)))
-    assert list(table[0]) == ["path", "label", "score", "error", "label_1", "score_1", "label_2", "score_2",
-                              "label_3", "score_3"]
+    assert list(table[0]) == ["path", "label", "score", "error", "predicted", "reason", "ood_score", "label_1",
+                              "score_1", "label_2", "score_2", "label_3", "score_3"]
     assert [row["path"] for row in table] == files
     assert table[2]["error"] == "not an image (unrecognised content)" and table[2]["label"] == ""
     assert all(row["label"] in LABELS for row in table[:2])

@@ -138,8 +138,9 @@ def save_inference_model(model, path: Path) -> None:
     inference or their own training, and a stale optimizer state would only cause warnings on load."""
     import keras
 
-    # `output`, not `outputs`: a model with named outputs ({probabilities, ood_score}) keeps its names.
-    atomic_save_model(keras.Model(model.inputs, model.output, name=model.name), path)
+    # `input` and `output`, not the lists `inputs` and `outputs`: the model keeps its structure (one input,
+    # named outputs {probabilities, ood_score}), and calling it with one tensor raises no warning.
+    atomic_save_model(keras.Model(model.input, model.output, name=model.name), path)
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:

@@ -13,6 +13,7 @@ Stage 2 streams images instead, with a one-line reason, when the activations wou
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,12 +60,19 @@ def activation_megabytes(width: int, train_images: int, views: int, val_images: 
     return width * 2 * (train_images * (1 + views) + val_images) / 1e6
 
 
+_POOLED_FNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def pooled_features(features_model, activations: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Stage 1's features from cached activations [..., width]: the top blocks at their current weights."""
     import tensorflow as tf
 
     flat = activations.reshape(-1, activations.shape[-1])
-    run = tf.function(lambda batch: features_model(tf.cast(batch, tf.float32), training=False))  # not eager
+    if features_model not in _POOLED_FNS:  # one traced function per model (not eager), reused by every call
+        model = weakref.ref(features_model)  # a strong reference would keep the key alive for ever
+        _POOLED_FNS[features_model] = tf.function(
+            lambda batch: model()(tf.cast(batch, tf.float32), training=False), reduce_retracing=True)
+    run = _POOLED_FNS[features_model]
     out = [run(flat[i:i + batch_size]).numpy() for i in range(0, len(flat), batch_size)]
     pooled = np.concatenate(out) if out else np.zeros((0, features_model.output_shape[-1]), np.float32)
     return pooled.astype(np.float16).reshape(*activations.shape[:-1], -1)
