@@ -31,10 +31,12 @@ def build_ood_scorer(bank: np.ndarray, threshold: float):
     rows, width = bank.shape
     scale = 1.0 / max(float(threshold), 1e-6)
     features = keras.Input((width,), name="features")
-    unit = keras.layers.UnitNormalization(name="ood_unit_features")(features)
+    # float32 throughout, under mixed precision too: cosines near 1 need more than float16's 3 digits.
+    unit = keras.layers.UnitNormalization(name="ood_unit_features", dtype="float32")(features)
     similarity = keras.layers.Dense(rows, use_bias=False, trainable=False, dtype="float32", name="ood_bank",
                                     kernel_initializer=keras.initializers.Constant(bank.T))(unit)
-    nearest = keras.layers.GlobalMaxPooling1D(name="ood_nearest")(keras.layers.Reshape((rows, 1))(similarity))
+    column = keras.layers.Reshape((rows, 1), dtype="float32")(similarity)
+    nearest = keras.layers.GlobalMaxPooling1D(name="ood_nearest", dtype="float32")(column)
     score = keras.layers.Dense(1, trainable=False, dtype="float32", name="ood_distance",
                                kernel_initializer=keras.initializers.Constant(-scale),
                                bias_initializer=keras.initializers.Constant(scale))(nearest)
@@ -69,7 +71,7 @@ def tflite_friendly_score(features, bank: np.ndarray, scale: float):
     separate 1x1 layer for the scale failed XNNPACK's preparation in int8 models."""
     import tensorflow as tf
 
-    unit = tf.math.l2_normalize(features, axis=1, epsilon=1e-12)
+    unit = tf.math.l2_normalize(tf.cast(features, tf.float32), axis=1, epsilon=1e-12)
     distances = tf.matmul(unit, tf.constant(-scale * bank, tf.float32)) + scale  # (1 - cos) / threshold
     return tf.reduce_min(distances, axis=1, keepdims=True)
 
