@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -117,14 +118,25 @@ def validation_paths(run_dir: Path) -> list[str]:
     return stratified_split(full, recipe.data.val_split, recipe.seed, recipe.data.group_by)[1].paths
 
 
-def saved_model_probabilities(run_dir: Path, paths) -> tuple[np.ndarray, np.ndarray]:
-    """(probabilities of RUN/model.keras on `paths`, true labels from the files' class folders)."""
+def load_saved_model(model_file: Path):
+    """keras.models.load_model of a file, loaded once per version of the file (tests only read it)."""
+    model_file = Path(model_file)
+    return _load_saved_model(str(model_file), model_file.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_saved_model(path: str, mtime_ns: int):
     import keras
 
+    return keras.models.load_model(path, compile=False)
+
+
+def saved_model_probabilities(run_dir: Path, paths) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities of RUN/model.keras on `paths`, true labels from the files' class folders)."""
     from tltool.data.images import load_image
 
     classes = (Path(run_dir) / "labels.txt").read_text().split()
-    model = keras.models.load_model(Path(run_dir) / "model.keras", compile=False)
+    model = load_saved_model(Path(run_dir) / "model.keras")
     size = int(model.input_shape[1])
     pixels = np.stack([load_image(p, size) for p in paths]).astype(np.float32)
     outputs = model.predict(pixels, batch_size=16, verbose=0)  # {probabilities, ood_score}

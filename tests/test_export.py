@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import saved_model_accuracy, saved_model_probabilities, tiny_trained_run, validation_paths
+from helpers import (load_saved_model, saved_model_accuracy, saved_model_probabilities, tiny_trained_run,
+                     validation_paths)
 
 import tltool
 from tltool.cli import main
@@ -26,9 +27,7 @@ def val_pixels(run_dir, n=6):
 
 
 def keras_outputs(run_dir, pixels) -> dict:
-    import keras
-
-    model = keras.models.load_model(run_dir / "model.keras", compile=False)
+    model = load_saved_model(run_dir / "model.keras")
     return {k: np.asarray(v) for k, v in model(pixels.astype(np.float32), training=False).items()}
 
 

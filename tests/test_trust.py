@@ -1,6 +1,7 @@
 """Calibration and the out-of-distribution score: fitted after training, carried by the model and its exports."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from helpers import make_image_folder, tiny_trained_run, tiny_values
 from PIL import Image
 
 import tltool
+from tltool import rundir
 from tltool.cli import main
 from tltool.engine.trust import (fit_ood, fit_temperature, fold_temperature, nearest_distance,
                                  negative_log_likelihood, softmax_with_temperature)
@@ -160,14 +162,20 @@ def test_predict_answers_unknown_out_of_distribution_unless_told_not_to(run, tmp
     assert cli.exit_code == 0 and cli.output.count("unknown (out of distribution, ood_score") == 4
 
 
-def test_evaluate_ood_data_measures_rejection_where_it_exists(run, tmp_path):
+def test_evaluate_ood_data_measures_rejection_and_accuracy_under_perturbations(run, tmp_path):
     images = run.parent / "images"
     boards = checkerboards(tmp_path / "boards")
-    result = tltool.evaluate(run, images, out=tmp_path / "eval", ood_data=boards, robustness=False)
+    result = tltool.evaluate(run, images, out=tmp_path / "eval", ood_data=boards)
     ood = result["ood_data"]
     assert ood["images"] == 12 and ood["rejected"] >= 0.9 and ood["separated"] and ood["auroc"] > 0.9
     page = (tmp_path / "eval" / "report.html").read_text()
     assert "Other domains: boards" in page and "The score separates these images" in page
+    robustness = result["robustness"]
+    assert robustness["images"] == 24 and set(robustness["fgsm"]) == {"1/255", "4/255"}
+    assert robustness["clean"] == pytest.approx(result["accuracy"])
+    # FGSM moves every pixel the way that raises the loss: it cannot help on average.
+    assert robustness["fgsm"]["4/255"] <= robustness["clean"]
+    assert "Small perturbations" in page
 
 
 def test_evaluate_does_not_claim_a_separation_it_cannot_measure(run, tmp_path):
@@ -182,22 +190,16 @@ def test_evaluate_does_not_claim_a_separation_it_cannot_measure(run, tmp_path):
     assert "No measurable separation" in (tmp_path / "eval" / "report.html").read_text()
 
 
-def test_evaluate_measures_accuracy_under_small_perturbations(run, tmp_path):
-    result = tltool.evaluate(run, run.parent / "images", out=tmp_path / "eval")
-    robustness = result["robustness"]
-    assert robustness["images"] == 24 and set(robustness["fgsm"]) == {"1/255", "4/255"}
-    assert robustness["clean"] == pytest.approx(result["accuracy"])
-    # FGSM moves every pixel the way that raises the loss: it cannot help on average.
-    assert robustness["fgsm"]["4/255"] <= robustness["clean"]
-    assert "Small perturbations" in (tmp_path / "eval" / "report.html").read_text()
+def test_models_without_the_score_still_load_export_and_predict(run, tmp_path, image_folder):
+    """What every model trained before the score existed saved: probabilities alone (as `trust.ood: false`
+    saves, `test_trust_can_be_turned_off`)."""
+    import keras
 
-
-def test_models_without_the_score_still_load_export_and_predict(tmp_path, image_folder):
-    """What every model trained before the score existed looks like: probabilities alone."""
-    run = tmp_path / "run"
-    tltool.finetune(data=image_folder, out=run, verbose=0,
-                    overrides=tiny_values(32) + ["fine_tune.epochs=0", "trust.ood=false"])
-    assert json.loads((run / "summary.json").read_text())["trust"]["ood"] is None
+    old = tmp_path / "old-run"
+    shutil.copytree(run, old)
+    full = keras.models.load_model(old / rundir.MODEL_FILE, compile=False)
+    rundir.save_inference_model(keras.Model(full.input, full.output["probabilities"]), old / rundir.MODEL_FILE)
+    run = old
     tltool.export(run, "tflite")
     for model in (run, run / "export" / "tflite" / "model.tflite"):
         predictor = tltool.load_predictor(model)
@@ -206,3 +208,10 @@ def test_models_without_the_score_still_load_export_and_predict(tmp_path, image_
         assert all(r["ood_score"] is None and r["reason"] is None and r["label"] in LABELS for r in rows)
     with pytest.raises(DataError, match="has no out-of-distribution score"):
         tltool.evaluate(run, image_folder, out=tmp_path / "eval", ood_data=image_folder, robustness=False)
+
+
+def test_trust_can_be_turned_off(tmp_path, image_folder):
+    run = tltool.finetune(data=image_folder, out=tmp_path / "run", verbose=0,
+                          overrides=tiny_values(32) + ["fine_tune.epochs=0", "trust.ood=false", "trust.calibrate=false"])
+    assert run.summary["trust"] == {"temperature": None, "ood": None, "seconds": 0.0}
+    assert not tltool.load_predictor(run.run_dir).has_ood
