@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tltool.data.images import is_image_name
+from tltool.data.folders import image_files
 from tltool.errors import DataError
 from tltool.evaluation.metrics import calibration_change, compute_metrics, ood_metrics
 from tltool.models.ood import UNKNOWN_ABOVE, Scores, scores_of
@@ -106,8 +106,9 @@ def evaluate_ood_folder(predictor, folder: Path, inside: EvalSet, skips) -> OodS
         raise DataError(f"--ood-data {root} is not a folder. Pass a folder of images from other domains.")
     if not getattr(predictor, "has_ood", False):
         raise DataError(f"{getattr(predictor, 'source', 'The model')} has no out-of-distribution score (it was "
-                        f"trained or exported before tltool had one, or with trust.ood: false). Train it again with `tltool finetune` to measure --ood-data.")
-    paths = sorted(str(p) for p in root.rglob("*") if p.is_file() and is_image_name(p))
+                        f"trained or exported before tltool had one, or with trust.ood: false). Train it again "
+                        f"with `tltool finetune` to measure --ood-data.")
+    paths = [str(p) for p in image_files(root)]
     scores, kept = predict_images(predictor, paths, skips)
     if len(kept) == 0:
         raise DataError(f"No readable images under --ood-data {root}. Pass a folder of image files.")
