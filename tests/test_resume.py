@@ -120,47 +120,40 @@ class SimulatedCrash(Exception):
     pass
 
 
-def test_early_stopping_keeps_its_patience_and_best_weights_across_a_resume(tmp_path):
+def test_a_crash_before_the_epoch_commit_retrains_that_epoch_as_an_uninterrupted_fit_would(tmp_path):
+    """The checkpoint holds weights, optimizer state and early stopping's state of the same epoch: a fit
+    killed after an epoch's other callbacks ran, before its commit, resumes to the same model."""
     import keras
     import numpy as np
 
-    from tltool.engine.callbacks import ResumableEarlyStopping
+    from tltool.engine.callbacks import read_checkpoint
     from tltool.engine.fitting import stage_callbacks
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 4)).astype("float32")
     y = (x[:, :1] > 0).astype("float32")
 
-    def model():
-        m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, activation="sigmoid")])
-        m.compile(keras.optimizers.SGD(0.5), "binary_crossentropy")
-        return m
-
-    class Crash(keras.callbacks.Callback):
+    class Crash(keras.callbacks.Callback):  # an `extra` callback: it runs before the commit
         def on_epoch_end(self, epoch, logs=None):
             if epoch == 3:
-                self.weights = self.model.get_weights()
                 raise SimulatedCrash
 
-    # Validating on the opposite labels: val_loss only rises, so epoch 0 stays the best and patience runs.
-    validation = (x, 1 - y)
-    crash = Crash()
-    first = stage_callbacks(None, 1, patience=50, backup_dir=tmp_path, extra=[crash])
+    def fit(folder, epochs=8, extra=()):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, activation="sigmoid")])
+        model.compile(keras.optimizers.Adam(0.05), "binary_crossentropy")  # Adam: optimizer state matters
+        callbacks = stage_callbacks(None, 1, patience=3, backup_dir=folder, extra=extra)
+        model.fit(x, y, validation_data=(x[:16], y[:16]), epochs=epochs, callbacks=callbacks, verbose=0,
+                  shuffle=False)
+        return model, next(c for c in callbacks if isinstance(c, keras.callbacks.EarlyStopping))
+
+    reference, reference_es = fit(tmp_path / "reference")
     with pytest.raises(SimulatedCrash):
-        model().fit(x, y, validation_data=validation, epochs=10, callbacks=first, verbose=0)
-    before = next(c for c in first if isinstance(c, ResumableEarlyStopping))
-    assert (before.best_epoch, before.wait) == (0, 3)
-    assert not np.allclose(before.best_weights[0], crash.weights[0])  # the backup holds other weights
-
-    class Probe(keras.callbacks.Callback):
-        def on_train_begin(self, logs=None):
-            self.state = (after.wait, after.best, after.best_epoch)
-
-    probe = Probe()
-    second = stage_callbacks(None, 1, patience=50, backup_dir=tmp_path, extra=[probe])
-    after = next(c for c in second if isinstance(c, ResumableEarlyStopping))
-    resumed = model()  # fresh weights: everything comes back from the backups
-    resumed.fit(x, y, validation_data=validation, epochs=4, callbacks=second, verbose=0)  # nothing left to run
-    assert probe.state == (before.wait, pytest.approx(before.best), before.best_epoch)
-    for restored, best in zip(resumed.get_weights(), before.best_weights):
-        np.testing.assert_array_equal(restored, best)
+        fit(tmp_path / "run", extra=[Crash()])
+    assert read_checkpoint(tmp_path / "run")["epoch"] == 3  # epochs 1-3 committed, the 4th not
+    resumed, resumed_es = fit(tmp_path / "run")  # fresh weights: everything comes back from the checkpoint
+    assert (resumed_es.wait, resumed_es.best_epoch) == (reference_es.wait, reference_es.best_epoch)
+    assert resumed_es.best == pytest.approx(reference_es.best, rel=1e-5)
+    for got, want in zip(resumed.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert read_checkpoint(tmp_path / "run")["epoch"] == read_checkpoint(tmp_path / "reference")["epoch"]

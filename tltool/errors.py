@@ -42,6 +42,12 @@ class RunDirError(TltoolError):
     exit_code = 2
 
 
+class TrainingError(TltoolError):
+    """Training failed in a way the user can act on (the loss diverged)."""
+
+    exit_code = 1
+
+
 class ExportError(TltoolError):
     """An export failed or did not pass its own parity check."""
 

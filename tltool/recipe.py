@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -165,8 +166,9 @@ class ExportConfig:
 @dataclass
 class Recipe:
     version: int = _f(SCHEMA_VERSION, "Recipe schema version.", minimum=1, maximum=SCHEMA_VERSION)
-    name: str = _f("run", "Name of the run, shown in reports.")
-    seed: int = _f(42, "Seed of the split, the weights of the head and the augmentation.")
+    name: str = _f("run", "Name of the run, shown in reports and in the default run folder runs/NAME-TIME.")
+    seed: int = _f(42, "Seed of the split, the weights of the head and the augmentation.", minimum=0,
+                   maximum=2**32 - 1)
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Where the images are."})
     backbone: BackboneConfig = field(default_factory=BackboneConfig,
                                      metadata={"help": "The pretrained network."})
@@ -410,6 +412,8 @@ def _check_value(path: str, value: Any, tp, meta, source: str) -> Any:
     lo, hi = meta.get("min"), meta.get("max")
     numbers = converted if isinstance(converted, list) else [converted]
     for number in numbers:
+        if isinstance(number, float) and not math.isfinite(number):  # NaN passes every comparison below
+            raise RecipeError(f"{source}: expected `{path}` to be a finite number. Received: {path}={value!r}")
         if isinstance(number, (int, float)) and not isinstance(number, bool):
             if (lo is not None and number < lo) or (hi is not None and number > hi):
                 bounds = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
@@ -418,6 +422,9 @@ def _check_value(path: str, value: Any, tp, meta, source: str) -> Any:
 
 
 def _cross_checks(recipe: Recipe, source: str) -> None:
+    if not _SAFE_NAME.fullmatch(recipe.name) or recipe.name.strip(".") == "":
+        raise RecipeError(f"{source}: `name` becomes a folder name (runs/NAME-TIME): use letters, digits, `.`, "
+                          f"`_` and `-` only, with no path separators. Received: name={recipe.name!r}")
     if recipe.data.val is None and recipe.data.val_split <= 0.0:
         raise RecipeError(f"{source}: `data.val_split` must be above 0 when no `data.val` folder is given "
                           f"(received {recipe.data.val_split}); set `data.val_split: 0.2` or pass --val-data.")
@@ -438,6 +445,9 @@ def _cross_checks(recipe: Recipe, source: str) -> None:
                               f"{_did_you_mean(key, known, '')}")
         _check_space_entry(key, entry, known[key], source)
 
+
+#: What `name` may hold: it goes into the default output folder, so no separators, no `..`, nothing hidden.
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 
 # Not searchable: identity fields, the search itself, and process-wide switches (op determinism cannot be
 # turned off again within a process, so one trial would change every later one).

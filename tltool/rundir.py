@@ -8,20 +8,18 @@ Layout of a finetune run:
     history.csv      one row per finished epoch, with `stage` and `epoch` columns
     summary.json     accuracy, counts, skipped files, timings
 
-Everything is written atomically (temporary file in the same folder, then rename), so a crash never
-leaves a half-written file that a later command would trust.
+Everything is written durably and atomically (see files.py), so a crash never leaves a half-written file
+that a later command would trust.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any
 
 from tltool.errors import RunDirError
+from tltool.files import atomic_save, atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: F401
 
 MODEL_FILE = "model.keras"
 LABELS_FILE = "labels.txt"
@@ -30,60 +28,9 @@ HISTORY_FILE = "history.csv"
 SUMMARY_FILE = "summary.json"
 
 
-def _file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-_FILE_MODE = _file_mode()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see either the old file or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, _FILE_MODE)  # mkstemp makes files private (0600); outputs get the usual umask mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
-
-
 def atomic_save_model(model, path: Path) -> None:
-    """`model.save` to a temporary name in the same folder, then rename into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    try:
-        model.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _json_default(obj):
-    if hasattr(obj, "item"):  # numpy scalars
-        return obj.item()
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+    """`model.save` to a temporary name in the same folder, then a durable rename into place."""
+    atomic_save(path, model.save)
 
 
 def check_output_dir(out: Path, force: bool = False, resume: bool = False, resumable: bool = False) -> None:

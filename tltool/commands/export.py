@@ -24,7 +24,6 @@ Models trained before tltool had the OOD score have probabilities alone, and exp
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
@@ -38,6 +37,7 @@ from tltool.engine.setup import RunSetup, prepare_run
 from tltool.errors import ExportError, ExportOptionError, RunDirError
 from tltool.exporting import checks, tflite
 from tltool.exporting.metadata import model_metadata
+from tltool.files import replace_dir
 from tltool.exporting.predictors import KerasPredictor, load_predictor
 from tltool.models.ood import Scores
 from tltool.recipe import load_recipe
@@ -255,7 +255,5 @@ def _size(artifact: Path, extra: dict) -> dict:
 
 
 def _publish(tmp: Path, out: Path) -> None:
-    """Put the checked export in place of whatever `out` held."""
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    os.replace(tmp, out)
+    """Put the checked export in place of whatever `out` held: the old export stays until the new is in."""
+    replace_dir(tmp, out)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from pathlib import Path
@@ -51,45 +50,92 @@ class StopOnSignal(keras.callbacks.Callback):
         interrupts.check()
 
 
-class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
-    """EarlyStopping whose patience count and best weights survive an interrupted run.
+class EpochCheckpoint(keras.callbacks.Callback):
+    """A stage's resume point: after every epoch, the weights (with the optimizer state), the number of
+    finished epochs and early stopping's state, committed together by one atomic write of `checkpoint.json`.
 
-    BackupAndRestore brings back the weights, the optimizer and the epoch, but a fresh EarlyStopping would
-    count patience from zero and, at the end, restore the best weights seen since the restart, which may
-    be worse than the best before it. This one writes its state (and the best weights, when they change)
-    to `state_dir` after every epoch and takes it back when a resumed fit begins. List it after the
-    BackupAndRestore callback, whose `on_train_begin` sets the epoch the fit resumes from.
+    List it last. By the end of each epoch the history row is then on disk and early stopping has decided,
+    so a crash before the commit leaves the previous epoch's checkpoint (a resume trains the lost epoch
+    again, and its history row, if written, is trimmed), and a crash after it loses nothing. Keras's own
+    BackupAndRestore writes its weights and its epoch number in place, one after the other: a crash between
+    the two resumes one epoch's weights as the previous epoch's, and a truncated file stops every resume.
+    Weights of a diverged epoch (a loss that is not finite) are never committed.
     """
 
-    STATE_FILE = "early_stopping.json"
-    WEIGHTS_FILE = "early_stopping_best.npz"
+    FILE = "checkpoint.json"
 
-    def __init__(self, state_dir: Path, **kwargs):
-        super().__init__(**kwargs)
-        self.state_dir = Path(state_dir)
+    def __init__(self, folder: Path, early_stopping: keras.callbacks.EarlyStopping | None = None):
+        super().__init__()
+        self.folder = Path(folder)
+        self.early_stopping = early_stopping
+        self._best_file = None   # file holding early stopping's best weights, as last committed
+        self._best_saved = None  # the list of arrays that file holds (Keras makes a new list on each change)
 
     def on_train_begin(self, logs=None):
-        super().on_train_begin(logs)
-        state_file = self.state_dir / self.STATE_FILE
-        resumed_at = getattr(self.model, "_initial_epoch", None) or 0
-        if resumed_at == 0 or not state_file.is_file():
+        state = read_checkpoint(self.folder)
+        if state is None:
             return
-        state = json.loads(state_file.read_text())
-        if state["epoch"] != resumed_at - 1:  # not the epoch the weights backup holds: start afresh
+        self.load(state)
+        # Read by `Model.fit` after `on_train_begin`, as for Keras's BackupAndRestore (tests/test_dependency_apis.py).
+        self.model._initial_epoch = state["epoch"]
+
+    def load(self, state: dict) -> None:
+        """The model's weights and optimizer state, and early stopping's state, as `state` committed them."""
+        if self.model.optimizer is not None and not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)
+        self.model.load_weights(self.folder / state["weights"])
+        es, saved = self.early_stopping, state.get("early_stopping")
+        if es is None or saved is None:
             return
-        self.wait, self.best, self.best_epoch = state["wait"], state["best"], state["best_epoch"]
-        weights = self.state_dir / self.WEIGHTS_FILE
-        if self.restore_best_weights and weights.is_file():
-            with np.load(weights) as saved:
-                self.best_weights = [saved[f"w{i}"] for i in range(len(saved.files))]
+        es.wait, es.best_epoch = saved["wait"], saved["best_epoch"]
+        if saved["best"] is not None:
+            es.best = saved["best"]
+        if saved["best_weights"]:
+            with np.load(self.folder / saved["best_weights"]) as arrays:
+                es.best_weights = [arrays[f"w{i}"] for i in range(len(arrays.files))]
+            self._best_file, self._best_saved = saved["best_weights"], es.best_weights
+
+    def finished(self, state: dict | None, epochs: int) -> bool:
+        """Whether `state` is the end of a fit of `epochs` epochs (all trained, or stopped early)."""
+        return state is not None and (state["epoch"] >= epochs
+                                      or bool((state.get("early_stopping") or {}).get("stopped")))
+
+    def restore_end_of_fit(self, state: dict) -> None:
+        """The weights a finished fit ends with (the best epoch's, when early stopping restores them), for a
+        run that crashed after its fit returned and before the stage was recorded as done."""
+        self.load(state)
+        es = self.early_stopping
+        if es is not None and es.restore_best_weights and es.best_weights is not None:
+            self.model.set_weights(es.best_weights)
 
     def on_epoch_end(self, epoch, logs=None):
-        weights_before = self.best_weights
-        super().on_epoch_end(epoch, logs)
-        if self.best_weights is not weights_before:  # Keras stores a new list whenever the best changes
-            buffer = io.BytesIO()
-            np.savez(buffer, **{f"w{i}": w for i, w in enumerate(self.best_weights)})
-            rundir.atomic_write_bytes(self.state_dir / self.WEIGHTS_FILE, buffer.getvalue())
-        best = None if self.best is None else float(self.best)
-        rundir.atomic_write_json(self.state_dir / self.STATE_FILE,
-                                 {"epoch": epoch, "wait": self.wait, "best": best, "best_epoch": self.best_epoch})
+        if not all(np.isfinite(v) for k, v in (logs or {}).items() if k.endswith("loss") and v is not None):
+            return
+        done = epoch + 1
+        weights = f"epoch-{done}.weights.h5"
+        rundir.atomic_save(self.folder / weights, self.model.save_weights)
+        state = {"epoch": done, "weights": weights, "early_stopping": self._early_stopping_state(done)}
+        rundir.atomic_write_json(self.folder / self.FILE, state)
+        keep = {self.FILE, weights, self._best_file}
+        for path in self.folder.iterdir():  # files of earlier epochs, no longer referenced
+            if path.name not in keep and not path.name.startswith("."):
+                path.unlink(missing_ok=True)
+
+    def _early_stopping_state(self, done: int) -> dict | None:
+        es = self.early_stopping
+        if es is None:
+            return None
+        if es.best_weights is not None and es.best_weights is not self._best_saved:
+            name = f"best-{done}.npz"
+            rundir.atomic_save(self.folder / name, lambda tmp: np.savez(
+                tmp, **{f"w{i}": w for i, w in enumerate(es.best_weights)}))
+            self._best_file, self._best_saved = name, es.best_weights
+        best = None if es.best is None or not np.isfinite(es.best) else float(es.best)
+        return {"wait": es.wait, "best": best, "best_epoch": es.best_epoch, "best_weights": self._best_file,
+                "stopped": bool(self.model.stop_training)}
+
+
+def read_checkpoint(folder: Path) -> dict | None:
+    """The last committed `checkpoint.json` of a stage's folder, or None before the first epoch's."""
+    path = Path(folder) / EpochCheckpoint.FILE
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -29,7 +29,7 @@ import numpy as np
 from tltool import interrupts
 from tltool.data.folders import SkipLog
 from tltool.data.pipelines import decoded_batches
-from tltool.rundir import atomic_write_text
+from tltool.files import atomic_save, atomic_write_text
 
 CACHE_FORMAT = 1
 #: Touched whenever an entry is opened, so `tltool cache clear --older-than` knows what is still in use.
@@ -135,12 +135,7 @@ class FeatureCache:
         if not keys:
             return
         shard = f"{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}"
-        tmp = self.root / f".{shard}.npy.tmp"
-        with open(tmp, "wb") as handle:
-            np.save(handle, rows.astype(np.float16))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.root / f"{shard}.npy")
+        atomic_save(self.root / f"{shard}.npy", lambda tmp: np.save(tmp, rows.astype(np.float16)))
         atomic_write_text(self.root / f"{shard}.json", json.dumps(keys))
         for row, key in enumerate(keys):
             self._index[key] = (shard, row)
@@ -165,8 +160,8 @@ class FeatureCache:
     def _remove_leftovers(self, min_age_s: float = 3600) -> None:
         """Files of crashed writes or rewrites; only old ones, as another run may be writing a shard now."""
         cutoff = time.time() - min_age_s
-        for leftover in [*self.root.glob(".*.tmp"), *self.root.glob("*.npy")]:
-            orphan = leftover.suffix == ".tmp" or not leftover.with_suffix(".json").is_file()
+        for leftover in [*self.root.glob(".*.tmp*"), *self.root.glob("*.npy")]:
+            orphan = leftover.name.startswith(".") or not leftover.with_suffix(".json").is_file()
             if orphan and leftover.stat().st_mtime < cutoff:
                 leftover.unlink(missing_ok=True)
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tltool.engine.callbacks import HistoryCSV, ResumableEarlyStopping, StopOnSignal
+from tltool.engine.callbacks import EpochCheckpoint, HistoryCSV, StopOnSignal, read_checkpoint
+from tltool.errors import TrainingError
 
 _OPTIMIZERS = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "rmsprop": "RMSprop"}
 
@@ -53,23 +54,21 @@ def compile_model(model, optimizer: str, learning_rate: float, label_smoothing: 
 
 def stage_callbacks(history_path: Path | None, stage: int, patience: int, backup_dir: Path | None = None,
                     extra=()) -> list:
-    """SIGTERM and NaN guards, the weights backup of a resumable run, early stopping that restores the best
-    weights, history rows, plus any `extra`."""
+    """SIGTERM and NaN guards, early stopping that restores the best weights, history rows, any `extra`,
+    and last the epoch checkpoint of a resumable run (see EpochCheckpoint for why last)."""
     import keras
 
     callbacks = [StopOnSignal(), keras.callbacks.TerminateOnNaN()]
-    if backup_dir is not None:
-        # Keeps weights, optimizer state and the epoch after every epoch; a resumed fit continues from there.
-        # Two copies, so a crash while writing one leaves the other.
-        callbacks.append(keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True,
-                                                          delete_checkpoint=False))
+    early_stopping = None
     if patience > 0:
-        settings = dict(monitor="val_loss", patience=patience, restore_best_weights=True, verbose=0)
-        callbacks.append(ResumableEarlyStopping(backup_dir, **settings) if backup_dir is not None
-                         else keras.callbacks.EarlyStopping(**settings))
+        early_stopping = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience,
+                                                       restore_best_weights=True, verbose=0)
+        callbacks.append(early_stopping)
     if history_path is not None:
         callbacks.append(HistoryCSV(history_path, stage))
     callbacks.extend(extra)
+    if backup_dir is not None:
+        callbacks.append(EpochCheckpoint(backup_dir, early_stopping))
     return callbacks
 
 
@@ -95,10 +94,36 @@ def features_dataset(features: np.ndarray, labels: np.ndarray, num_classes: int,
 
 
 def fit_stage(model, train_ds, val_ds, epochs: int, callbacks: list, class_weight=None, verbose: int = 1):
-    """`model.fit` for one stage; returns the Keras History."""
-    # BackupAndRestore sets the private `_initial_epoch` when it resumes a fit and Keras never clears it:
+    """`model.fit` for one stage; returns the Keras History (None when a resumed stage had finished its fit).
+
+    Raises:
+        TrainingError: the loss stopped being finite (training diverged).
+    """
+    checkpoint = next((c for c in callbacks if isinstance(c, EpochCheckpoint)), None)
+    state = read_checkpoint(checkpoint.folder) if checkpoint is not None else None
+    if checkpoint is not None and checkpoint.finished(state, epochs):  # crashed after `fit`, before the stage
+        checkpoint.set_model(model)                                    # was recorded: no epoch runs again
+        checkpoint.restore_end_of_fit(state)
+        return None
+    # EpochCheckpoint sets the private `_initial_epoch` when it resumes a fit and Keras never clears it:
     # without this, stage 2 on the same model would start at the epoch stage 1 was resumed from.
     # tests/test_dependency_apis.py fails if a Keras release stops using that attribute.
     model._initial_epoch = None
-    return model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=callbacks,
-                     class_weight=class_weight, verbose=verbose)
+    fitted = model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=callbacks,
+                       class_weight=class_weight, verbose=verbose)
+    losses = fitted.history.get("loss", [])
+    bad = next((i for i, loss in enumerate(losses) if not np.isfinite(loss)), None)
+    if bad is not None:
+        lr = float(keras_learning_rate(model))
+        raise TrainingError(f"Training diverged: the loss became {losses[bad]} in epoch {bad + 1} (learning rate "
+                            f"{lr:g}). Lower the stage's learning rate and start a new run.")
+    return fitted
+
+
+def keras_learning_rate(model) -> float:
+    import keras
+
+    try:
+        return float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+    except Exception:  # noqa: BLE001 - a schedule that cannot be read outside a step
+        return float("nan")

@@ -1,28 +1,25 @@
 """Resume state of a run directory: `checkpoints/state.json` and the weights after each finished stage.
 
-Within a stage, Keras's BackupAndRestore keeps the last finished epoch (weights, optimizer state, epoch)
-in `checkpoints/stageN/`, and ResumableEarlyStopping its patience count and best weights beside it; after
-a stage, the full model's weights are saved and the stage is listed as done, so a resumed run never
-trains an epoch twice.
+Within a stage, EpochCheckpoint (callbacks.py) commits the last finished epoch (weights, optimizer state,
+epoch, early stopping's patience count and best weights) in `checkpoints/stageN/`; after a stage, the full
+model's weights are saved and the stage is listed as done, so a resumed run never trains an epoch twice.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 
 from tltool import rundir
 from tltool.engine import history
+from tltool.engine.callbacks import read_checkpoint
 from tltool.errors import RunDirError
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "state.json"
 _AFTER_STAGE_WEIGHTS = "after_stage.weights.h5"
-#: Written by Keras's BackupAndRestore in a stage's backup folder; says which epoch the backup holds.
-_BACKUP_METADATA = "training_metadata.json"
 
 
 class RunProgress:
@@ -64,15 +61,12 @@ class RunProgress:
 
     def trim_history(self, stage: int, history_path: Path) -> None:
         """Drop history rows of `stage` after the epoch its backup holds, so no epoch appears twice."""
-        meta = self.backup_dir(stage) / _BACKUP_METADATA
-        kept_epochs = json.loads(meta.read_text())["epoch"] if meta.is_file() else 0
+        state = read_checkpoint(self.backup_dir(stage))
+        kept_epochs = state["epoch"] if state is not None else 0
         history.trim_history(history_path, stage, kept_epochs)
 
     def finish_stage(self, stage: int, model, timings: dict) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / ".after_stage.tmp.weights.h5"
-        model.save_weights(tmp)
-        os.replace(tmp, self.dir / _AFTER_STAGE_WEIGHTS)
+        rundir.atomic_save(self.dir / _AFTER_STAGE_WEIGHTS, model.save_weights)
         self.state["stages_done"].append(stage)
         self.state["timings"] = timings
         self._save()

@@ -129,13 +129,22 @@ def cut_features(ctx: TrainingContext, cut: CutModels) -> StageFeatures:
                          val_acts, cut.cut)
 
 
+def weights_identity(setup: RunSetup) -> str:
+    """What decides the backbone's weights, for the feature cache's key: the weights' fingerprint, and for
+    a random backbone (`weights: none`, or the fallback) the seed it was drawn with as well, since two seeds
+    give two different networks."""
+    if setup.pretrained:
+        return setup.weights.fingerprint
+    return f"{setup.weights.fingerprint}:seed={setup.recipe.seed}"
+
+
 def _extract(ctx: TrainingContext, extractor, cut: str = "", to_features=lambda rows: rows):
     """Rows of `extractor` for the training images [N, views, D] and the validation images [M, D], with their
     labels, the seconds spent computing and the images computed (not read from the cache). `to_features`
     turns rows into pooled features, for the measured decisions."""
     recipe, setup, split = ctx.recipe, ctx.setup, ctx.split
     cache = FeatureCache(cache_dir(recipe.train.cache_dir) / extractor_key(
-        setup.spec.name, setup.weights.fingerprint, setup.image_size, setup.spec.preprocessing, recipe.head.mode,
+        setup.spec.name, weights_identity(setup), setup.image_size, setup.spec.preprocessing, recipe.head.mode,
         recipe.head.pooling, cut))
     common = dict(image_size=setup.image_size, batch_size=recipe.data.batch_size, skips=split.skips,
                   verbose=ctx.verbose, log=ctx.log, jit_compile=ctx.runtime.jit_compile)
