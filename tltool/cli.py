@@ -2,7 +2,8 @@
 
 Commands parse their options, call the API, and turn tltool's own errors into one line on stderr and an
 exit code (2 for bad input, 1 for a failed operation). Options can also come from the environment with
-the TLTOOL_ prefix (e.g. TLTOOL_FINETUNE_BATCH_SIZE=16).
+the TLTOOL_ prefix (e.g. TLTOOL_FINETUNE_BATCH_SIZE=16), except the flags that replace or delete files
+(--force, --overwrite) and --resume: those must be typed, never inherited from a shell's environment.
 """
 
 from __future__ import annotations
@@ -106,8 +107,10 @@ def recipe_options(fn):
 @click.option("--fine-tune-epochs", type=click.IntRange(0), help="Epochs of stage 2 (top layers unfrozen; 0 skips it).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Run directory to write (default: runs/NAME-TIMESTAMP).")
-@click.option("--force", is_flag=True, help="Overwrite --out if it exists and is not empty.")
-@click.option("--resume", is_flag=True, help="Continue the interrupted run in --out from its last finished epoch.")
+@click.option("--force", is_flag=True, allow_from_autoenv=False,
+              help="Replace --out if it holds an earlier tltool run (never a folder tltool did not write).")
+@click.option("--resume", is_flag=True, allow_from_autoenv=False,
+              help="Continue the interrupted run in --out from its last finished epoch.")
 @click.option("--deterministic", is_flag=True, help="Deterministic ops: the same seed gives the same metrics.")
 @click.option("--strategy", type=click.Choice(["default", "mirrored"]),
               help="mirrored: train on all visible GPUs (the recipe's train.strategy).")
@@ -140,7 +143,8 @@ def finetune(recipe, data, val_data, test_data, backbone, weights, image_size, b
               help="What the search optimises (default: the recipe's tune.objective, val_accuracy).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Output folder (default: runs/NAME-tune); re-running with it resumes the search.")
-@click.option("--overwrite", is_flag=True, help="Delete what --out holds and start the search afresh.")
+@click.option("--overwrite", is_flag=True, allow_from_autoenv=False,
+              help="Delete the earlier tltool search in --out and start afresh.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @handle_errors
 def tune(recipe, data, val_data, test_data, backbone, weights, image_size, batch_size, seed, overrides,
@@ -230,14 +234,16 @@ def cache_info(folder):
 def cache_prune(folder):
     """Drop the rows of images that have changed or been deleted since they were cached."""
     pruned = tltool.prune_cache(folder)
-    echo(f"Dropped {pruned['stale_rows']} stale rows, freed {pruned['freed_bytes'] / 1e6:.1f} MB.")
+    echo(f"Dropped {pruned['stale_rows']} stale rows, freed {pruned['freed_bytes'] / 1e6:.1f} MB."
+         + _in_use_note(pruned["in_use"]))
 
 
 @cache.command("clear")
 @cache_dir_option
 @click.option("--older-than", type=click.FloatRange(min=0), metavar="DAYS",
               help="Only entries not used for more than DAYS days.")
-@click.option("--force", is_flag=True, help="Really remove them (without it, only lists what would go).")
+@click.option("--force", is_flag=True, allow_from_autoenv=False,
+              help="Really remove them (without it, only lists what would go).")
 @handle_errors
 def cache_clear(folder, older_than, force):
     """Remove cache entries (all, or those unused for --older-than DAYS). Needs --force."""
@@ -247,7 +253,12 @@ def cache_clear(folder, older_than, force):
         echo(f"Would remove {cleared['entries']} entries ({size:.1f} MB). Pass --force to remove them; the "
              f"features are recomputed when next needed.")
         sys.exit(2 if cleared["entries"] else 0)
-    echo(f"Removed {cleared['entries']} entries ({size:.1f} MB).")
+    echo(f"Removed {cleared['entries']} entries ({size:.1f} MB)." + _in_use_note(cleared["in_use"]))
+
+
+def _in_use_note(entries: int) -> str:
+    return (f" Left {entries} entr{'y' if entries == 1 else 'ies'} alone: in use by a running tltool; try again "
+            f"when it has finished." if entries else "")
 
 
 @main.group()
@@ -289,7 +300,8 @@ TTA_HELP = ("Test-time augmentation: average each image's probabilities with its
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for metrics.json, plots/ and report.html (default: MODEL/eval-DATANAME).")
 @click.option("--top-k", type=click.IntRange(1), default=5, show_default=True, help="k of the top-k accuracy.")
-@click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
+@click.option("--force", is_flag=True, allow_from_autoenv=False,
+              help="Replace --out if it holds an earlier tltool evaluation.")
 @click.option("--tta", is_flag=True, help=TTA_HELP)
 @click.option("--ood-data", type=click.Path(path_type=Path),
               help="A folder of images from other domains (no classes needed): how many the model rejects as "
@@ -322,7 +334,8 @@ def evaluate(model, data, out, top_k, force, tta, ood_data, no_robustness):
                    "images). Default: the recipe's export.quantize for tflite, none otherwise.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Folder to write (default: RUN/export/FORMAT, or RUN/export/tflite-QUANTIZE).")
-@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--force", is_flag=True, allow_from_autoenv=False,
+              help="Replace --out if it holds an earlier tltool export.")
 @handle_errors
 def export(run, fmt, quantize, out, force):
     """Export RUN's model and check it against the Keras model on the validation images."""

@@ -15,7 +15,6 @@ that a later command would trust.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from tltool.errors import RunDirError
@@ -33,27 +32,6 @@ def atomic_save_model(model, path: Path) -> None:
     atomic_save(path, model.save)
 
 
-def check_output_dir(out: Path, force: bool = False, resume: bool = False, resumable: bool = False) -> None:
-    """Refuse a non-empty `out` unless `force` (it will be wiped) or `resume` (kept); never touches it."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise RunDirError(f"--out {out} is a file, not a folder. Choose another --out.")
-    if out.exists() and any(out.iterdir()) and not (force or resume):
-        hint = ", or --resume to continue that run" if resumable else ""
-        raise RunDirError(f"Output folder {out} already exists and is not empty. Choose another --out or "
-                          f"pass --force to overwrite it{hint}.")
-
-
-def prepare_output_dir(out: Path, force: bool = False, resume: bool = False, resumable: bool = False) -> Path:
-    """Create `out` after `check_output_dir`; with `force` a non-empty folder is wiped first."""
-    out = Path(out)
-    check_output_dir(out, force, resume, resumable)
-    if force and not resume and out.is_dir() and any(out.iterdir()):
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
 def write_labels(run_dir: Path, classes: list[str]) -> None:
     atomic_write_text(Path(run_dir) / LABELS_FILE, "".join(f"{name}\n" for name in classes))
 
@@ -65,7 +43,8 @@ def read_labels(path: Path) -> list[str]:
         path = path / LABELS_FILE
     if not path.is_file():
         raise RunDirError(f"No labels file at {path}. Point at a run directory written by `tltool finetune`.")
-    return [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    # Split on "\n" only, as written: str.splitlines would also split on U+0085, U+2028 and other separators.
+    return [line.rstrip("\r") for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
 def require_run_dir(run_dir: Path) -> Path:

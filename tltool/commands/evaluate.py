@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tltool import rundir
+from tltool import outputs, rundir
 from tltool.data.folders import SkipLog, scan_folder
 from tltool.errors import DataError
 from tltool.evaluation.report import write_report
@@ -53,30 +53,32 @@ def evaluate(model, data, out=None, top_k: int = 5, force: bool = False, tta: bo
     folder = scan_folder(data, skips, classes=predictor.labels, role="evaluation")
     data_name = Path(folder.root).resolve().name or "data"
     out = Path(out) if out is not None else (run_dir if run_dir is not None else Path.cwd()) / f"eval-{data_name}"
-    out = rundir.prepare_output_dir(out, force=force)
-    say(f"Evaluating on {len(folder)} images of {len(predictor.labels)} classes from {folder.root}.")
-    t1 = time.perf_counter()
-    result = evaluate_folder(predictor, folder, skips, name=data_name, top_k=top_k)
-    ood_sets = [evaluate_ood_folder(predictor, ood_data, result, skips)] if ood_data is not None else []
-    probes = sanity_probes(predictor)
-    t_predict = time.perf_counter() - t1
-    add_calibration([result], _run_temperature(run_dir))
-    if robustness:
-        say("Measuring the accuracy under small perturbations (FGSM and noise).")
-        result.metrics["robustness"] = measure_robustness(predictor, result)
-    result.metrics = metrics = {
-        "model": str(model if run_dir is None else run_dir), "data": str(folder.root), "tta": bool(tta),
-        **result.metrics, "ood_data": ood_sets[0].metrics if ood_sets else None,
-        "probes": [p.as_dict(predictor.labels) for p in probes], "skipped_files": skips.as_list(),
-        "timings": {"load_s": round(t_load, 3), "predict_s": round(t_predict, 3),
-                    "robustness_s": round(time.perf_counter() - t1 - t_predict, 3)}}
-    write_report(out, [result], probes, metrics, run_dir=run_dir, title=f"Evaluation on {data_name}",
-                 ood_sets=ood_sets)
-    say(f"accuracy {metrics['accuracy']:.4f}, top-{metrics['top_k']} {metrics['top_k_accuracy']:.4f}, "
-        f"macro F1 {metrics['macro_avg']['f1']:.4f}. Report: {out / 'report.html'}")
-    if ood_sets:
-        say(_ood_line(ood_sets[0].metrics))
-    return {**metrics, "out": str(out)}
+    folders = [f for f in (data, ood_data) if f is not None]
+    model_files = [model] if isinstance(model, (str, Path)) else []  # what --out must never replace
+    with outputs.claim_output_dir(out, "evaluation", force=force, inputs=[*model_files, *folders], data=folders):
+        say(f"Evaluating on {len(folder)} images of {len(predictor.labels)} classes from {folder.root}.")
+        t1 = time.perf_counter()
+        result = evaluate_folder(predictor, folder, skips, name=data_name, top_k=top_k)
+        ood_sets = [evaluate_ood_folder(predictor, ood_data, result, skips)] if ood_data is not None else []
+        probes = sanity_probes(predictor)
+        t_predict = time.perf_counter() - t1
+        add_calibration([result], _run_temperature(run_dir))
+        if robustness:
+            say("Measuring the accuracy under small perturbations (FGSM and noise).")
+            result.metrics["robustness"] = measure_robustness(predictor, result)
+        result.metrics = metrics = {
+            "model": str(model if run_dir is None else run_dir), "data": str(folder.root), "tta": bool(tta),
+            **result.metrics, "ood_data": ood_sets[0].metrics if ood_sets else None,
+            "probes": [p.as_dict(predictor.labels) for p in probes], "skipped_files": skips.as_list(),
+            "timings": {"load_s": round(t_load, 3), "predict_s": round(t_predict, 3),
+                        "robustness_s": round(time.perf_counter() - t1 - t_predict, 3)}}
+        write_report(out, [result], probes, metrics, run_dir=run_dir, title=f"Evaluation on {data_name}",
+                     ood_sets=ood_sets)
+        say(f"accuracy {metrics['accuracy']:.4f}, top-{metrics['top_k']} {metrics['top_k_accuracy']:.4f}, "
+            f"macro F1 {metrics['macro_avg']['f1']:.4f}. Report: {out / 'report.html'}")
+        if ood_sets:
+            say(_ood_line(ood_sets[0].metrics))
+        return {**metrics, "out": str(out)}
 
 
 def _ood_line(m: dict) -> str:

@@ -32,9 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tltool import rundir
+from tltool import outputs, rundir
+from tltool.data.manifest import manifest_split, read_manifest
 from tltool.engine.setup import RunSetup, prepare_run
-from tltool.errors import ExportError, ExportOptionError, RunDirError
+from tltool.errors import ExportError, ExportOptionError
 from tltool.exporting import checks, tflite
 from tltool.exporting.metadata import model_metadata
 from tltool.files import replace_dir
@@ -71,10 +72,11 @@ def export(run_dir, format: str, quantize: str = "none", out=None, force: bool =
     """
     _check_options(format, quantize)
     run_dir = rundir.require_run_dir(Path(run_dir))
-    out = _export_folder(run_dir, format, quantize, out, force)
+    recipe = load_recipe(run_dir / rundir.RECIPE_FILE)
+    out = _export_folder(run_dir, recipe, format, quantize, out, force)
     t_start = time.perf_counter()
     keras_predictor = KerasPredictor.from_file(run_dir / rundir.MODEL_FILE, rundir.read_labels(run_dir))
-    setup = prepare_run(load_recipe(run_dir / rundir.RECIPE_FILE), weights=False)
+    setup = _recorded_setup(run_dir, recipe, keras_predictor.labels)
     check = _CheckImages.of(setup, keras_predictor)
     tol = checks.tolerance_for(format, quantize)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -89,6 +91,7 @@ def export(run_dir, format: str, quantize: str = "none", out=None, force: bool =
                   "seconds": round(time.perf_counter() - t_start, 2)}
         checks.check_tolerance(result, tol)
         rundir.atomic_write_json(tmp / EXPORT_FILE, result)
+        outputs.mark_output_dir(tmp, "export")
         _publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -164,16 +167,26 @@ def _importable(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def _export_folder(run_dir: Path, format: str, quantize: str, out, force: bool) -> Path:
-    """Where the export goes; refuses the run directory itself, and an existing export without `force`."""
+def _export_folder(run_dir: Path, recipe, format: str, quantize: str, out, force: bool) -> Path:
+    """Where the export goes: not the run directory or anything holding it, not inside a data folder, and
+    an existing folder only with `force` when it holds an earlier tltool export."""
     name = format if quantize == "none" else f"{format}-{quantize}"
     out = Path(out) if out is not None else run_dir / "export" / name
-    if out.resolve() == run_dir.resolve() or out.resolve() in run_dir.resolve().parents:
-        raise RunDirError(f"--out {out} would replace the run directory {run_dir} itself. Choose another --out.")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise RunDirError(f"Export folder {out} already exists. Pass --force to replace it, or choose "
-                          f"another --out.")
+    folders = [f for f in (recipe.data.train, recipe.data.val, recipe.data.test) if f]
+    outputs.check_output_dir(out, "export", force=force, inputs=[run_dir, *folders], data=folders)
     return out
+
+
+def _recorded_setup(run_dir: Path, recipe, labels: list[str]) -> RunSetup:
+    """The run's data as it recorded it (data.json), not a re-split of the folder as it is now; the classes
+    must be the model's (labels.txt), or every accuracy of the check would compare misaligned labels."""
+    manifest = read_manifest(run_dir)
+    setup = prepare_run(recipe, weights=False, split=manifest_split(manifest) if manifest else None)
+    if setup.classes != labels:
+        raise ExportError(f"The classes of {run_dir}'s data ({', '.join(setup.classes)}) are not its model's "
+                          f"labels.txt ({', '.join(labels)}): the export cannot be checked. Restore the run's data "
+                          f"or labels.txt.")
+    return setup
 
 
 @dataclass

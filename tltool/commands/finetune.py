@@ -7,12 +7,13 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from tltool import rundir
+from tltool import outputs, rundir
+from tltool.data.manifest import check_same_data, manifest_split, read_manifest, write_manifest
 from tltool.engine.progress import RunProgress, check_resumable
 from tltool.engine.setup import RunSetup, prepare_run, resolve_recipe, start_runtime
 from tltool.engine.stages import TrainingContext, build_model, train_stages
 from tltool.engine.trust import Trust, fit_trust
-from tltool.errors import RecipeError
+from tltool.errors import RecipeError, RunDirError
 from tltool.models.ood import build_ood_scorer, with_ood_output
 from tltool.recipe import load_recipe, save_recipe
 
@@ -61,10 +62,22 @@ def finetune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=
         recipe = load_recipe(run_dir / rundir.RECIPE_FILE)
     else:
         recipe = resolve_recipe(recipe, **flags)
-        run_dir = Path(out) if out else Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    setup = prepare_run(recipe, before_heavy_work=lambda: rundir.check_output_dir(run_dir, force, resume,
-                                                                                  resumable=True))
-    run_dir = rundir.prepare_output_dir(run_dir, force=force, resume=resume, resumable=True)
+        run_dir = Path(out) if out else None  # None: a new runs/NAME-TIME, made once the checks have passed
+    folders = [f for f in (recipe.data.train, recipe.data.val, recipe.data.test) if f]
+    where = dict(kind="run", force=force, resume=resume, resumable=True, inputs=folders, data=folders)
+    setup = prepare_run(recipe, before_heavy_work=lambda: run_dir and outputs.check_output_dir(run_dir, **where))
+    if resume:
+        _same_data_as_before(run_dir, setup)
+    if run_dir is None:
+        run_dir = _new_run_dir(recipe.name)
+    with outputs.claim_output_dir(run_dir, **where):  # locked: no other command writes there meanwhile
+        return _train_in(run_dir, setup, resume, say, verbose, tensorboard, t_start)
+
+
+def _train_in(run_dir: Path, setup: RunSetup, resume: bool, say, verbose: int, tensorboard: bool,
+              t_start: float) -> FinetuneResult:
+    """The run itself, in its claimed run directory."""
+    recipe = setup.recipe
     _announce(setup, run_dir, say)
     runtime = start_runtime(recipe)
     tm = build_model(setup, runtime)
@@ -85,6 +98,29 @@ def finetune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=
     progress.finish_run()
     say(_done_line(summary, run_dir))
     return FinetuneResult(run_dir, summary, model, tm)
+
+
+def _same_data_as_before(run_dir: Path, setup: RunSetup) -> None:
+    """Refuse to resume on other data than the run started with; then train on the split it recorded."""
+    manifest = read_manifest(run_dir)
+    if manifest is None:  # a run from before tltool recorded its data: the folders as they are now
+        return
+    check_same_data(manifest, setup.split)
+    setup.split = manifest_split(manifest)
+
+
+def _new_run_dir(name: str) -> Path:
+    """A new folder runs/NAME-TIME (NAME-TIME-2, ... when another run started in the same second)."""
+    base = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, 1000):
+        candidate = base if attempt == 1 else base.with_name(f"{base.name}-{attempt}")
+        try:
+            candidate.mkdir()  # atomic: of two runs picking the same name, one gets it
+            return candidate
+        except FileExistsError:
+            continue
+    raise RunDirError(f"Could not make a new run folder next to {base}; pass --out.")
 
 
 def inference_model(tm, trust: Trust):
@@ -119,6 +155,7 @@ def _announce(setup: RunSetup, run_dir: Path, say) -> None:
 def _start_or_resume(run_dir: Path, setup: RunSetup, tm, resume: bool, say) -> RunProgress:
     """A new run writes its recipe and labels; a resumed one loads the weights of its finished stages."""
     if not resume:
+        write_manifest(run_dir, setup.split)
         save_recipe(setup.recipe, run_dir / rundir.RECIPE_FILE)
         rundir.write_labels(run_dir, setup.classes)
     progress = RunProgress(run_dir)

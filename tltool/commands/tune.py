@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from tltool import rundir
+from tltool import outputs, rundir
 from tltool.engine.setup import prepare_run, resolve_recipe
 from tltool.errors import RunDirError, SearchFailedError
 from tltool.recipe import Recipe, from_dict, load_recipe
@@ -74,7 +74,17 @@ def tune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=None
     # The chief only hands out trials: it needs neither data nor weights. Workers and a single process check
     # them before --overwrite wipes anything.
     setup = prepare_run(base) if role != "chief" else None
-    resuming = _prepare_out(out, base, overwrite) if role != "worker" else False
+    resuming, lock = _prepare_out(out, base, overwrite) if role != "worker" else (False, None)
+    try:
+        return _tune_in(out, base, space, setup, role, resuming, verbose, say)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _tune_in(out: Path, base: Recipe, space: SearchSpace, setup, role: str, resuming: bool, verbose: int,
+             say) -> TuneResult:
+    """The search itself, in its claimed output folder."""
     runner = TrialRunner(setup, space, verbose=verbose, log=say) if setup is not None else None
     if runner is not None:
         say(f"tltool tune: {base.tune.algorithm} search of {len(space.keys)} value(s) ({', '.join(space.keys)}), "
@@ -152,13 +162,13 @@ def _reporter(out: Path, base: Recipe, space: SearchSpace, role: str, say):
     return after_end_trial
 
 
-def _prepare_out(out: Path, base: Recipe, overwrite: bool) -> bool:
-    """Make `out` ready; returns True when it holds a search of the same recipe to resume."""
-    if out.exists() and not out.is_dir():
-        raise RunDirError(f"--out {out} is a file, not a folder. Choose another --out.")
-    if overwrite:
-        rundir.prepare_output_dir(out, force=True)
-    elif out.is_dir() and any(out.iterdir()):
+def _prepare_out(out: Path, base: Recipe, overwrite: bool):
+    """Claim (and lock) `out` for the search; returns (True when it holds a search of the same recipe to
+    resume, the lock to hold while searching)."""
+    folders = [f for f in (base.data.train, base.data.val, base.data.test) if f]
+    checks = dict(inputs=folders, data=folders, flag="--overwrite")
+    resuming = not overwrite and out.is_dir() and any(p.name != outputs.MARKER for p in out.iterdir())
+    if resuming:
         saved = out / rundir.RECIPE_FILE
         if not (out / SEARCH_DIR).is_dir() or not saved.is_file():
             raise RunDirError(f"Output folder {out} is not empty and holds no tltool search. Choose another --out, "
@@ -169,12 +179,12 @@ def _prepare_out(out: Path, base: Recipe, overwrite: bool) -> bool:
             diff = _first_difference(before, now)
             raise RunDirError(f"{out} holds a search of a different recipe (first difference: {diff}). Pass "
                               f"--overwrite to start afresh there, or choose another --out.")
-        return True
-    out.mkdir(parents=True, exist_ok=True)
-    header = ("# Resolved recipe of this tltool search. Re-running the same `tltool tune` command with this --out\n"
-              "# resumes the search; --max-trials may grow between runs.\n")
-    rundir.atomic_write_text(out / rundir.RECIPE_FILE, header + base.to_yaml())
-    return False
+    lock = outputs.claim_output_dir(out, "search", force=overwrite, resume=resuming, **checks)
+    if not resuming:
+        header = ("# Resolved recipe of this tltool search. Re-running the same `tltool tune` command with this "
+                  "--out\n# resumes the search; --max-trials may grow between runs.\n")
+        rundir.atomic_write_text(out / rundir.RECIPE_FILE, header + base.to_yaml())
+    return resuming, lock
 
 
 def _comparable(tree: dict) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import threading
+import unicodedata
 import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -86,8 +87,8 @@ def check_folder(root: Path, role: str = "training") -> None:
 
 def bad_class_name(name: str) -> str | None:
     """Why a class folder name cannot be a class (it would corrupt labels.txt or a file name), else None."""
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
-        return "contains a control character (e.g. a line break)"
+    if any(ord(c) < 32 or ord(c) == 127 or unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in name):
+        return "contains a control character or a line separator (e.g. a line break, U+0085, U+2028)"
     if name != name.strip():
         return "starts or ends with white space"
     return None

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tltool.errors import CacheError
-from tltool.engine.features import LAST_USED_FILE, FeatureCache, key_is_current
+from tltool.engine.features import LAST_USED_FILE, LOCK_FILE, FeatureCache, key_is_current
+from tltool.outputs import FileLock
 
 #: Folder names `features.extractor_key` makes (backbone-size-hash): nothing else under the root is touched.
 ENTRY_NAME = re.compile(r"^[A-Za-z0-9_.]+-\d+-[0-9a-f]{16}$")
@@ -43,18 +44,35 @@ def cache_entries(root: Path) -> list[CacheEntry]:
         return _cache_entries(Path(root))
 
 
-def prune(entry: CacheEntry) -> int:
+def prune(entry: CacheEntry) -> int | None:
     """Rewrite `entry` without the rows of changed or deleted files (or remove it if nothing is left).
 
-    Returns the bytes freed.
+    Returns the bytes freed, or None when a run is using the entry (it is left as it is).
     """
-    with _os_errors("prune"):
-        return _prune(entry)
+    with _os_errors("prune"), _exclusive(entry) as free:
+        return _prune(entry) if free else None
 
 
-def remove(entry: CacheEntry) -> None:
-    with _os_errors("remove"):
-        shutil.rmtree(entry.path)
+def remove(entry: CacheEntry) -> bool:
+    """Remove `entry`; False (and nothing removed) when a run is using it."""
+    with _os_errors("remove"), _exclusive(entry) as free:
+        if free:
+            shutil.rmtree(entry.path)
+        return free
+
+
+@contextlib.contextmanager
+def _exclusive(entry: CacheEntry):
+    """Yields whether the entry could be locked exclusively (no run holds it); holds that lock meanwhile."""
+    try:
+        lock = FileLock(entry.path / LOCK_FILE)
+    except BlockingIOError:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
 
 
 def older_than(entries: list[CacheEntry], days: float | None) -> list[CacheEntry]:
@@ -79,8 +97,8 @@ def _cache_entries(root: Path) -> list[CacheEntry]:
         return []
     entries = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and ENTRY_NAME.match(p.name)):
-        keys = FeatureCache(folder, touch=False).keys()
-        stale = frozenset(key for key in keys if not key_is_current(key))
+        keys = FeatureCache(folder, touch=False, lock=False).keys()
+        stale = frozenset(key for key in keys if key_is_current(key) is False)
         marker = folder / LAST_USED_FILE
         last_used = (marker if marker.is_file() else folder).stat().st_mtime
         entries.append(CacheEntry(folder, len(keys), stale, _folder_size(folder), last_used))
@@ -97,9 +115,9 @@ def _prune(entry: CacheEntry) -> int:
     if not marker.is_file():  # keep the entry's age: rewriting it must not make it look recently used
         marker.touch()
         os.utime(marker, (entry.last_used, entry.last_used))
-    FeatureCache(entry.path, touch=False).rewrite_without(entry.stale_keys)
+    FeatureCache(entry.path, touch=False, lock=False).rewrite_without(entry.stale_keys)
     return entry.size_bytes - _folder_size(entry.path)
 
 
 def _folder_size(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name != LOCK_FILE)

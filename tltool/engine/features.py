@@ -34,6 +34,8 @@ from tltool.files import atomic_save, atomic_write_text
 CACHE_FORMAT = 1
 #: Touched whenever an entry is opened, so `tltool cache clear --older-than` knows what is still in use.
 LAST_USED_FILE = "last_used"
+#: Held shared by every run using the entry, exclusively by `cache clear` and `prune` (see outputs.FileLock).
+LOCK_FILE = ".lock"
 
 
 def cache_dir(configured: str | None = None) -> Path:
@@ -64,8 +66,10 @@ def file_key(path: str, view: str = "") -> str:
     return f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{view}"
 
 
-def key_is_current(key: str) -> bool:
-    """Whether the file a `file_key` names still has the size and modification time it had."""
+def key_is_current(key: str) -> bool | None:
+    """Whether the file a `file_key` names still has the size and modification time it had: True, False
+    (changed, or gone from a folder that is still there), or None when that cannot be told (its folder is
+    not reachable: a drive not mounted, a share offline, no permission), which is not proof it is gone."""
     parts = key.rsplit("|", 3)
     if len(parts) != 4:
         return False
@@ -73,18 +77,31 @@ def key_is_current(key: str) -> bool:
     try:
         st = os.stat(path)
     except (FileNotFoundError, NotADirectoryError):
-        return False
-    except OSError:  # unreadable for now (permissions, a share offline): not proof the file is gone
-        return True
+        return False if _reachable(os.path.dirname(path)) else None
+    except OSError:
+        return None
     return str(st.st_size) == size and str(st.st_mtime_ns) == mtime_ns
+
+
+def _reachable(folder: str) -> bool:
+    """Whether `folder` can be listed: a class folder that is gone (or a drive that is not mounted) is not."""
+    try:
+        os.listdir(folder)
+        return True
+    except OSError:
+        return False
 
 
 class FeatureCache:
     """Shards of float16 feature rows, looked up by file key."""
 
-    def __init__(self, root: Path, touch: bool = True):
+    def __init__(self, root: Path, touch: bool = True, lock: bool = True):
+        """Open (or create) the entry `root`; with `lock`, hold a shared lock on it until `close`, so that
+        `tltool cache clear` and `prune` leave it alone while this run reads and adds rows."""
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = open_entry(self.root) if lock else None
+        if not lock:
+            self.root.mkdir(parents=True, exist_ok=True)
         if touch:
             try:
                 (self.root / LAST_USED_FILE).touch()
@@ -102,6 +119,17 @@ class FeatureCache:
                 continue  # an unreadable index is ignored: its rows are recomputed
             for row, key in enumerate(keys):
                 self._index[key] = (shard, row)
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def __contains__(self, key: str) -> bool:
         return key in self._index
@@ -164,6 +192,25 @@ class FeatureCache:
             orphan = leftover.name.startswith(".") or not leftover.with_suffix(".json").is_file()
             if orphan and leftover.stat().st_mtime < cutoff:
                 leftover.unlink(missing_ok=True)
+
+
+def open_entry(root: Path):
+    """A shared lock on the cache entry `root` (created if missing), or None where it cannot be locked (a
+    read-only shared cache). Retries when the entry was removed between opening and locking its lock file."""
+    from tltool.outputs import FileLock
+
+    for _ in range(10):
+        root.mkdir(parents=True, exist_ok=True)
+        try:
+            lock = FileLock(root / LOCK_FILE, shared=True, wait=True)
+        except FileNotFoundError:  # removed by `cache clear` between mkdir and open
+            continue
+        except PermissionError:
+            return None
+        if lock.still_current():
+            return lock
+        lock.release()
+    return None
 
 
 @dataclass

@@ -126,6 +126,13 @@ def load_split_data(recipe: Recipe, skips: SkipLog | None = None) -> SplitData:
         if len(val) == 0:
             raise DataError(f"Too few images in {full.root} to split off validation data; add images or pass "
                             f"--val-data DIR.")
+        unvalidated = [name for name, count in val.counts().items() if count == 0]
+        if unvalidated:
+            what = "image" if recipe.data.group_by is None else "group (data.group_by)"
+            warnings.warn(f"{len(unvalidated)} class(es) have a single {what}, kept for training, so nothing of "
+                          f"theirs is validated: {', '.join(unvalidated[:5])}{', ...' if len(unvalidated) > 5 else ''}"
+                          f". Their accuracy goes unmeasured; add images or pass --val-data DIR.", UserWarning,
+                          stacklevel=2)
     test = scan_folder(recipe.data.test, skips, classes=full.classes, role="test") if recipe.data.test else None
     return SplitData(train, val, test, skips)
 
@@ -144,7 +151,7 @@ def prepare_run(recipe: Recipe, *, weights: bool = True, data: bool = True, spli
             output folder that is in the way).
     """
     spec, size = backbone_and_size(recipe)
-    if data:
+    if data and split is None:
         require_training_data(recipe)
     if before_heavy_work is not None:
         before_heavy_work()

@@ -143,28 +143,30 @@ def _extract(ctx: TrainingContext, extractor, cut: str = "", to_features=lambda 
     labels, the seconds spent computing and the images computed (not read from the cache). `to_features`
     turns rows into pooled features, for the measured decisions."""
     recipe, setup, split = ctx.recipe, ctx.setup, ctx.split
-    cache = FeatureCache(cache_dir(recipe.train.cache_dir) / extractor_key(
+    entry = cache_dir(recipe.train.cache_dir) / extractor_key(
         setup.spec.name, weights_identity(setup), setup.image_size, setup.spec.preprocessing, recipe.head.mode,
-        recipe.head.pooling, cut))
-    common = dict(image_size=setup.image_size, batch_size=recipe.data.batch_size, skips=split.skips,
-                  verbose=ctx.verbose, log=ctx.log, jit_compile=ctx.runtime.jit_compile)
-    spent = [0.0, 0]
-    if recipe.augment.flip == "auto":
-        spent = _measure_flip(ctx, extractor, cache, common, to_features)
-    augment = augmentation_layer(recipe.augment, seed=recipe.seed)
-    views = feature_views(recipe, len(split.train), augment)
-    if ctx.verbose and views and recipe.frozen.feature_views is None:
-        ctx.log(f"Stage 1 caches {views} augmented view(s) of each training image (frozen.feature_views: null "
-                f"= about {AUTO_VIEW_IMAGES} extractions for {len(split.train)} images, at most {MAX_AUTO_VIEWS}).")
-    train_x, train_rows, s1 = cached_features(extractor, cache, split.train.paths, views=views, augment=augment,
-                                              augment_key=augmentation_key(recipe), **common)
-    train_x, train_images = views_by_image(train_x, train_rows, s1.rows_per_view)
-    train_y = np.asarray(split.train.labels)[train_images]
-    if views and recipe.frozen.feature_views is None:
-        train_x = _measure_views(ctx, train_x, train_y, to_features)
-    val_x, val_rows, s2 = cached_features(extractor, cache, split.val.paths, **common)
-    return (train_x, train_y, val_x, np.asarray(split.val.labels)[val_rows],
-            spent[0] + s1.seconds + s2.seconds, spent[1] + s1.computed + s2.computed)
+        recipe.head.pooling, cut)
+    with FeatureCache(entry) as cache:  # locked against `cache clear` while in use
+        common = dict(image_size=setup.image_size, batch_size=recipe.data.batch_size, skips=split.skips,
+                      verbose=ctx.verbose, log=ctx.log, jit_compile=ctx.runtime.jit_compile)
+        spent = [0.0, 0]
+        if recipe.augment.flip == "auto":
+            spent = _measure_flip(ctx, extractor, cache, common, to_features)
+        augment = augmentation_layer(recipe.augment, seed=recipe.seed)
+        views = feature_views(recipe, len(split.train), augment)
+        if ctx.verbose and views and recipe.frozen.feature_views is None:
+            ctx.log(f"Stage 1 caches {views} augmented view(s) of each training image (frozen.feature_views: "
+                    f"null = about {AUTO_VIEW_IMAGES} extractions for {len(split.train)} images, at most "
+                    f"{MAX_AUTO_VIEWS}).")
+        train_x, train_rows, s1 = cached_features(extractor, cache, split.train.paths, views=views,
+                                                  augment=augment, augment_key=augmentation_key(recipe), **common)
+        train_x, train_images = views_by_image(train_x, train_rows, s1.rows_per_view)
+        train_y = np.asarray(split.train.labels)[train_images]
+        if views and recipe.frozen.feature_views is None:
+            train_x = _measure_views(ctx, train_x, train_y, to_features)
+        val_x, val_rows, s2 = cached_features(extractor, cache, split.val.paths, **common)
+        return (train_x, train_y, val_x, np.asarray(split.val.labels)[val_rows],
+                spent[0] + s1.seconds + s2.seconds, spent[1] + s1.computed + s2.computed)
 
 
 def _measure_views(ctx: TrainingContext, rows: np.ndarray, labels: np.ndarray, to_features) -> np.ndarray:

@@ -1,0 +1,186 @@
+"""Output folders: which ones tltool may write, replace or delete, and one writer at a time.
+
+Every folder a command creates for its output (a run, an evaluation, an export, a search) gets a marker
+file, `.tltool`, naming the kind of output it holds. `--force` (and `tune --overwrite`) replaces only a
+folder whose marker says it is that command's own output: never a folder of the user's, never a run
+directory from `evaluate --out RUN --force`. No output folder may be, or hold, one of the command's inputs,
+nor sit inside a data folder (a later scan would read it as a class).
+
+The marker is also the folder's lock: a command holds an exclusive `flock` on it while it writes, so a
+second command on the same folder is refused at once instead of overwriting the first one's files.
+Locks are advisory and per open file; they vanish with the process, so a kill -9 never leaves one behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from tltool.errors import RunDirError
+from tltool.files import fsync_dir
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; everything else still holds
+    fcntl = None
+
+MARKER = ".tltool"
+KINDS = ("run", "evaluation", "export", "search")
+_WHAT = {"run": "a tltool run", "evaluation": "a tltool evaluation", "export": "a tltool export",
+         "search": "a tltool search"}
+
+
+class FileLock:
+    """An advisory `flock` on one file, held until `release` (or the process ends)."""
+
+    def __init__(self, path: Path, shared: bool = False, wait: bool = False):
+        """Raises BlockingIOError when another process holds a conflicting lock (at once, unless `wait`)."""
+        self.path = Path(path)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        if fcntl is not None:
+            mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+            try:
+                fcntl.flock(self.fd, mode | (0 if wait else fcntl.LOCK_NB))
+            except BaseException:
+                os.close(self.fd)
+                raise
+
+    def still_current(self) -> bool:
+        """Whether the locked file is still the one at `path` (not removed, or replaced, meanwhile)."""
+        try:
+            return os.stat(self.path).st_ino == os.fstat(self.fd).st_ino
+        except FileNotFoundError:
+            return False
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the lock
+            self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def read_marker(folder: Path) -> dict | None:
+    """The marker of `folder` ({"kind": ...}), or None when it has none (or one tltool cannot read)."""
+    try:
+        marker = json.loads((Path(folder) / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and marker.get("kind") in KINDS else None
+
+
+def in_use(folder: Path) -> bool:
+    """Whether another process holds the lock of `folder`'s marker right now."""
+    marker = Path(folder) / MARKER
+    if fcntl is None or not marker.is_file():
+        return False
+    try:
+        with FileLock(marker):
+            return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
+def check_output_dir(out: Path, kind: str, force: bool = False, resume: bool = False, resumable: bool = False,
+                     inputs=(), data=(), flag: str = "--force") -> None:
+    """Refuse `out` as the folder of a `kind` output, with one line saying why; never touches it.
+
+    Args:
+        out: the output folder asked for.
+        kind: run, evaluation, export or search.
+        force: the folder's contents will be replaced: allowed only for a folder marked as `kind`.
+        resume: the folder's contents are kept and added to (an interrupted run).
+        resumable: mention --resume in the message about a non-empty folder.
+        inputs: paths the command reads (a run directory, a model, data folders): `out` must not be one of
+            them, nor hold one.
+        data: image folders: `out` must not sit inside one either.
+        flag: how the user spells `force` in this command (`--force`, `--overwrite`).
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out {out} is a file, not a folder. Choose another --out.")
+    where = out.resolve()
+    for path in inputs:
+        path = Path(path).resolve()
+        if where == path or where in path.parents:
+            raise RunDirError(f"--out {out} is or holds {path}, which this command reads. Choose another --out.")
+    for folder in data:
+        folder = Path(folder).resolve()
+        if folder in where.parents:
+            raise RunDirError(f"--out {out} is inside the data folder {folder}: later scans of that folder would "
+                              f"read its files as a class. Choose an --out outside it.")
+    if not out.is_dir() or not _has_content(out):
+        return
+    if in_use(out):
+        raise RunDirError(f"{out} is in use by another tltool command right now. Wait for it to finish, or "
+                          f"choose another --out.")
+    if resume:
+        return
+    if not force:
+        hint = ", or --resume to continue that run" if resumable else ""
+        raise RunDirError(f"Output folder {out} already exists and is not empty. Choose another --out or "
+                          f"pass {flag} to replace it{hint}.")
+    marker = read_marker(out)
+    if marker is None:
+        raise RunDirError(f"{flag} replaces only a folder tltool wrote, and {out} has no {MARKER} marker: it may "
+                          f"hold files of yours. Delete it yourself if it can go, or choose another --out.")
+    if marker["kind"] != kind:
+        raise RunDirError(f"{out} holds {_WHAT[marker['kind']]}, not {_WHAT[kind]}: {flag} will not replace it. "
+                          f"Choose another --out.")
+
+
+def claim_output_dir(out: Path, kind: str, force: bool = False, resume: bool = False, **checks) -> FileLock:
+    """Create (or, with `force`, empty) `out` as the folder of a `kind` output, and lock it.
+
+    Runs `check_output_dir` first, then again once the lock is held, so two commands starting together on
+    one folder cannot both pass. Returns the lock: keep it while writing, `release` it when done.
+    """
+    out = Path(out)
+    check_output_dir(out, kind, force, resume, **checks)
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / MARKER
+    try:
+        lock = FileLock(marker)
+    except BlockingIOError:
+        raise RunDirError(f"{out} is in use by another tltool command right now. Wait for it to finish, or "
+                          f"choose another --out.") from None
+    try:
+        if read_marker(out) is None and _has_content(out) and not resume:
+            # An unmarked folder that filled up since the check (or the check's race): never ours to replace.
+            raise RunDirError(f"Output folder {out} already exists and is not empty. Choose another --out.")
+        if force and not resume:
+            _empty_keeping_marker(out)
+        if read_marker(out) is None:
+            os.ftruncate(lock.fd, 0)
+            os.pwrite(lock.fd, json.dumps({"kind": kind}).encode() + b"\n", 0)
+            os.fsync(lock.fd)
+            fsync_dir(out)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def mark_output_dir(folder: Path, kind: str) -> None:
+    """Write the marker of a folder built elsewhere and moved into place whole (an export)."""
+    (Path(folder) / MARKER).write_text(json.dumps({"kind": kind}) + "\n", encoding="utf-8")
+
+
+def _has_content(folder: Path) -> bool:
+    return any(path.name != MARKER for path in folder.iterdir())
+
+
+def _empty_keeping_marker(folder: Path) -> None:
+    for path in folder.iterdir():
+        if path.name == MARKER:
+            continue
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    fsync_dir(folder)
