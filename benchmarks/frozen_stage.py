@@ -81,9 +81,9 @@ def throughput(split, spec, weights, size: int, batch_size: int, limit: int):
     keras.backend.clear_session()
     tm = build_transfer_model(spec, weights, 2, size, HeadConfig())
     paths = split.train.paths[:limit]
-    compute_features(tm.feature_extractor, paths[: batch_size * 2], size, batch_size, SkipLog(), verbose=0)  # warm-up
+    compute_features(tm.feature_extractor, paths[: batch_size * 2], size, batch_size, SkipLog())  # warm-up
     t0 = time.perf_counter()
-    compute_features(tm.feature_extractor, paths, size, batch_size, SkipLog(), verbose=0)
+    compute_features(tm.feature_extractor, paths, size, batch_size, SkipLog())
     from_disk = len(paths) / (time.perf_counter() - t0)
 
     pixels = np.stack([load_image(p, size) for p in paths]).astype("float32")

@@ -38,14 +38,16 @@ class FileLock:
     def __init__(self, path: Path, shared: bool = False, wait: bool = False):
         """Raises BlockingIOError when another process holds a conflicting lock (at once, unless `wait`)."""
         self.path = Path(path)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        self.fd = None
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         if fcntl is not None:
             mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
             try:
-                fcntl.flock(self.fd, mode | (0 if wait else fcntl.LOCK_NB))
+                fcntl.flock(fd, mode | (0 if wait else fcntl.LOCK_NB))
             except BaseException:
-                os.close(self.fd)
+                os.close(fd)
                 raise
+        self.fd = fd
 
     def still_current(self) -> bool:
         """Whether the locked file is still the one at `path` (not removed, or replaced, meanwhile)."""
@@ -58,6 +60,9 @@ class FileLock:
         if self.fd is not None:
             os.close(self.fd)  # closing the descriptor drops the lock
             self.fd = None
+
+    def __del__(self):  # a lock whose owner is gone (an unclosed FeatureCache) must not outlive it
+        self.release()
 
     def __enter__(self):
         return self

@@ -247,20 +247,16 @@ def _forward_fn(extractor, image_size: int, augment, jit_compile: bool):
 
 
 def compute_features(extractor, paths: list[str], image_size: int, batch_size: int, skips: SkipLog,
-                     augment=None, view: str = "", verbose: int = 1, jit_compile: bool = False) -> tuple[np.ndarray,
-                                                                                                          np.ndarray]:
-    """Run images through `extractor` in batches, streamed, with a progress bar.
+                     augment=None, jit_compile: bool = False, progress=None) -> tuple[np.ndarray, np.ndarray]:
+    """Run images through `extractor` in batches, streamed; `progress(images done)` after each batch.
 
     Returns (features float16 [N, D], ok bool [N]); rows of files that failed to decode are zero and
     `ok` is False for them (they are recorded in `skips`).
     """
-    import keras
-
     forward = _forward_fn(extractor, image_size, augment, jit_compile)
     width = extractor.output_shape[-1]
     feats = np.zeros((len(paths), width), np.float16)
     oks = np.zeros((len(paths),), bool)
-    bar = keras.utils.Progbar(len(paths), unit_name="image", verbose=verbose) if verbose else None
     start = 0
     for pixels, ok in decoded_batches(paths, image_size, batch_size, skips):
         interrupts.check()
@@ -268,9 +264,47 @@ def compute_features(extractor, paths: list[str], image_size: int, batch_size: i
         feats[start:start + n] = forward(pixels).numpy().astype(np.float16)
         oks[start:start + n] = ok
         start += n
-        if bar is not None:
-            bar.update(start)
+        if progress is not None:
+            progress(start)
     return feats, oks
+
+
+#: Images per cache shard while extracting: each shard is stored as soon as it is computed, so an
+#: interrupted extraction keeps what it did (a resumed run computes only the rest).
+SHARD_IMAGES = 1024
+
+
+def _compute_in_shards(extractor, cache: FeatureCache | None, paths: list[str], keys: list[str], image_size: int,
+                       batch_size: int, skips: SkipLog, augment, verbose: int, jit_compile: bool):
+    """`compute_features` of `paths`, stored in the cache shard by shard. Returns (features, ok)."""
+    feats, oks = [], []
+    bar = _ProgressBar(len(paths), verbose)
+    for start in range(0, len(paths), SHARD_IMAGES):
+        chunk = slice(start, start + SHARD_IMAGES)
+        f, ok = compute_features(extractor, paths[chunk], image_size, batch_size, skips, augment=augment,
+                                 jit_compile=jit_compile, progress=bar.offset(start))
+        if cache is not None:
+            cache.add([k for k, good in zip(keys[chunk], ok) if good], f[ok])
+        feats.append(f)
+        oks.append(ok)
+    return np.concatenate(feats), np.concatenate(oks)
+
+
+class _ProgressBar:
+    """One progress bar over all the shards of an extraction."""
+
+    def __init__(self, total: int, verbose: int):
+        self.update = progress_bar(total, verbose)
+
+    def offset(self, start: int):
+        return None if self.update is None else (lambda done: self.update(start + done))
+
+
+def progress_bar(total: int, verbose: int):
+    """A Keras progress bar over `total` images, as a callable(images done); None when not verbose."""
+    import keras
+
+    return keras.utils.Progbar(total, unit_name="image", verbose=verbose).update if verbose else None
 
 
 def views_by_image(feats: np.ndarray, index: np.ndarray, rows_per_view: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -305,12 +339,11 @@ def cached_features(extractor, cache: FeatureCache | None, paths: list[str], ima
                 log(f"Computing features of {len(missing)} {what} "
                     f"({len(paths) - len(missing)} already cached).")
             t0 = time.perf_counter()
-            feats, ok = compute_features(extractor, [paths[i] for i in missing], image_size, batch_size, skips,
-                                         augment=augment if v else None, verbose=verbose, jit_compile=jit_compile)
+            feats, ok = _compute_in_shards(extractor, cache, [paths[i] for i in missing],
+                                           [keys[i] for i in missing], image_size, batch_size, skips,
+                                           augment if v else None, verbose, jit_compile)
             stats.seconds += time.perf_counter() - t0
             stats.computed += len(missing)
-            if cache is not None:
-                cache.add([keys[i] for i, good in zip(missing, ok) if good], feats[ok])
         else:
             feats, ok = None, None
         if cache is not None:

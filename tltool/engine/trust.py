@@ -192,7 +192,7 @@ def final_features(ctx, tm) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
     trained: from the cached activations through the trained top blocks, from stage 1's features when the
     backbone did not train, else (stage 2 streamed images) from one more pass over the images."""
     from tltool.engine.activations import pooled_features, split_at_cut
-    from tltool.engine.features import compute_features
+    from tltool.engine.features import compute_features, progress_bar
 
     found = ctx.features
     if found is not None and found.train_acts is not None:
@@ -207,8 +207,9 @@ def final_features(ctx, tm) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
     out = []
     for folder in (ctx.split.train, ctx.split.val):
         feats, ok = compute_features(tm.feature_extractor, folder.paths, ctx.setup.image_size,
-                                     ctx.recipe.data.batch_size, ctx.split.skips, verbose=ctx.verbose,
-                                     jit_compile=ctx.runtime.jit_compile)
+                                     ctx.recipe.data.batch_size, ctx.split.skips,
+                                     jit_compile=ctx.runtime.jit_compile, progress=progress_bar(len(folder),
+                                                                                               ctx.verbose))
         out += [feats[ok], np.asarray(folder.labels)[ok]]
     return tuple(out)
 
