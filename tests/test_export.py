@@ -18,7 +18,7 @@ export_module = importlib.import_module("tltool.exporting.checks")
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    return tiny_trained_run(tmp_path_factory.mktemp("export-run"))
+    return tiny_trained_run(tmp_path_factory.mktemp("export-run"), calibrate_on_noise=True)
 
 
 def val_pixels(run_dir, n=6):
@@ -272,3 +272,25 @@ def test_export_without_format_uses_the_recipe_defaults(run_dir, tmp_path):
     assert "Exported keras to" in result.output and (copy / "export" / "keras" / "model.keras").is_file()
     refused = CliRunner().invoke(main, ["export", str(copy), "--out", str(copy)])
     assert refused.exit_code == 2 and "which this command reads" in refused.output
+
+
+def test_quantized_exports_may_judge_only_borderline_images_differently():
+    """The OOD threshold is fitted on validation images, so some sit right at it: a quantized export may
+    move those across (within rounding), never an image clearly on one side."""
+    from tltool.exporting.checks import compare
+    from tltool.models.ood import Scores
+
+    probs = np.tile([[0.9, 0.1]], (4, 1))
+    labels = np.zeros(4, int)
+    keras_scores = Scores(probs, np.array([0.2, 0.99, 1.5, 0.5]))
+    borderline_flip = Scores(probs, np.array([0.2, 1.01, 1.5, 0.5]))
+    clear_flip = Scores(probs, np.array([1.2, 0.99, 1.5, 0.5]))
+    tol = export_module.tolerance_for("tflite", "dynamic")
+    meta = {"format": "tflite", "quantize": "dynamic", "n_images": 4}
+    report = {**meta, **compare(keras_scores, borderline_flip, labels)}
+    assert report["unknown_agreement"] == 0.75 and report["unknown_agreement_clear"] == 1.0
+    export_module.check_tolerance(report, tol)  # passes
+    report = {**meta, **compare(keras_scores, clear_flip, labels)}
+    assert report["unknown_agreement_clear"] == pytest.approx(2 / 3)
+    with pytest.raises(ExportError, match="clearly in or out of distribution"):
+        export_module.check_tolerance(report, tol)
