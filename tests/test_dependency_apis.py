@@ -58,3 +58,23 @@ def test_keras_tuner_internals_of_the_distributed_search():
     assert "stop_triggered" in inspect.getsource(oracle_chief.OracleServicer)
     # RecipeTuner overrides this private hook to declare the space without building a model.
     assert callable(getattr(kt.Tuner, "_populate_initial_space", None))
+
+
+def test_keras_tuner_writes_its_json_through_the_durable_writer(tmp_path):
+    """tuning/search.py replaces `keras_tuner.src.utils.save_json` (oracle.json, trial.json) with an atomic
+    writer: Keras Tuner must still look it up on the module at call time."""
+    import keras_tuner as kt
+
+    from tltool.tuning import search
+
+    assert kt.src.utils.save_json is search._durable_save_json
+    trial = kt.engine.trial.Trial(kt.HyperParameters(), trial_id="00")
+    seen = []
+    original = search.atomic_write_text
+    try:
+        search.atomic_write_text = lambda path, text: seen.append(path) or original(path, text)
+        trial.save(str(tmp_path / "trial.json"))
+    finally:
+        search.atomic_write_text = original
+    assert seen == [str(tmp_path / "trial.json")] and (tmp_path / "trial.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left

@@ -251,3 +251,46 @@ def test_prune_keeps_rows_of_a_folder_that_cannot_be_reached(tmp_path):
     assert key_is_current(key) is False  # deleted from a folder that is there: stale
     shutil.rmtree(tmp_path / "drive")  # the whole drive gone (not mounted): not proof the file is
     assert key_is_current(key) is None
+
+
+# ------------------------------------------------------------------------------ exported files
+
+
+@pytest.fixture(scope="module")
+def tiny_tflite(tmp_path_factory):
+    """The bytes of a small TFLite model taking 8x8 RGB images and giving 3 probabilities."""
+    import keras
+    import tensorflow as tf
+
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(), keras.layers.Dense(3, "softmax")])
+    return tf.lite.TFLiteConverter.from_keras_model(model).convert()
+
+
+@pytest.mark.parametrize("meta, message", [
+    ({"labels": ["a", "b", "c"], "image_size": 10**9}, "declares an input size of 1000000000"),
+    ({"labels": ["a", "b", "c"], "image_size": "8"}, "declares an input size of '8'"),
+    ({"labels": ["a", "b", "c"], "image_size": 16}, "declares 16px images but its model takes 8px"),
+    ({"labels": ["a", "b"], "image_size": 8}, "its model has 3 outputs but its labels list 2 classes"),
+])
+def test_metadata_of_an_exported_file_is_checked_against_its_model(tiny_tflite, tmp_path, meta, message):
+    import tltool
+    from tltool.errors import RunDirError
+    from tltool.exporting.metadata import embed_tflite_metadata
+
+    path = tmp_path / "model.tflite"
+    path.write_bytes(embed_tflite_metadata(tiny_tflite, meta))
+    with pytest.raises(RunDirError, match=message):
+        tltool.load_predictor(path)
+    good = tmp_path / "good.tflite"
+    good.write_bytes(embed_tflite_metadata(tiny_tflite, {"labels": ["a", "b", "c"], "image_size": 8}))
+    assert tltool.load_predictor(good).labels == ["a", "b", "c"]
+
+
+def test_class_names_with_dollar_signs_draw(tmp_path):
+    import numpy as np
+
+    from tltool.evaluation import plots
+
+    names = ["$5 bill", "price $\\bad{x$", "x^2_{a}$"]  # the middle one is broken mathtext
+    png = plots.confusion_matrix(np.eye(3) * 4, names)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"

@@ -31,7 +31,10 @@ def _png(fig) -> bytes:
 
 
 def _short(label: str, width: int = 22) -> str:
-    return label if len(label) <= width else label[: width - 1] + "\u2026"
+    """A name (class, file) as a figure shows it: cut to `width`, and with `$` escaped, or matplotlib would
+    read a name with two `$` in it as mathtext (and fail on one that is not valid mathtext)."""
+    label = label if len(label) <= width else label[: width - 1] + "\u2026"
+    return label.replace("$", r"\$")
 
 
 def confusion_matrix(matrix, labels: list[str], title: str = "Confusion matrix") -> bytes:

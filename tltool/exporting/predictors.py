@@ -137,10 +137,12 @@ class TFLitePredictor(Predictor):
         self.interpreter = _tflite_interpreter(path)
         details = self.interpreter.get_input_details()[0]
         labels = meta.get("labels") or _labels_next_to(path)
-        super().__init__(path, labels, meta.get("image_size") or details["shape"][1])
+        outputs = self.interpreter.get_output_details()
+        width = max(int(d["shape"][-1]) for d in outputs)  # the probabilities; the OOD score is [N, 1]
+        size = _checked_metadata(path, labels, meta.get("image_size"), int(details["shape"][1]), width)
+        super().__init__(path, labels, size)
         self.quantize = meta.get("quantize", "none")
         # Outputs told apart by shape: [N, classes] probabilities, [N, 1] the OOD score (never one class).
-        outputs = self.interpreter.get_output_details()
         self._probs = next(d for d in outputs if d["shape"][-1] == len(self.labels))
         self._ood = next((d for d in outputs if d["shape"][-1] == 1 and d is not self._probs), None)
         self.has_ood = self._ood is not None
@@ -172,7 +174,11 @@ class OnnxPredictor(Predictor):
         self.has_ood = OOD_SCORE in names
         self._outputs = [PROBABILITIES, OOD_SCORE] if self.has_ood else names[:1]
         labels = meta.get("labels") or _labels_next_to(path)
-        super().__init__(path, labels, meta.get("image_size") or self.session.get_inputs()[0].shape[1])
+        model_size = self.session.get_inputs()[0].shape[1]
+        width = self.session.get_outputs()[names.index(self._outputs[0])].shape[-1]
+        size = _checked_metadata(path, labels, meta.get("image_size"), model_size if isinstance(model_size, int)
+                                 else None, width if isinstance(width, int) else None)
+        super().__init__(path, labels, size)
 
     def _predict_batch(self, pixels):
         out = self.session.run(self._outputs, {self._input: pixels.astype(np.float32)})
@@ -273,6 +279,33 @@ def load_predictor(path) -> Predictor:
 
 
 # ------------------------------------------------------------------------------------------ TFLite helpers
+
+
+#: The largest input size a model file may declare: metadata is read from files users are sent.
+MAX_IMAGE_SIZE = 4096
+
+
+def _checked_metadata(path: Path, labels: list, declared_size, model_size: int | None,
+                      output_width: int | None) -> int:
+    """The input size of an exported model, after checking what its metadata says against the model itself.
+
+    The metadata travels in a file that may come from anywhere: an input size that is not a small positive
+    integer, or a label list that does not match the outputs, is refused with one line instead of failing
+    (or allocating gigabytes) later.
+    """
+    size = declared_size if declared_size is not None else model_size
+    if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= MAX_IMAGE_SIZE:
+        raise RunDirError(f"{path} declares an input size of {size!r}: expected an integer from 1 to "
+                          f"{MAX_IMAGE_SIZE}. Export the model again with `tltool export`.")
+    if model_size is not None and model_size > 0 and size != model_size:
+        raise RunDirError(f"{path} declares {size}px images but its model takes {model_size}px. Export the model "
+                          f"again with `tltool export`.")
+    if not labels or not all(isinstance(label, str) for label in labels):
+        raise RunDirError(f"{path} has no usable labels. Export the model again with `tltool export`.")
+    if output_width is not None and output_width > 0 and output_width != len(labels):
+        raise RunDirError(f"{path} is inconsistent: its model has {output_width} outputs but its labels list "
+                          f"{len(labels)} classes. Export the model again with `tltool export`.")
+    return size
 
 
 def _labels_next_to(path: Path) -> list[str]:

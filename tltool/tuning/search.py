@@ -34,6 +34,26 @@ from tltool.recipe import Recipe
 from tltool.tuning.distributed import serve_oracle
 from tltool.tuning.reports import fmt_value, last_line
 from tltool.tuning.space import HEAD_KEYS, SearchSpace, stripped_recipe, trial_recipe
+from tltool.files import atomic_write_text
+
+
+def _durable_save_json(path, obj) -> str:
+    """Keras Tuner's `utils.save_json`, written durably and atomically (see files.py).
+
+    Keras Tuner writes `oracle.json` and every `trial.json` in place: a crash while writing left a truncated
+    file, and every later resume of the search raised on it until `--overwrite` threw the search away. All
+    its JSON goes through this one function (Stateful.save, Tuner's trial files); tests/test_dependency_apis.py
+    fails if that stops being so.
+    """
+    text = json.dumps(obj)
+    if "://" in str(path):  # a remote file system (gs://...): Keras Tuner's own writer
+        return _keras_tuner_save_json(path, obj)
+    atomic_write_text(path, text)
+    return text
+
+
+_keras_tuner_save_json = kt.src.utils.save_json
+kt.src.utils.save_json = _durable_save_json
 
 
 @dataclass
