@@ -59,3 +59,37 @@ def test_big_endian_exif(tmp_path, orientation):
     encoded = tf.constant(path.read_bytes())
     assert int(exif_orientation(encoded)) == orientation
     assert np.abs(decode_like_pillow(encoded, 24).numpy().astype(int) - load_image(path, 24).astype(int)).mean() < 4
+
+
+@pytest.mark.parametrize("fmt, options", [("JPEG", {}), ("PNG", {}), ("GIF", {}), ("BMP", {}),
+                                          ("WEBP", {"lossless": False}), ("WEBP", {"lossless": True})])
+def test_declared_pixels_are_read_from_the_header(fmt, options):
+    import io
+
+    import tensorflow as tf
+    from PIL import Image
+
+    from tltool.exporting.graph_decode import declared_pixels
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((37, 53, 3), np.uint8)).save(buffer, fmt, **options)
+    assert int(declared_pixels(tf.constant(buffer.getvalue()))) == 37 * 53
+
+
+def test_an_image_declaring_too_many_pixels_is_refused_before_decoding():
+    """A TF Serving request with a decompression bomb (here a PNG header declaring 20000 x 20000 pixels)
+    gets an error, not gigabytes allocated for it."""
+    import struct
+    import zlib
+
+    import tensorflow as tf
+
+    from tltool.exporting.graph_decode import decode_like_pillow
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0))
+            + chunk(b"IEND", b""))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="image too large"):
+        decode_like_pillow(tf.constant(bomb), 32)

@@ -294,3 +294,23 @@ def test_class_names_with_dollar_signs_draw(tmp_path):
     names = ["$5 bill", "price $\\bad{x$", "x^2_{a}$"]  # the middle one is broken mathtext
     png = plots.confusion_matrix(np.eye(3) * 4, names)
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_16_bit_images_convert_strip_by_strip_to_the_same_pixels(tmp_path, monkeypatch):
+    """A 16-bit scan is converted a strip of rows at a time (a 120-megapixel one used to take gigabytes of
+    int64 copies per decoding thread); the result is the same 65535 -> 255 mapping."""
+    import numpy as np
+    from PIL import Image
+
+    from tltool.data import images
+
+    values = np.random.default_rng(0).integers(0, 65536, (300, 70), dtype=np.uint16)
+    path = tmp_path / "scan.png"
+    Image.fromarray(values).save(path)
+    monkeypatch.setattr(images, "_CONVERT_PIXELS", 700)  # ten rows a strip
+    strips = []
+    original = images._by_rows
+    monkeypatch.setattr(images, "_by_rows", lambda arr, f: strips.append(arr.shape) or original(arr, f))
+    pixels = images.load_image(path)
+    assert strips and pixels.shape == (300, 70, 3)
+    np.testing.assert_array_equal(pixels[..., 0], ((values.astype(np.int64) + 128) // 257).astype(np.uint8))

@@ -77,16 +77,16 @@ def sniff_unsupported(head: bytes) -> str | None:
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any Pillow mode to RGB: transparency onto white, 16-bit scaled down, CMYK converted."""
     if img.mode.startswith("I;16") or img.mode == "I":
-        arr = np.asarray(img).astype(np.int64)
+        arr = np.asarray(img)
         peak = int(arr.max()) if arr.size else 0
         if img.mode == "I" and peak > 65535:
             # Genuine 32-bit data (rare, scientific TIFFs): stretch to the range used.
             lo = int(arr.min())
-            scaled = (arr - lo) * 255 // max(peak - lo, 1)
+            scaled = _by_rows(arr, lambda rows: (rows.astype(np.int64) - lo) * 255 // max(peak - lo, 1))
         else:
             # 16-bit: the standard 65535 -> 255 mapping (divide by 257, rounded), so mid grey stays mid grey.
-            scaled = (np.clip(arr, 0, 65535) + 128) // 257
-        img = Image.fromarray(scaled.astype(np.uint8), "L")
+            scaled = _by_rows(arr, lambda rows: (np.clip(rows.astype(np.int64), 0, 65535) + 128) // 257)
+        img = Image.fromarray(scaled, "L")
     elif img.mode == "F":
         arr = np.nan_to_num(np.asarray(img, dtype=np.float32))
         lo, hi = float(arr.min()), float(arr.max())
@@ -105,6 +105,20 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode != "RGB":
         img = img.convert("RGB")
     return img
+
+
+#: Pixels converted at a time from 16- and 32-bit images: the int64 arithmetic then needs a few MB, not
+#: eight bytes for every pixel of a 120-megapixel scan (per decoding thread).
+_CONVERT_PIXELS = 1 << 20
+
+
+def _by_rows(arr: np.ndarray, convert) -> np.ndarray:
+    """`convert` applied to strips of rows of a 2-D array, into one uint8 array."""
+    out = np.empty(arr.shape, np.uint8)
+    step = max(1, _CONVERT_PIXELS // max(1, arr.shape[1] if arr.ndim > 1 else 1))
+    for start in range(0, arr.shape[0], step):
+        out[start:start + step] = convert(arr[start:start + step])
+    return out
 
 
 def _check_pixels(img: Image.Image) -> None:

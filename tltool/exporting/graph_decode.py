@@ -8,6 +8,9 @@ header with plain tensor ops and applied before resizing.
 
 from __future__ import annotations
 
+#: The most pixels an encoded image may declare, as for files tltool reads (data/images.py): a request
+#: with a larger one is refused before decoding, not decoded into gigabytes (TF Serving's memory).
+MAX_PIXELS = 120_000_000
 #: How much of the file is searched for the EXIF header (it sits in the first segments of a JPEG).
 _HEADER_BYTES = 65536
 #: IFD0 entries looked at; the orientation tag comes early (tags are sorted, 0x0112 is small).
@@ -36,9 +39,62 @@ def decode_like_pillow(encoded, size: int):
         return tf.io.decode_image(encoded, channels=3, expand_animations=False)
 
     is_png = tf.equal(tf.strings.substr(encoded, 0, 4), b"\x89PNG")
-    image = tf.case([(tf.io.is_jpeg(encoded), jpeg), (is_png, png)], default=other)
+    pixels = declared_pixels(encoded)
+    check = tf.debugging.assert_less_equal(
+        pixels, tf.constant(MAX_PIXELS, tf.int64),
+        message=f"image too large: more than {MAX_PIXELS} pixels (the decompression-bomb guard of tltool)")
+    with tf.control_dependencies([check]):
+        image = tf.case([(tf.io.is_jpeg(encoded), jpeg), (is_png, png)], default=other)
     image = tf.image.resize(image, (size, size), method="bilinear", antialias=True)
     return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def declared_pixels(encoded):
+    """Width x height as the file's header declares it (int64), read before anything is decoded; 0 when the
+    format is not one tltool reads the size of (the decoder then fails on it or decodes it as it is).
+
+    JPEG: TensorFlow's own header reader. PNG: IHDR (big-endian). GIF: the logical screen. BMP: the info
+    header (a negative height means top-down rows). WebP: VP8X canvas, VP8 frame or VP8L header.
+    """
+    import tensorflow as tf
+
+    head = tf.io.decode_raw(tf.strings.substr(encoded, 0, 32), tf.uint8)
+    data = tf.pad(tf.cast(head, tf.int64), [[0, 32 - tf.shape(head)[0]]])
+
+    def le(i, n):  # little-endian unsigned of n bytes at i
+        return sum(data[i + k] * (256 ** k) for k in range(n))
+
+    def be(i, n):
+        return sum(data[i + k] * (256 ** (n - 1 - k)) for k in range(n))
+
+    def starts(prefix: bytes, at: int = 0):
+        return tf.equal(tf.strings.substr(encoded, at, len(prefix)), prefix)
+
+    def jpeg():
+        shape = tf.cast(tf.image.extract_jpeg_shape(encoded), tf.int64)
+        return shape[0] * shape[1]
+
+    def bmp():
+        height = le(22, 4)
+        height = tf.where(height >= 2 ** 31, 2 ** 32 - height, height)
+        return le(18, 4) * height
+
+    def webp():
+        vp8x = (le(24, 3) + 1) * (le(27, 3) + 1)
+        vp8 = tf.bitwise.bitwise_and(le(26, 2), 0x3FFF) * tf.bitwise.bitwise_and(le(28, 2), 0x3FFF)
+        bits = le(21, 4)
+        vp8l = (tf.bitwise.bitwise_and(bits, 0x3FFF) + 1) * (tf.bitwise.bitwise_and(
+            tf.bitwise.right_shift(bits, 14), 0x3FFF) + 1)
+        return tf.case([(starts(b"VP8X", 12), lambda: vp8x), (starts(b"VP8 ", 12), lambda: vp8),
+                        (starts(b"VP8L", 12), lambda: vp8l)], default=lambda: tf.constant(0, tf.int64))
+
+    return tf.case([
+        (tf.io.is_jpeg(encoded), jpeg),
+        (starts(b"\x89PNG"), lambda: be(16, 4) * be(20, 4)),
+        (starts(b"GIF8"), lambda: le(6, 2) * le(8, 2)),
+        (starts(b"BM"), bmp),
+        (tf.logical_and(starts(b"RIFF"), starts(b"WEBP", 8)), webp),
+    ], default=lambda: tf.constant(0, tf.int64))
 
 
 def exif_orientation(encoded):
