@@ -312,6 +312,9 @@ TTA_HELP = ("Test-time augmentation: average each image's probabilities with its
 def evaluate(model, data, out, top_k, force, tta, ood_data, no_robustness):
     """Evaluate a trained model on a labelled image folder (MODEL: a run directory or an export).
 
+    A SavedModel runs its own TensorFlow graph when loaded: pass only SavedModels you trust (.keras files
+    load in Keras's safe mode; TFLite and ONNX files hold no code).
+
     Writes metrics.json (accuracy, per-class precision/recall/F1, confusion matrix, calibration,
     confidence thresholds, out-of-distribution rejection, accuracy under small perturbations), the plots,
     and report.html: one page that opens offline in any browser.
@@ -358,6 +361,9 @@ def export(run, fmt, quantize, out, force):
 @handle_errors
 def predict(model, files, top_k, as_json, as_csv, threshold, no_reject, batch_size, tta):
     """Classify image FILES (or folders of them) with MODEL: a run directory or an exported model.
+
+    A SavedModel runs its own TensorFlow graph when loaded: pass only SavedModels you trust (.keras files
+    load in Keras's safe mode; TFLite and ONNX files hold no code).
 
     A file that cannot be read is reported with its reason and the others go on; the exit code is 1
     when any failed.

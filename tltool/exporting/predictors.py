@@ -236,6 +236,10 @@ def _trained_flip(model) -> str | None:
 def load_predictor(path) -> Predictor:
     """Load a model for inference from whatever tltool wrote.
 
+    Loading a SavedModel runs its TensorFlow graph: load only SavedModels you trust. `.keras` files load
+    in Keras's safe mode (no arbitrary code); TFLite and ONNX files hold no code, and their metadata is
+    checked against the model (input size, number of labels).
+
     Args:
         path: a run directory (or an `export --format keras` folder), a SavedModel folder (the version
             folder or the folder holding numbered versions), a .tflite or .onnx file, or a folder holding
