@@ -8,6 +8,7 @@ every epoch exactly once, in order, and its model must be as good as an uninterr
 """
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -90,10 +91,46 @@ def test_kill_9_at_every_state_writing_point_then_resume(setting, tmp_path, monk
     expected = [(1, e) for e in range(1, STAGE1 + 1)] + [(2, e) for e in range(1, STAGE2 + 1)]
     assert history(out) == expected  # every epoch exactly once: none lost, none repeated, no gap
 
-    import json
-
     got = json.loads((out / "summary.json").read_text())
     want = json.loads((tmp_path / "reference" / "summary.json").read_text())
     assert got["resumed"] is True
     assert got["val_accuracy"] >= want["val_accuracy"] - 1 / 6 - 1e-9  # one validation image of six
     assert got["images"] == want["images"]
+
+
+def test_kill_9_while_an_export_replaces_another_then_export_again(setting, tmp_path, monkeypatch):
+    """Killed between moving the old export aside and moving the new one in: the old one is still on disk
+    (aside), and the same command run again publishes a checked export."""
+    root, args = setting
+    monkeypatch.setenv("TLTOOL_CACHE_DIR", str(tmp_path / "cache"))
+    run_dir = tmp_path / "run"
+    quick = [a if a != str(STAGE1) else "2" for a in args]
+    quick[quick.index("--fine-tune-epochs") + 1] = "0"
+    assert CliRunner().invoke(main, ["finetune", *quick, "--out", str(run_dir)]).exit_code == 0
+    first = CliRunner().invoke(main, ["export", str(run_dir), "--format", "keras"])
+    assert first.exit_code == 0, first.output
+    out = run_dir / "export" / "keras"
+    killed_at("export-swap", 1, ["export", str(run_dir), "--format", "keras", "--force"], tmp_path,
+              tmp_path / "cache")
+    aside = [p for p in out.parent.iterdir() if p.name.startswith(".keras.old.")]
+    assert len(aside) == 1 and (aside[0] / "model.keras").is_file()  # the old export, not lost
+    again = CliRunner().invoke(main, ["export", str(run_dir), "--format", "keras", "--force"])
+    assert again.exit_code == 0, again.output
+    assert (out / "model.keras").is_file() and json.loads((out / "export.json").read_text())["top1_agreement"] == 1
+
+
+def test_kill_9_during_a_trial_then_the_same_tune_command_finishes_the_search(setting, tmp_path):
+    root, args = setting
+    data = args[args.index("--data") + 1]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("tune:\n  algorithm: grid\n  space:\n    head.dropout: {choice: [0.0, 0.3, 0.6]}\n")
+    tune = ["tune", str(recipe), "--data", data, "--out", str(tmp_path / "search"), "--quiet",
+            "--weights", "none", "--image-size", "32", "--batch-size", "8", "--set", "frozen.epochs=2",
+            "--set", "fine_tune.epochs=0", "--set", "frozen.feature_views=0", "--set", "augment.flip=horizontal"]
+    killed_at("mid-epoch", 8, tune, tmp_path, tmp_path / "cache")  # in the second trial (3 batches an epoch)
+    result = CliRunner().invoke(main, tune, env={"TLTOOL_CACHE_DIR": str(tmp_path / "cache")})
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "search" / "summary.json").read_text())
+    assert summary["trials_completed"] == 3, summary
+    assert sorted(t["hyperparameters"]["head.dropout"] for t in summary["trials"]
+                  if t["status"] == "completed") == [0.0, 0.3, 0.6]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import json
 import math
@@ -344,10 +345,33 @@ _ORACLES = {"random": "RandomSearchOracle", "bayesian": "BayesianOptimizationOra
             "hyperband": "HyperbandOracle"}
 
 
+class _ResumableGrid:
+    """GridSearchOracle mixin: its walk through the grid survives a reload.
+
+    Keras Tuner's grid oracle keeps the order of the combinations tried (`_ordered_ids`) and the trials
+    whose next combination is due (`_populate_next`) in memory only, not in oracle.json: a search resumed
+    after a crash raised KeyError on the first trial it finished. Both are rebuilt here from the trials.
+    """
+
+    def reload(self):
+        super().reload()
+        from keras_tuner.src.tuners.gridsearch import LinkedList
+
+        ids = [i for i in self.start_order if i in self.trials]
+        ordered = sorted(ids, key=functools.cmp_to_key(
+            lambda a, b: self._compare(self.trials[a].hyperparameters.values, self.trials[b].hyperparameters.values)))
+        self._ordered_ids = LinkedList()
+        for trial_id in ordered:
+            self._ordered_ids.insert(trial_id)
+        # Every trial's next combination is looked at again; those already tried are skipped.
+        self._populate_next = [i for i in ids if i not in self._retry_queue]
+
+
 def make_oracle(algorithm: str, objective: str, max_trials: int, seed: int, budget_epochs: int):
     """The Keras Tuner oracle of `algorithm`, recording workers and times, never stopping on failed trials."""
     base_cls = getattr(kt.oracles, _ORACLES[algorithm])
-    cls = type(f"Tltool{base_cls.__name__}", (_TrialLog, base_cls), {})
+    mixins = (_TrialLog, _ResumableGrid) if algorithm == "grid" else (_TrialLog,)
+    cls = type(f"Tltool{base_cls.__name__}", (*mixins, base_cls), {})
     direction = "min" if objective.endswith("loss") else "max"
     # A failed trial is recorded and the search goes on; Keras Tuner would stop after 3 in a row.
     common = {"objective": kt.Objective(objective, direction), "seed": seed,
