@@ -35,7 +35,6 @@ def _points():
         "mid-epoch": (keras.callbacks.TerminateOnNaN, "on_train_batch_end", "before", None),
         "after-history-row": (history, "append_row", "after", None),
         "before-commit": (callbacks.rundir, "atomic_write_json", "before", checkpoint_commit),
-        "after-commit": (callbacks.rundir, "atomic_write_json", "after", checkpoint_commit),
         "after-fit": (progress.RunProgress, "finish_stage", "before", None),
         "before-summary": (finetune.rundir, "write_summary", "before", None),
         "export-swap": (files.os, "replace", "after", old_export_moved_aside),

@@ -314,3 +314,11 @@ def test_16_bit_images_convert_strip_by_strip_to_the_same_pixels(tmp_path, monke
     pixels = images.load_image(path)
     assert strips and pixels.shape == (300, 70, 3)
     np.testing.assert_array_equal(pixels[..., 0], ((values.astype(np.int64) + 128) // 257).astype(np.uint8))
+
+
+def test_a_second_search_on_a_folder_in_use_is_refused(trained, tmp_path):
+    data, _ = trained
+    out = tmp_path / "search"
+    with outputs.claim_output_dir(out, "search"):  # as a search in progress holds it
+        result = run("tune", "--data", data, "--out", out, "--max-trials", "1", "--quiet", *tiny_recipe_args())
+        assert result.exit_code == 2 and "in use by another tltool command" in result.output

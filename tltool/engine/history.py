@@ -13,7 +13,7 @@ import io
 import os
 from pathlib import Path
 
-from tltool.rundir import atomic_write_text
+from tltool.files import atomic_write_text, fsync_dir
 
 COLUMNS = ["stage", "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds"]
 _INTEGER_COLUMNS = ("stage", "epoch")
@@ -30,6 +30,8 @@ def append_row(path: Path, row: dict) -> None:
         writer.writerow(row)
         handle.flush()
         os.fsync(handle.fileno())
+    if new_file:  # the file's name in its folder must survive a power cut too
+        fsync_dir(path.parent)
 
 
 def read_history(path: Path) -> list[dict]:
