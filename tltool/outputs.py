@@ -122,7 +122,7 @@ def check_output_dir(out: Path, kind: str, force: bool = False, resume: bool = F
         if folder in where.parents:
             raise RunDirError(f"--out {out} is inside the data folder {folder}: later scans of that folder would "
                               f"read its files as a class. Choose an --out outside it.")
-    if not out.is_dir() or not _has_content(out):
+    if not out.is_dir() or not has_content(out):
         return
     if in_use(out):
         raise RunDirError(f"{out} is in use by another tltool command right now. Wait for it to finish, or "
@@ -158,7 +158,7 @@ def claim_output_dir(out: Path, kind: str, force: bool = False, resume: bool = F
         raise RunDirError(f"{out} is in use by another tltool command right now. Wait for it to finish, or "
                           f"choose another --out.") from None
     try:
-        if read_marker(out) is None and _has_content(out) and not resume:
+        if read_marker(out) is None and has_content(out) and not resume:
             # An unmarked folder that filled up since the check (or the check's race): never ours to replace.
             raise RunDirError(f"Output folder {out} already exists and is not empty. Choose another --out.")
         if force and not resume:
@@ -179,7 +179,8 @@ def mark_output_dir(folder: Path, kind: str) -> None:
     (Path(folder) / MARKER).write_text(json.dumps({"kind": kind}) + "\n", encoding="utf-8")
 
 
-def _has_content(folder: Path) -> bool:
+def has_content(folder: Path) -> bool:
+    """Whether `folder` holds anything besides its marker."""
     return any(path.name != MARKER for path in folder.iterdir())
 
 

@@ -167,7 +167,7 @@ def _prepare_out(out: Path, base: Recipe, overwrite: bool):
     resume, the lock to hold while searching)."""
     folders = [f for f in (base.data.train, base.data.val, base.data.test) if f]
     checks = dict(inputs=folders, data=folders, flag="--overwrite")
-    resuming = not overwrite and out.is_dir() and any(p.name != outputs.MARKER for p in out.iterdir())
+    resuming = not overwrite and out.is_dir() and outputs.has_content(out)
     if resuming:
         saved = out / rundir.RECIPE_FILE
         if not (out / SEARCH_DIR).is_dir() or not saved.is_file():

@@ -115,7 +115,7 @@ _CONVERT_PIXELS = 1 << 20
 def _by_rows(arr: np.ndarray, convert) -> np.ndarray:
     """`convert` applied to strips of rows of a 2-D array, into one uint8 array."""
     out = np.empty(arr.shape, np.uint8)
-    step = max(1, _CONVERT_PIXELS // max(1, arr.shape[1] if arr.ndim > 1 else 1))
+    step = max(1, _CONVERT_PIXELS // max(1, arr.shape[1]))
     for start in range(0, arr.shape[0], step):
         out[start:start + step] = convert(arr[start:start + step])
     return out

@@ -276,28 +276,20 @@ SHARD_IMAGES = 1024
 
 def _compute_in_shards(extractor, cache: FeatureCache | None, paths: list[str], keys: list[str], image_size: int,
                        batch_size: int, skips: SkipLog, augment, verbose: int, jit_compile: bool):
-    """`compute_features` of `paths`, stored in the cache shard by shard. Returns (features, ok)."""
+    """`compute_features` of `paths`, stored in the cache shard by shard, under one progress bar.
+    Returns (features, ok)."""
     feats, oks = [], []
-    bar = _ProgressBar(len(paths), verbose)
+    update = progress_bar(len(paths), verbose)
     for start in range(0, len(paths), SHARD_IMAGES):
         chunk = slice(start, start + SHARD_IMAGES)
+        progress = None if update is None else (lambda done, offset=start: update(offset + done))
         f, ok = compute_features(extractor, paths[chunk], image_size, batch_size, skips, augment=augment,
-                                 jit_compile=jit_compile, progress=bar.offset(start))
+                                 jit_compile=jit_compile, progress=progress)
         if cache is not None:
             cache.add([k for k, good in zip(keys[chunk], ok) if good], f[ok])
         feats.append(f)
         oks.append(ok)
     return np.concatenate(feats), np.concatenate(oks)
-
-
-class _ProgressBar:
-    """One progress bar over all the shards of an extraction."""
-
-    def __init__(self, total: int, verbose: int):
-        self.update = progress_bar(total, verbose)
-
-    def offset(self, start: int):
-        return None if self.update is None else (lambda done: self.update(start + done))
 
 
 def progress_bar(total: int, verbose: int):

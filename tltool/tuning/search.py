@@ -30,12 +30,12 @@ from tltool.engine.stages import (TrainingContext, activation_cut, build_model, 
                                   train_stages)
 from tltool.errors import TltoolError
 from tltool.evaluation.metrics import accuracy, log_loss
+from tltool.files import atomic_write_text
 from tltool.models.transfer import TransferModel, build_head, fine_tune_cut
 from tltool.recipe import Recipe
 from tltool.tuning.distributed import serve_oracle
 from tltool.tuning.reports import fmt_value, last_line
 from tltool.tuning.space import HEAD_KEYS, SearchSpace, stripped_recipe, trial_recipe
-from tltool.files import atomic_write_text
 
 
 def _durable_save_json(path, obj) -> str:
@@ -46,9 +46,9 @@ def _durable_save_json(path, obj) -> str:
     its JSON goes through this one function (Stateful.save, Tuner's trial files); tests/test_dependency_apis.py
     fails if that stops being so.
     """
-    text = json.dumps(obj)
     if "://" in str(path):  # a remote file system (gs://...): Keras Tuner's own writer
         return _keras_tuner_save_json(path, obj)
+    text = json.dumps(obj)
     atomic_write_text(path, text)
     return text
 
