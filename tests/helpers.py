@@ -78,12 +78,13 @@ def calibrated_backbone_weights(path: Path, backbone: str = "mobilenet_v2", size
     return path
 
 
-def tiny_trained_run(root: Path, calibrate_on_noise: bool = False) -> Path:
+def tiny_trained_run(root: Path, calibrate_on_noise: bool = False, overrides: tuple = ()) -> Path:
     """A finished run in root/run, trained on root/images, whose probabilities differ from image to image.
 
     Stage 1 only, on a calibrated backbone, trained to confident outputs: export and inference tests need
     a model whose answers depend on the image, or every parity check would pass trivially.
     `calibrate_on_noise`: BatchNorm statistics from noise images instead of the training images.
+    `overrides`: more `--set` values for the run's recipe.
     """
     import tltool
 
@@ -92,7 +93,8 @@ def tiny_trained_run(root: Path, calibrate_on_noise: bool = False) -> Path:
                                           images=None if calibrate_on_noise else images)
     tltool.finetune(data=images, out=Path(root) / "run", verbose=0,
                     overrides=tiny_values(32) + ["fine_tune.epochs=0", "frozen.epochs=20", "frozen.learning_rate=0.01",
-                                                 "frozen.early_stopping=0", f"backbone.weights={weights}"])
+                                                 "frozen.early_stopping=0", f"backbone.weights={weights}",
+                                                 *overrides])
     return Path(root) / "run"
 
 

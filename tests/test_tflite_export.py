@@ -5,6 +5,10 @@ import pytest
 
 from tltool.exporting import tflite as tflite_export
 from tltool.exporting.metadata import read_tflite_metadata as tflite_metadata
+from tltool.exporting.tflite_metadata import ModelInfo
+
+META = {"labels": ["a", "b", "c"], "image_size": 16}
+INFO = ModelInfo(name="small", description="A test model.")
 
 
 def pixels(n: int = 32, seed: int = 1):
@@ -68,7 +72,7 @@ def run(data: bytes, images: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="module")
 def candidates():
     model = small_model()
-    converted, float32_size = tflite_export.convert(model, 16, "int8", pixels(), {"labels": ["a", "b", "c"]})
+    converted, float32_size = tflite_export.convert(model, 16, "int8", pixels(), META, INFO)
     return model, converted, float32_size
 
 
@@ -79,7 +83,7 @@ def test_mixed_scheme_is_per_channel_only_for_depthwise(candidates, tmp_path):
     assert weight_scales(per_channel.data) == {"CONV_2D": [8, 16], "DEPTHWISE_CONV_2D": [8], "FULLY_CONNECTED": [3]}
     assert len(mixed.data) < len(per_channel.data)  # 12 bytes less per conv channel, for weights and bias
     (tmp_path / "model.tflite").write_bytes(mixed.data)
-    assert tflite_metadata(tmp_path / "model.tflite") == {"labels": ["a", "b", "c"], "int8_weights": "mixed"}
+    assert tflite_metadata(tmp_path / "model.tflite") == {**META, "int8_weights": "mixed"}
 
 
 def test_mixed_model_computes_what_the_keras_model_does(candidates):
@@ -113,18 +117,18 @@ def test_mixed_depthwise_filter_is_the_keras_kernel_per_channel(candidates):
 
 
 def test_grouped_convolution_counts_as_depthwise():
-    converted, _ = tflite_export.convert(small_model("grouped"), 16, "int8", pixels(), {})
+    converted, _ = tflite_export.convert(small_model("grouped"), 16, "int8", pixels(), META, INFO)
     assert [c.int8_weights for c in converted] == ["mixed", "per-channel"]
     assert weight_scales(converted[0].data) == {"CONV_2D": [1, 8, 1], "FULLY_CONNECTED": [1]}
 
 
 def test_model_without_depthwise_is_per_tensor():
-    converted, _ = tflite_export.convert(small_model(None), 16, "int8", pixels(), {})
+    converted, _ = tflite_export.convert(small_model(None), 16, "int8", pixels(), META, INFO)
     assert [c.int8_weights for c in converted] == ["per-tensor", "per-channel"]
     assert weight_scales(converted[0].data)["CONV_2D"] == [1, 1]
 
 
 def test_conversions_that_do_not_line_up_are_not_mixed(candidates):
     _, (mixed, _), _ = candidates
-    other, _ = tflite_export.convert(small_model(None), 16, "int8", pixels(), {})
+    other, _ = tflite_export.convert(small_model(None), 16, "int8", pixels(), META, INFO)
     assert tflite_export._with_depthwise_from(other[0].data, mixed.data) is None

@@ -161,6 +161,11 @@ class ExportConfig:
                             choices=("savedmodel", "keras", "tflite", "onnx"))
     quantize: str = _f("none", "TFLite quantization `tltool export RUN` applies when no --quantize is given.",
                        choices=("none", "dynamic", "float16", "int8"))
+    # Written into the TFLite metadata, where Android Studio and metadata viewers show them.
+    description: str = _f("", "What the model does, for its users; default: the classes it tells apart.")
+    model_version: str = _f("", "Version of the model; default: the run folder's name.")
+    author: str = _f("", "Author of the model.")
+    license: str = _f("", "License of the model (e.g. `Apache-2.0`).")
 
 
 @dataclass

@@ -36,10 +36,11 @@ from tltool import outputs, rundir
 from tltool.data.manifest import manifest_split, read_manifest
 from tltool.engine.setup import RunSetup, prepare_run
 from tltool.errors import ExportError, ExportOptionError
-from tltool.exporting import checks, tflite
+from tltool.exporting import checks, mediapipe_check, tflite
 from tltool.exporting.metadata import model_metadata
+from tltool.exporting.tflite_metadata import ModelInfo
 from tltool.files import replace_dir
-from tltool.exporting.predictors import KerasPredictor, load_predictor
+from tltool.exporting.predictors import KerasPredictor, load_predictor, tflite_runtime
 from tltool.models.ood import Scores
 from tltool.recipe import load_recipe
 
@@ -131,18 +132,25 @@ def export_run(run_dir, format: str | None = None, quantize: str | None = None, 
 
 
 def describe_export(result: dict) -> list[str]:
-    """Two lines on an export: where it went and its size, then how its self-check went."""
+    """Lines on an export: where it went and its size, then how its self-checks went."""
     what = result["format"] + (f" ({result['quantize']})" if result["quantize"] != "none" else "")
     size = f"{result['size_bytes'] / 1e6:.2f} MB" + (f", {result['size_ratio']:.3f}x float32"
                                                     if "size_ratio" in result else "")
     if "int8_weights" in result:
         size += f", {result['int8_weights']} weight scales"
-    return [f"Exported {what} to {result['path']} ({size}).",
-            f"Check on {result['n_images']} validation images: top-1 agreement {result['top1_agreement']:.4f}, "
-            f"max |prob diff| {result['max_abs_prob_diff']:.2g}, accuracy {result['accuracy_keras']:.4f} (Keras) "
-            f"vs {result['accuracy_export']:.4f} (export)"
-            + (f"; in/out-of-distribution agreement {result['unknown_agreement']:.4f}, max |ood_score diff| "
-               f"{result['max_abs_ood_diff']:.2g}." if "unknown_agreement" in result else ".")]
+    lines = [f"Exported {what} to {result['path']} ({size}).",
+             f"Check on {result['n_images']} validation images: top-1 agreement {result['top1_agreement']:.4f}, "
+             f"max |prob diff| {result['max_abs_prob_diff']:.2g}, accuracy {result['accuracy_keras']:.4f} (Keras) "
+             f"vs {result['accuracy_export']:.4f} (export)"
+             + (f"; in/out-of-distribution agreement {result['unknown_agreement']:.4f}, max |ood_score diff| "
+                f"{result['max_abs_ood_diff']:.2g}." if "unknown_agreement" in result else ".")]
+    mediapipe = result.get("mediapipe")
+    if mediapipe and mediapipe.get("checked"):
+        lines.append(f"MediaPipe Tasks' ImageClassifier loads it: the class names and the same top class as "
+                     f"{result['runtime']} on {mediapipe['n_images']} images.")
+    elif mediapipe:
+        lines.append(f"Not checked in MediaPipe Tasks: {mediapipe['reason']}.")
+    return lines
 
 
 def _check_options(format: str, quantize: str) -> None:
@@ -238,13 +246,32 @@ def _tflite_artifact(keras_predictor, setup, quantize, tmp: Path, check: _CheckI
         _, representative, _ = checks.load_images(train.paths, train.labels, size, checks.REPRESENTATIVE_IMAGES,
                                                   setup.recipe.seed)
     candidates, float32_size = tflite.convert(keras_predictor.model, size, quantize, representative,
-                                              model_metadata(labels, size, quantize))
+                                              model_metadata(labels, size, quantize), _model_info(setup, keras_predictor))
     report, tried = checks.first_accurate(candidates, artifact, lambda: check.against(load_predictor(tmp)), tol)
     extra: dict = {} if float32_size is None else {"float32_size_bytes": float32_size}
     if candidates[0].int8_weights:
         extra["int8_weights"] = tried[-1][0]
         extra["int8_accuracy_by_weights"] = {scheme: r["accuracy_export"] for scheme, r in tried}
+    # The file as apps load it: MediaPipe Tasks' ImageClassifier, against LiteRT (the checks' runtime).
+    litert = load_predictor(tmp)
+    sample = check.pixels[:mediapipe_check.MAX_IMAGES]
+    extra["runtime"] = tflite_runtime()
+    extra["mediapipe"] = mediapipe_check.check(artifact, labels, sample, litert.scores(sample), litert.output_step)
     return artifact, report, extra
+
+
+def _model_info(setup: RunSetup, keras_predictor) -> ModelInfo:
+    """The model-level metadata fields: the recipe's `export` section, with defaults that say what it is."""
+    recipe, labels = setup.recipe, keras_predictor.labels
+    outputs = ("class probabilities, then an out-of-distribution score (above 1.0: unlike the training images)"
+               if keras_predictor.has_ood else "class probabilities")
+    shown = ", ".join(labels[:10]) + (f" and {len(labels) - 10} more" if len(labels) > 10 else "")
+    description = recipe.export.description or (
+        f"Image classifier for {len(labels)} classes ({shown}), fine-tuned from {recipe.backbone.name} by tltool. "
+        f"Input: RGB pixels 0..255. Outputs: {outputs}.")
+    return ModelInfo(name=recipe.name, description=description,
+                     version=recipe.export.model_version or keras_predictor.source.parent.name, author=recipe.export.author,
+                     license=recipe.export.license)
 
 
 def _onnx_artifact(keras_predictor, setup, quantize, tmp: Path, check: _CheckImages, tol):

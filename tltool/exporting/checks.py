@@ -16,6 +16,7 @@ from tltool import rundir
 from tltool.data.folders import SkipLog
 from tltool.data.pipelines import decoded_batches
 from tltool.errors import ExportError
+from tltool.exporting import mediapipe_check
 from tltool.models.ood import UNKNOWN_ABOVE, Scores
 
 #: How close to the OOD threshold (ood_score 1) an image is "borderline": a quantized export may judge it
@@ -122,6 +123,7 @@ def check_tolerance(result: dict, tol: Tolerance) -> None:
         problems.append(f"it judges {100 * (1 - agreement):.1f}% of the images clearly in or out of distribution "
                         f"(ood_score beyond 1 +- {OOD_BORDERLINE:g}) differently (allowed "
                         f"{100 * (1 - tol.min_unknown_agreement):.0f}%)")
+    problems += mediapipe_check.problems(result.get("mediapipe", {}))
     if problems:
         hint = (" Try --quantize dynamic or float16, or more varied training images for calibration."
                 if result["quantize"] in ("int8", "dynamic") else "")

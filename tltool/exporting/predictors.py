@@ -17,7 +17,8 @@ import numpy as np
 
 from tltool import rundir
 from tltool.errors import RunDirError
-from tltool.exporting.metadata import METADATA_KEY, read_tflite_metadata
+from tltool.exporting.metadata import METADATA_KEY, metadata_entries, read_tflite_metadata
+from tltool.exporting.tflite_metadata import METADATA_BUFFER, read_standard_metadata
 from tltool.models.ood import OOD_SCORE, PROBABILITIES, Scores, split_outputs
 
 
@@ -133,29 +134,41 @@ class TFLitePredictor(Predictor):
     format = "tflite"
 
     def __init__(self, path: Path):
-        meta = read_tflite_metadata(path)
+        data = Path(path).read_bytes()
+        entries = metadata_entries(path, data)
+        meta = read_tflite_metadata(path, entries)  # tltool's own entry: every tltool export has it
+        standard = read_standard_metadata(path, data, entries.get(METADATA_BUFFER))  # any classifier's
         self.interpreter = _tflite_interpreter(path)
         details = self.interpreter.get_input_details()[0]
-        labels = meta.get("labels") or _labels_next_to(path)
+        labels = (standard and standard.labels) or meta.get("labels") or _labels_next_to(path)
         outputs = self.interpreter.get_output_details()
         width = max(int(d["shape"][-1]) for d in outputs)  # the probabilities; the OOD score is [N, 1]
         size = _checked_metadata(path, labels, meta.get("image_size"), int(details["shape"][1]), width)
         super().__init__(path, labels, size)
         self.quantize = meta.get("quantize", "none")
+        # A float input declared as normalised, (pixel - mean) / std (Model Maker's files); tltool's take
+        # plain pixels (mean 0, std 1).
+        self._norm = (standard.norm_mean, standard.norm_std) if standard and standard.norm_mean else None
         # Outputs told apart by shape: [N, classes] probabilities, [N, 1] the OOD score (never one class).
         self._probs = next(d for d in outputs if d["shape"][-1] == len(self.labels))
         self._ood = next((d for d in outputs if d["shape"][-1] == 1 and d is not self._probs), None)
         self.has_ood = self._ood is not None
+        # The probabilities' resolution: one step of a uint8 output (1/256), 0 for float32.
+        self.output_step = 0.0 if self._probs["dtype"] == np.float32 else float(self._probs["quantization"][0])
         self._batch = None
 
     def _predict_batch(self, pixels):
         it = self.interpreter
-        index = it.get_input_details()[0]["index"]
+        detail = it.get_input_details()[0]
         if self._batch != len(pixels):
-            it.resize_tensor_input(index, [len(pixels), self.image_size, self.image_size, 3])
+            it.resize_tensor_input(detail["index"], [len(pixels), self.image_size, self.image_size, 3])
             it.allocate_tensors()
             self._batch = len(pixels)
-        it.set_tensor(index, _quantize(pixels.astype(np.float32), it.get_input_details()[0]))
+        values = pixels.astype(np.float32)
+        if self._norm is not None and detail["dtype"] == np.float32:
+            mean, std = (np.asarray(v, np.float32) for v in self._norm)
+            values = (values - mean) / std
+        it.set_tensor(detail["index"], _quantize(values, detail))
         it.invoke()
         probs = _dequantize(it.get_tensor(self._probs["index"]), self._probs)
         return probs, _dequantize(it.get_tensor(self._ood["index"]), self._ood) if self.has_ood else None
@@ -316,8 +329,20 @@ def _labels_next_to(path: Path) -> list[str]:
     return rundir.read_labels(Path(path).parent / rundir.LABELS_FILE)
 
 
+def tflite_runtime() -> str:
+    """The interpreter TFLite files run in: LiteRT, or TensorFlow's own where LiteRT is not installed."""
+    try:
+        from importlib.metadata import version
+
+        return f"ai-edge-litert {version('ai-edge-litert')}"
+    except Exception:  # PackageNotFoundError, or metadata missing from a source install
+        import tensorflow as tf
+
+        return f"tensorflow {tf.__version__} (tf.lite)"
+
+
 def _tflite_interpreter(path: Path):
-    try:  # LiteRT is TFLite's successor; TensorFlow's own interpreter still works but warns on creation
+    try:  # LiteRT is TFLite's successor; TensorFlow's own interpreter is deprecated and warns on creation
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
         import tensorflow as tf

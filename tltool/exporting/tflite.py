@@ -25,7 +25,9 @@ import numpy as np
 
 from tltool.errors import ExportError
 from tltool.exporting.metadata import embed_tflite_metadata
+from tltool.exporting.tflite_metadata import METADATA_BUFFER, ModelInfo, append_files, metadata_tables
 from tltool.models.ood import ood_parts, tflite_friendly_score
+
 
 @dataclass(frozen=True)
 class Converted:
@@ -35,8 +37,11 @@ class Converted:
     int8_weights: str | None = None  # "mixed", "per-tensor" or "per-channel"
 
 
-def convert(model, size: int, quantize: str, representative: np.ndarray | None, metadata: dict):
+def convert(model, size: int, quantize: str, representative: np.ndarray | None, metadata: dict, info: ModelInfo):
     """Convert a Keras model taking (N, size, size, 3) float pixels.
+
+    Every candidate carries the standard TFLite Model Metadata (see tflite_metadata.py) and tltool's own
+    `metadata` entry; `info` gives the model's name, description, version, author and license.
 
     Returns:
         (candidates, float32_size): the models to try, best first (one unless `quantize` is int8), and for
@@ -47,21 +52,70 @@ def convert(model, size: int, quantize: str, representative: np.ndarray | None, 
     with tempfile.TemporaryDirectory() as scratch:
         _float_savedmodel(model, size, scratch)
         if quantize != "int8":
-            return [Converted(embed_tflite_metadata(_convert(scratch, quantize, representative), metadata))], None
+            return [Converted(finish(_convert(scratch, quantize, representative), metadata, info))], None
         per_channel = _convert(scratch, "int8", representative)
         try:
             per_tensor = _convert(scratch, "int8", representative, per_channel=False)
         except ExportError:  # the smaller scheme is an optimisation: per-channel alone still works
             per_tensor = None
-        float32_size = len(embed_tflite_metadata(_convert(scratch, "none", None), metadata))
+        float32_size = len(finish(_convert(scratch, "none", None), metadata, info))
     schemes = []
     mixed = _with_depthwise_from(per_tensor, per_channel) if per_tensor is not None else None
     if mixed is not None:
         schemes.append(mixed)
     schemes.append((per_channel, "per-channel"))
-    candidates = [Converted(embed_tflite_metadata(data, {**metadata, "int8_weights": scheme}), scheme)
+    candidates = [Converted(finish(data, {**metadata, "int8_weights": scheme}, info), scheme)
                   for data, scheme in schemes]
     return candidates, float32_size
+
+
+def finish(data: bytes, metadata: dict, info: ModelInfo) -> bytes:
+    """A converted model made ready for the runtimes users load it in (MediaPipe Tasks, LiteRT):
+
+    - outputs in the signature's order, probabilities first: MediaPipe reports each output as a
+      classification head in the graph's order, and the converter may put the OOD score first;
+    - a uint8 input (int8 models) takes plain pixels: scale 1, zero point 0. Runtimes feed the image's
+      bytes as they are, while the converter sets the input scale from the calibration images' range
+      (0.988 when no calibration pixel reached 255: every pixel fed raw was read 1.2% too dark). The
+      first op requantizes to the calibrated range, so the model computes the same;
+    - the standard metadata and tltool's own entry, then the label files appended as a zip archive.
+    """
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    tree = flatbuffer_utils.convert_bytearray_to_object(bytearray(data))
+    graph = tree.subgraphs[0]
+    _outputs_in_signature_order(tree, graph)
+    _plain_pixel_input(tree, graph, schema)
+    types = [graph.tensors[i].type for i in graph.outputs]
+    standard, files = metadata_tables(metadata["labels"], metadata["image_size"], info,
+                                      graph.tensors[graph.inputs[0]].type, types, has_ood=len(graph.outputs) > 1)
+    data = embed_tflite_metadata(bytes(flatbuffer_utils.convert_object_to_bytearray(tree)), metadata,
+                                 {METADATA_BUFFER: standard})
+    return append_files(data, files)
+
+
+def _outputs_in_signature_order(tree, graph) -> None:
+    """Order the graph's outputs as the signature names them (`output_0` probabilities, `output_1` OOD)."""
+    if not tree.signatureDefs or len(graph.outputs) < 2:
+        return
+    named = sorted((m.name.decode() if isinstance(m.name, bytes) else m.name, m.tensorIndex)
+                   for m in tree.signatureDefs[0].outputs)
+    order = [index for _, index in named]
+    if sorted(order) == sorted(int(i) for i in graph.outputs):
+        graph.outputs = np.asarray(order, dtype=np.int32)
+
+
+def _plain_pixel_input(tree, graph, schema) -> None:
+    """Give a uint8 input scale 1 and zero point 0 when only QUANTIZE ops read it (see `finish`)."""
+    tensor = graph.tensors[graph.inputs[0]]
+    if tensor.type != schema.TensorType.UINT8 or tensor.quantization is None:
+        return
+    readers = [op for op in graph.operators if graph.inputs[0] in list(op.inputs)]
+    quantize = schema.BuiltinOperator.QUANTIZE
+    if readers and all(_builtin_code(tree.operatorCodes[op.opcodeIndex]) == quantize for op in readers):
+        tensor.quantization.scale = np.asarray([1.0], dtype=np.float32)
+        tensor.quantization.zeroPoint = np.asarray([0], dtype=np.int64)
 
 
 def _float_savedmodel(model, size: int, path: str) -> None:
