@@ -78,3 +78,21 @@ def test_keras_tuner_writes_its_json_through_the_durable_writer(tmp_path):
         search.atomic_write_text = original
     assert seen == [str(tmp_path / "trial.json")] and (tmp_path / "trial.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+def test_mediapipe_metadata_builders_that_the_tflite_export_uses():
+    """tltool builds the standard TFLite metadata with MediaPipe's schema code and `metadata_info` builders,
+    and places it itself (its MetadataPopulator does not import from the pip wheels: tflite_metadata.py)."""
+    import inspect
+
+    from mediapipe.tasks.metadata import metadata_schema_py_generated as fb
+    from mediapipe.tasks.python.metadata.metadata_writers import metadata_info as md
+
+    for name in ("ModelMetadataT", "SubGraphMetadataT", "NormalizationOptions", "ImageProperties"):
+        assert hasattr(fb, name), name
+    assert {"norm_mean", "norm_std", "color_space_type", "tensor_type"} <= set(
+        inspect.signature(md.InputImageTensorMd).parameters)
+    assert {"label_files", "tensor_type"} <= set(inspect.signature(md.ClassificationTensorMd).parameters)
+    assert {"content_type", "associated_files"} <= set(inspect.signature(md.TensorMd).parameters)
+    assert {"name", "version", "description", "author", "licenses"} <= set(
+        inspect.signature(md.GeneralMd).parameters)
