@@ -99,6 +99,22 @@ def test_offline_imagenet_fails_fast_with_instructions(monkeypatch, tmp_path):
     assert resolved.kind == "none" and resolved.fell_back
 
 
+def test_offline_download_shows_only_tltools_message(monkeypatch, tmp_path, capsys):
+    """Keras announces "Downloading data from URL" before it connects; offline, the user sees our error alone."""
+    import urllib.error
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr("keras.src.utils.file_utils.urlretrieve", offline)  # Keras's real get_file runs
+    with pytest.raises(WeightsError, match="Cannot get ImageNet weights for mobilenet_v2"):
+        resolve_weights(get_backbone_spec("mobilenet_v2"), "imagenet")
+    out, err = capsys.readouterr()
+    assert "Downloading data from" not in out + err
+
+
 @pytest.mark.parametrize("name", ["vgg16", "mobilenet", "mobilenet_v3_small", "resnet50"])
 def test_classic_head_keeps_everything_up_to_the_original_classifier(name):
     """Classic mode cuts at the input of the 1000-way layer, even where that layer is a 1x1 convolution."""

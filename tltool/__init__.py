@@ -9,8 +9,10 @@ the package, which would otherwise replace the function.
 
 import os
 
+from tltool import native_logs
+
 # TensorFlow's C++ start-up chatter (CUDA probing, CPU feature notes) is noise for tltool's users.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+native_logs.quiet_tensorflow_log_level()
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 __version__ = "0.1.0"
@@ -52,6 +54,10 @@ _LAZY = {
 
 __all__ = sorted(_LAZY) + ["__version__"]
 
+# The API functions that run TensorFlow: it is imported for them, once, with its native log lines filtered.
+_NEEDS_TENSORFLOW = {"finetune", "tune", "evaluate", "export", "export_run", "predict_files",
+                     "list_backbones", "count_params", "load_predictor"}
+
 
 def __getattr__(name):
     module = _LAZY.get(name)
@@ -59,5 +65,7 @@ def __getattr__(name):
         raise AttributeError(f"module 'tltool' has no attribute {name!r}")
     import importlib
 
+    if name in _NEEDS_TENSORFLOW:
+        native_logs.import_tensorflow_quietly()
     return getattr(importlib.import_module(module), name)
 

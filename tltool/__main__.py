@@ -1,5 +1,5 @@
 """`python -m tltool` runs the command line."""
 
-from tltool.cli import main
+from tltool.cli import run
 
-main()
+run()

@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 
 import tltool
+from tltool import native_logs
 
 
 class CleanError(click.ClickException):
@@ -28,11 +29,31 @@ class CleanError(click.ClickException):
         self.exit_code = exit_code
 
 
-def handle_errors(fn):
-    """Turn tltool's errors (and Ctrl-C) into one clean line and an exit code, never a traceback."""
+# Only the program filters its process's stderr; `main` invoked in-process (tests, other tools) leaves it be.
+_AS_PROGRAM = False
 
+
+def _set_verbose(ctx, param, value) -> None:
+    if value:
+        native_logs.set_verbose()
+
+
+verbose_option = click.option(
+    "--verbose", is_flag=True, expose_value=False, is_eager=True, callback=_set_verbose,
+    help="Also show the log lines of TensorFlow, LiteRT and MediaPipe themselves (or TLTOOL_VERBOSE=1).")
+
+
+def handle_errors(fn):
+    """Turn tltool's errors (and Ctrl-C) into one clean line and an exit code, never a traceback; --verbose.
+
+    Native libraries' start-up lines are filtered from here on (before TensorFlow loads), unless verbose.
+    """
+
+    @verbose_option
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        if _AS_PROGRAM:
+            native_logs.filter_process_stderr()
         try:
             return fn(*args, **kwargs)
         except tltool.TltoolError as exc:
@@ -67,6 +88,7 @@ def echo(message: str = "") -> None:
     click.echo(message)
 
 
+# Click rewraps help paragraphs; a paragraph that starts with "\b" keeps its line breaks (example commands).
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "TLTOOL"})
 @click.version_option(tltool.__version__, prog_name="tltool")
 def main():
@@ -74,10 +96,18 @@ def main():
 
     Point it at an image folder with one sub-folder per class, e.g.
 
+    \b
         tltool finetune recipes/quickstart.yaml
         tltool finetune --data ~/photos --backbone vgg16 --out runs/photos
     """
     warnings.showwarning = _show_warning
+
+
+def run() -> None:
+    """The `tltool` program (console script and `python -m tltool`): the command line as its own process."""
+    global _AS_PROGRAM
+    _AS_PROGRAM = True
+    main()
 
 
 def recipe_options(fn):
@@ -119,7 +149,13 @@ def recipe_options(fn):
 @handle_errors
 def finetune(recipe, data, val_data, test_data, backbone, weights, image_size, batch_size, seed, overrides,
              epochs, fine_tune_epochs, out, force, resume, deterministic, strategy, quiet, tensorboard):
-    """Fine-tune a pretrained backbone on an image folder (RECIPE: optional YAML recipe)."""
+    """Fine-tune a pretrained backbone on an image folder. RECIPE: an optional YAML recipe.
+
+    \b
+        tltool finetune recipes/quickstart.yaml
+        tltool finetune --data ~/photos --weights imagenet --out runs/photos
+        tltool finetune --resume --out runs/photos
+    """
     if resume and force:
         raise click.UsageError("--resume and --force contradict each other: --force would delete the run.")
     with interruptible(out, resume_hint=True):
@@ -149,7 +185,11 @@ def finetune(recipe, data, val_data, test_data, backbone, weights, image_size, b
 @handle_errors
 def tune(recipe, data, val_data, test_data, backbone, weights, image_size, batch_size, seed, overrides,
          algorithm, max_trials, objective, out, overwrite, quiet):
-    """Search hyperparameters with Keras Tuner (RECIPE: optional YAML recipe with a tune.space).
+    """Search hyperparameters with Keras Tuner. RECIPE: an optional YAML recipe with a tune.space.
+
+    \b
+        tltool tune --data ~/photos --max-trials 20 --out runs/search
+        tltool tune recipes/mobilenet_v2.yaml --data ~/photos --algorithm bayesian
 
     Distributed: set KERASTUNER_ORACLE_IP, KERASTUNER_ORACLE_PORT and KERASTUNER_TUNER_ID (chief on one
     machine, worker0, worker1, ... on the others) and run the same command everywhere.
@@ -165,7 +205,7 @@ def tune(recipe, data, val_data, test_data, backbone, weights, image_size, batch
 @click.option("--params/--no-params", default=True, help="Count parameters (builds each network; slower).")
 @handle_errors
 def backbones(pattern, params):
-    """List registered backbones (PATTERN: shell-style filter, e.g. 'efficientnet*')."""
+    """List the registered backbones. PATTERN: a shell-style filter, e.g. 'efficientnet*'."""
     names = tltool.list_backbones(pattern)
     if not names:
         raise CleanError(f"No backbone matches `{pattern}`. Run `tltool backbones` to list them all.", 2)
@@ -182,7 +222,7 @@ def backbones(pattern, params):
 
 @main.group()
 def recipe():
-    """Inspect recipes: every field, or a recipe with its overrides resolved."""
+    """Inspect recipes: every field, or one resolved."""
 
 
 @recipe.command("fields")
@@ -206,7 +246,10 @@ def recipe_show(recipe_file, overrides):
 
 @main.group()
 def cache():
-    """Inspect and trim the feature cache (train.cache_dir, $TLTOOL_CACHE_DIR or ~/.cache/tltool/features)."""
+    """Inspect and trim the feature cache.
+
+    It lives in train.cache_dir, $TLTOOL_CACHE_DIR or ~/.cache/tltool/features.
+    """
 
 
 cache_dir_option = click.option("--dir", "folder", type=click.Path(path_type=Path),
@@ -217,7 +260,10 @@ cache_dir_option = click.option("--dir", "folder", type=click.Path(path_type=Pat
 @cache_dir_option
 @handle_errors
 def cache_info(folder):
-    """List the cache's entries (one per backbone, input size and weights): images, size, stale rows, last use."""
+    """List the cache's entries: images, size, stale rows and last use.
+
+    There is one entry per backbone, input size and weights.
+    """
     root, entries = tltool.cache_info(folder)
     echo(f"Feature cache: {root} ({len(entries)} entries, {sum(e.size_bytes for e in entries) / 1e6:.1f} MB)")
     for e in entries:
@@ -232,7 +278,7 @@ def cache_info(folder):
 @cache_dir_option
 @handle_errors
 def cache_prune(folder):
-    """Drop the rows of images that have changed or been deleted since they were cached."""
+    """Drop the rows of images changed or deleted since they were cached."""
     pruned = tltool.prune_cache(folder)
     echo(f"Dropped {pruned['stale_rows']} stale rows, freed {pruned['freed_bytes'] / 1e6:.1f} MB."
          + _in_use_note(pruned["in_use"]))
@@ -278,6 +324,10 @@ def data():
 def check(folder, val_data, test_data, group_by, as_json, quiet):
     """Read every image of FOLDER and report broken files, duplicates, imbalance and leakage.
 
+    \b
+        tltool data check ~/photos
+        tltool data check ~/photos --val-data ~/photos_val --json
+
     Exit code 0: trainable (warnings allowed); 1: problems found (broken files, the same image under two
     classes, images shared with --val-data/--test-data, fewer than 2 classes, ...); 2: bad input.
     """
@@ -310,7 +360,11 @@ TTA_HELP = ("Test-time augmentation: average each image's probabilities with its
               help="Skip measuring the accuracy under small perturbations (FGSM, Gaussian noise; 10-20 s on a CPU).")
 @handle_errors
 def evaluate(model, data, out, top_k, force, tta, ood_data, no_robustness):
-    """Evaluate a trained model on a labelled image folder (MODEL: a run directory or an export).
+    """Evaluate a trained model on a labelled image folder. MODEL: a run directory or an export.
+
+    \b
+        tltool evaluate runs/photos --data ~/photos_test
+        tltool evaluate runs/photos/export/tflite-int8 --data ~/photos_test --ood-data ~/other
 
     A SavedModel runs its own TensorFlow graph when loaded: pass only SavedModels you trust (.keras files
     load in Keras's safe mode; TFLite and ONNX files hold no code).
@@ -341,7 +395,15 @@ def evaluate(model, data, out, top_k, force, tta, ood_data, no_robustness):
               help="Replace --out if it holds an earlier tltool export.")
 @handle_errors
 def export(run, fmt, quantize, out, force):
-    """Export RUN's model and check it against the Keras model on the validation images."""
+    """Export a run's model and check the export. RUN: a run directory.
+
+    Each export is checked against the Keras model on the validation images (TFLite files also in LiteRT
+    and MediaPipe Tasks) and refused when they disagree.
+
+    \b
+        tltool export runs/photos --format tflite --quantize int8
+        tltool export runs/photos --format savedmodel
+    """
     tltool.export_run(run, fmt, quantize, out=out, force=force, log=echo)
 
 
@@ -360,7 +422,11 @@ def export(run, fmt, quantize, out, force):
 @click.option("--tta", is_flag=True, help=TTA_HELP)
 @handle_errors
 def predict(model, files, top_k, as_json, as_csv, threshold, no_reject, batch_size, tta):
-    """Classify image FILES (or folders of them) with MODEL: a run directory or an exported model.
+    """Classify images with a trained model. MODEL: a run directory or an export; FILES: images or folders.
+
+    \b
+        tltool predict runs/photos photo.jpg
+        tltool predict runs/photos/export/tflite-int8 ~/new_photos --csv > predictions.csv
 
     A SavedModel runs its own TensorFlow graph when loaded: pass only SavedModels you trust (.keras files
     load in Keras's safe mode; TFLite and ONNX files hold no code).

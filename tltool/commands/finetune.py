@@ -78,7 +78,7 @@ def _train_in(run_dir: Path, setup: RunSetup, resume: bool, say, verbose: int, t
               t_start: float) -> FinetuneResult:
     """The run itself, in its claimed run directory."""
     recipe = setup.recipe
-    _announce(setup, run_dir, say)
+    skipped_at_start = _announce(setup, run_dir, say)
     runtime = start_runtime(recipe)
     tm = build_model(setup, runtime)
     progress = _start_or_resume(run_dir, setup, tm, resume, say)
@@ -96,7 +96,9 @@ def _train_in(run_dir: Path, setup: RunSetup, resume: bool, say, verbose: int, t
     rundir.write_summary(run_dir, summary)
     _write_report(run_dir, eval_sets, probes, setup.classes, trust.temperature, say)
     progress.finish_run()
-    say(_done_line(summary, run_dir))
+    say(_done_line(summary, run_dir, skipped_at_start))
+    say(f"Next: tltool export {run_dir} --format tflite (or savedmodel, keras, onnx); "
+        f"tltool predict {run_dir} IMAGE...")
     return FinetuneResult(run_dir, summary, model, tm)
 
 
@@ -143,13 +145,15 @@ def _resumable_run(out, recipe, other_args: dict) -> Path:
     return check_resumable(Path(out))
 
 
-def _announce(setup: RunSetup, run_dir: Path, say) -> None:
+def _announce(setup: RunSetup, run_dir: Path, say) -> int:
+    """The run's first line; returns how many files the scan found unreadable (decoding may find more)."""
     split = setup.split
     say(f"tltool: {setup.spec.name} at {setup.image_size}px, {len(setup.classes)} classes, {len(split.train)} "
         f"training / {len(split.val)} validation" + (f" / {len(split.test)} test" if split.test else "")
         + f" images. Run directory: {run_dir}")
     if len(split.skips):
-        say(f"Skipping {len(split.skips)} unreadable file(s); see skipped_files in summary.json.")
+        say(f"Skipping {len(split.skips)} unreadable file(s); summary.json will list them (skipped_files).")
+    return len(split.skips)
 
 
 def _start_or_resume(run_dir: Path, setup: RunSetup, tm, resume: bool, say) -> RunProgress:
@@ -208,12 +212,21 @@ def run_summary(setup: RunSetup, eval_sets, timings: dict, resumed: bool, trust:
     }
 
 
-def _done_line(summary: dict, run_dir: Path) -> str:
+def _done_line(summary: dict, run_dir: Path, skipped_at_start: int) -> str:
     test = summary["test_accuracy"]
-    skipped = len(summary["skipped_files"])
     return (f"Done in {summary['timings']['total_s']:.1f}s: val_accuracy {summary['val_accuracy']:.4f}"
             + (f", test_accuracy {test:.4f}" if test is not None else "")
-            + (f"; {skipped} unreadable file(s) skipped" if skipped else "") + f". Run directory: {run_dir}")
+            + _skipped_note(len(summary["skipped_files"]), skipped_at_start) + f". Run directory: {run_dir}")
+
+
+def _skipped_note(skipped: int, at_start: int) -> str:
+    """The files left out, counted once: those the first line announced and any found broken while decoding."""
+    if not skipped:
+        return ""
+    later = skipped - at_start
+    found_later = f" ({later} of them found only while decoding)" if later and at_start else (
+        " (found while decoding)" if later else "")
+    return f"; {skipped} unreadable file(s) skipped{found_later}"
 
 
 def _write_report(run_dir: Path, eval_sets, probes, classes, temperature, say) -> None:

@@ -347,6 +347,6 @@ def cached_features(extractor, cache: FeatureCache | None, paths: list[str], ima
             all_index.append(np.asarray(missing, dtype=np.int64)[ok])
         stats.rows_per_view.append(len(all_index[-1]))
     if verbose and stats.computed == 0:
-        log(f"Features of all {len(paths)} images ({views} augmented views each) found in the cache: "
-            f"extraction skipped.")
+        extra = f" and their {views} augmented view(s) each" if views else ""
+        log(f"Features of all {len(paths)} images{extra} found in the cache: extraction skipped.")
     return np.concatenate(all_feats), np.concatenate(all_index), stats

@@ -343,6 +343,7 @@ def train_stages(ctx: TrainingContext, tm, features: StageFeatures | None = None
                 features = extract()
             stage1_history = run_stage1(ctx, tm, features, history_path, backup(1), callbacks(1))
         finish(1, t0)
+        _say_how_the_stage_ended(ctx, 1, stage1_history, history_path, recipe.frozen)
     if stage2_due:
         t0 = start(2)
         if cut is not None and (features is None or features.train_acts is None):  # resumed after stage 1
@@ -350,10 +351,31 @@ def train_stages(ctx: TrainingContext, tm, features: StageFeatures | None = None
         after_stage1 = tm.model.get_weights()
         with ctx.runtime.strategy.scope():
             fitted = run_stage2(ctx, tm, cut, features, history_path, backup(2), callbacks(2))
+        _say_how_the_stage_ended(ctx, 2, fitted, history_path, recipe.fine_tune)
         _keep_stage2_only_if_better(ctx, tm, after_stage1, stage1_history, fitted, history_path)
         finish(2, t0)
     ctx.features = features
     return timings
+
+
+def _stage_rows(stage: int, fitted, history_path: Path | None) -> list[dict]:
+    """The stage's epochs: history.csv's rows when the run has one (it spans resumed attempts), else Keras's."""
+    if history_path is not None:
+        return [r for r in read_history(history_path) if r["stage"] == stage]
+    history = fitted.history if fitted is not None else {}
+    return [{"epoch": i + 1, **{k: v[i] for k, v in history.items()}} for i in range(len(history.get("loss", [])))]
+
+
+def _say_how_the_stage_ended(ctx: TrainingContext, stage: int, fitted, history_path, config) -> None:
+    """One line after the epoch bars: how many epochs ran, and which epoch's weights the model keeps (early
+    stopping restores the best epoch's at the end of the fit; without it the last epoch's stay)."""
+    rows = [r for r in _stage_rows(stage, fitted, history_path) if r.get("val_loss") is not None]
+    if not ctx.verbose or not rows:
+        return
+    kept = min(rows, key=lambda r: r["val_loss"]) if config.early_stopping > 0 else rows[-1]
+    stopped = " (early stopping: the validation loss stopped improving)" if len(rows) < config.epochs else ""
+    ctx.log(f"Stage {stage} ran {len(rows)} of {config.epochs} epochs{stopped}; keeping epoch {kept['epoch']}: "
+            f"val_loss {kept['val_loss']:.4f}, val_accuracy {kept.get('val_accuracy', float('nan')):.4f}.")
 
 
 def _best_val_loss(stage: int, fitted, history_path: Path | None) -> float | None:

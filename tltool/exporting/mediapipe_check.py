@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from tltool.models.ood import Scores
+from tltool.native_logs import filtered_native_stderr
 
 #: Images classified through MediaPipe, one call each (a few ms per image on a CPU).
 MAX_IMAGES = 200
@@ -28,7 +29,8 @@ def classify(path: Path, pixels: np.ndarray) -> tuple[list[str], np.ndarray, np.
     options = ImageClassifierOptions(base_options=BaseOptions(model_asset_path=str(path)), max_results=-1)
     names: dict[int, str] = {}
     scores, ood = [], []
-    with ImageClassifier.create_from_options(options) as classifier:
+    # MediaPipe's graph start-up writes INFO/WARNING lines of its own (kept with --verbose).
+    with filtered_native_stderr(), ImageClassifier.create_from_options(options) as classifier:
         for image in pixels:
             result = classifier.classify(mp.Image(image_format=mp.ImageFormat.SRGB,
                                                   data=np.ascontiguousarray(image, np.uint8)))

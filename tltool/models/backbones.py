@@ -8,11 +8,14 @@ implementation already includes it (EfficientNet, MobileNetV3, ConvNeXt) get non
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
+import functools
 import hashlib
 import re
 import socket
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -44,9 +47,19 @@ class BackboneSpec:
         return self.preprocessing == "none"
 
     def constructor_fn(self) -> Callable:
+        """Keras's constructor, without its warning that ImageNet weights made for 224 px are used at another
+        size: that is what tltool means to do (convolution weights do not depend on the input size)."""
         import keras
 
-        return getattr(keras.applications, self.constructor)
+        build = getattr(keras.applications, self.constructor)
+
+        @functools.wraps(build)
+        def constructor(*args, **kwargs):
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="`input_shape` is undefined or non-square")
+                return build(*args, **kwargs)
+
+        return constructor
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
@@ -268,12 +281,56 @@ def _ensure_imagenet_cached(spec: BackboneSpec, classic: bool, size: int) -> Non
     try:
         fn = spec.constructor_fn()
         kwargs = dict(spec.extra_kwargs)
-        fn(include_top=classic, weights="imagenet", input_shape=(size, size, 3), **kwargs)
+        with _download_notice_held_until_progress():
+            fn(include_top=classic, weights="imagenet", input_shape=(size, size, 3), **kwargs)
     except Exception as exc:  # urllib and Keras raise several types for "could not download"
         raise imagenet_unavailable(spec, exc) from None
     finally:
         socket.setdefaulttimeout(previous)
         keras.backend.clear_session()
+
+
+class _HeldDownloadNotice:
+    """sys.stdout while Keras fetches weights: its "Downloading data from URL" line waits for the first
+    progress output, so a download that cannot start shows tltool's error alone, not a start and a failure."""
+
+    NOTICE = "Downloading data from "
+
+    def __init__(self, target):
+        self.target = target
+        self.held = ""
+
+    def write(self, text: str) -> int:
+        if not self.held and text.startswith(self.NOTICE):
+            self.held = text
+            return len(text)
+        self.release()
+        return self.target.write(text)
+
+    def release(self) -> None:
+        if self.held:
+            self.target.write(self.held)
+            self.held = ""
+
+    def flush(self) -> None:
+        self.target.flush()
+
+    def __getattr__(self, name):  # isatty, encoding, fileno...: Keras's progress bar asks
+        return getattr(self.target, name)
+
+
+@contextlib.contextmanager
+def _download_notice_held_until_progress():
+    import sys
+
+    original = sys.stdout
+    held = _HeldDownloadNotice(original)
+    sys.stdout = held
+    try:
+        yield
+        held.release()  # a download that finished (or a cached file: then nothing was held)
+    finally:
+        sys.stdout = original
 
 
 def imagenet_unavailable(spec: BackboneSpec, exc: Exception) -> WeightsError:
