@@ -62,6 +62,8 @@ def evaluate(model, data, out=None, top_k: int = 5, force: bool = False, tta: bo
         ood_sets = [evaluate_ood_folder(predictor, ood_data, result, skips)] if ood_data is not None else []
         probes = sanity_probes(predictor)
         t_predict = time.perf_counter() - t1
+        if len(skips):
+            say(f"Skipped {len(skips)} unreadable file(s); metrics.json lists them (skipped_files).")
         add_calibration([result], _run_temperature(run_dir))
         if robustness:
             say("Measuring the accuracy under small perturbations (FGSM and noise).")

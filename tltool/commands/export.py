@@ -109,7 +109,7 @@ def export_run(run_dir, format: str | None = None, quantize: str | None = None, 
         quantize: TFLite quantization; default the recipe's `export.quantize` (applies to tflite only).
         out: folder to write (only with a single format).
         force: replace existing export folders.
-        log: callable for two lines per export (where it went, how its check went), or None.
+        log: callable for the lines on each export (what starts, where it went, how its checks went), or None.
 
     Returns:
         One `export.json` content per format, in order.
@@ -125,6 +125,9 @@ def export_run(run_dir, format: str | None = None, quantize: str | None = None, 
     results = []
     for name in formats:
         q = (quantize or (defaults.quantize if defaults else "none")) if name == "tflite" else "none"
+        if log:
+            log(f"Exporting {run_dir} as {name}" + (f" ({q})" if q != "none" else "")
+                + ", then checking the export against the Keras model on the validation images.")
         results.append(export(run_dir, name, quantize=q, out=out, force=force))
         for line in describe_export(results[-1]) if log else ():
             log(line)
