@@ -74,3 +74,65 @@ def test_chief_and_two_workers_share_one_search(tmp_path, image_folder):
         ran = workers.count(tuner_id)
         assert f"Worker {tuner_id}: ran {ran} trial(s)" in logs[tuner_id].read_text()
     assert (out / "best.yaml").is_file() and "Best: trial" in logs["chief"].read_text()
+
+
+@pytest.mark.slow
+def test_a_lost_worker_a_duplicate_id_and_a_wrong_token_do_not_stall_the_search(tmp_path, image_folder):
+    """Keras Tuner alone: the chief waits forever for a worker killed mid-trial, and two processes with one
+    tuner id are handed the same trial. Here the lost worker's trial goes to the other worker after
+    TLTOOL_WORKER_TIMEOUT_S, the duplicate and a worker without the token are refused, and the chief exits."""
+    recipe = tmp_path / "recipe.yaml"
+    # Random over twelve values for five trials: a new trial is always at hand (a grid makes workers wait for
+    # results, and a random search over as many values as trials may stop early on repeats).
+    values = [round(0.05 * i, 2) for i in range(12)]
+    recipe.write_text(yaml.safe_dump({"tune": {"space": {"head.dropout": {"choice": values}}, "algorithm": "random"}}))
+    out = tmp_path / "search"
+    port = _free_port()
+    # Trials of a few seconds (no early stopping), so that a worker killed just after one trial is inside the next.
+    command = [sys.executable, "-m", "tltool", "tune", str(recipe), "--data", str(image_folder), "--weights", "none",
+               "--image-size", "32", "--batch-size", "8", "--set", "frozen.epochs=250",
+               "--set", "frozen.early_stopping=0", "--set", "fine_tune.epochs=0",
+               "--set", "frozen.feature_views=0", "--set", "augment.flip=horizontal", "--max-trials", "5",
+               "--out", str(out)]
+    base_env = {**os.environ, "KERASTUNER_ORACLE_IP": "127.0.0.1", "KERASTUNER_ORACLE_PORT": str(port),
+                "TLTOOL_TUNE_TOKEN": "s3cret", "TLTOOL_WORKER_TIMEOUT_S": "15",
+                "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    logs, processes = {}, {}
+
+    def start(name: str, tuner_id: str, **env) -> None:
+        logs[name] = tmp_path / f"{name}.log"
+        processes[name] = subprocess.Popen(command, env={**base_env, "KERASTUNER_TUNER_ID": tuner_id, **env}, cwd=ROOT,
+                                           stdout=logs[name].open("w"), stderr=subprocess.STDOUT)
+
+    def chief_log() -> str:
+        return logs["chief"].read_text()
+
+    try:
+        start("chief", "chief")
+        _wait_for(lambda: "Chief: serving" in chief_log(), processes["chief"], 120)
+        start("stranger", "worker9", TLTOOL_TUNE_TOKEN="guess")
+        start("worker0", "worker0")
+        start("worker1", "worker1")
+        _wait_for(lambda: "[worker0]" in chief_log(), processes["chief"], 180)
+        start("duplicate", "worker0")  # while worker0 runs its next trials
+        _wait_for(lambda: "[worker1]" in chief_log(), processes["chief"], 180)
+        time.sleep(1.0)  # worker1 has started its next trial
+        processes["worker1"].kill()
+        deadline = time.monotonic() + LIMIT_S
+        codes = {name: processes[name].wait(timeout=max(1.0, deadline - time.monotonic()))
+                 for name in ("chief", "worker0", "stranger", "duplicate")}
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+    assert codes["chief"] == 0 and codes["worker0"] == 0, chief_log()[-3000:]
+    assert "Chief: no word from worker1 for 15 s" in chief_log()
+    assert "goes back in the queue for another worker" in chief_log(), chief_log()[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["trials_completed"] == 5, summary["trials"]  # the lost trial was run again, by worker0
+    assert codes["stranger"] != 0 and "TLTOOL_TUNE_TOKEN is missing or differs" in logs["stranger"].read_text()
+    assert codes["duplicate"] != 0 and "KERASTUNER_TUNER_ID=worker0 is in use" in logs["duplicate"].read_text()
+    for name in ("stranger", "duplicate"):
+        assert "Traceback" not in logs[name].read_text()

@@ -33,7 +33,7 @@ from tltool.evaluation.metrics import accuracy, log_loss
 from tltool.files import atomic_write_text
 from tltool.models.transfer import TransferModel, build_head, fine_tune_cut
 from tltool.recipe import Recipe
-from tltool.tuning.distributed import serve_oracle
+from tltool.tuning.distributed import guard_worker, serve_oracle
 from tltool.tuning.reports import fmt_value, last_line
 from tltool.tuning.space import HEAD_KEYS, SearchSpace, stripped_recipe, trial_recipe
 
@@ -393,6 +393,8 @@ class RecipeTuner(kt.Tuner):
         self._results = None
         self._t0 = 0.0
         super().__init__(*args, **kwargs)
+        if role == "worker":  # Keras Tuner made self.oracle a client of the chief's oracle just now
+            guard_worker(self.oracle, self.tuner_id)
 
     def _populate_initial_space(self):
         # The space has no conditional parts: declaring it is enough, and it needs no data (the chief has none).
@@ -413,7 +415,7 @@ class RecipeTuner(kt.Tuner):
     def search(self, *args, **kwargs):
         if self.role == "chief":
             self.save()
-            serve_oracle(self.oracle)
+            serve_oracle(self.oracle, log=self.say)
             return
         super().search(verbose=0)
 
