@@ -31,6 +31,8 @@ _LAZY = {
     "results_to_csv_rows": "tltool.commands.predict",
     "check_data": "tltool.data.check",
     "format_report": "tltool.data.check",
+    "stylize": "tltool.commands.stylize",
+    "StylizeResult": "tltool.commands.stylize",
     "cache_info": "tltool.commands.cache",
     "prune_cache": "tltool.commands.cache",
     "clear_cache": "tltool.commands.cache",
@@ -55,7 +57,7 @@ _LAZY = {
 __all__ = sorted(_LAZY) + ["__version__"]
 
 # The API functions that run TensorFlow: it is imported for them, once, with its native log lines filtered.
-_NEEDS_TENSORFLOW = {"finetune", "tune", "evaluate", "export", "export_run", "predict_files",
+_NEEDS_TENSORFLOW = {"finetune", "tune", "evaluate", "export", "export_run", "predict_files", "stylize",
                      "list_backbones", "count_params", "load_predictor"}
 
 

@@ -468,6 +468,50 @@ def predict(model, files, top_k, as_json, as_csv, threshold, no_reject, batch_si
         sys.exit(1)
 
 
+@main.command()
+@click.argument("content", type=click.Path(path_type=Path))
+@click.argument("style", type=click.Path(path_type=Path))
+@click.option("--recipe", type=click.Path(dir_okay=False, path_type=Path),
+              help="A recipe whose stylize section (and seed) to use, e.g. OUT/recipe.yaml of an earlier run.")
+@click.option("--backbone", help="Backbone whose layers define content and style: vgg19 (default), vgg16, "
+                                 "mobilenet_v2.")
+@click.option("--weights", help="imagenet, none (random: for tests only), or PATH to the backbone's weights file.")
+@click.option("--size", type=click.IntRange(16), help="Longer side of the result in pixels (default 512).")
+@click.option("--steps", type=click.IntRange(1), help="Optimiser iterations (default 200).")
+@click.option("--optimizer", type=click.Choice(["lbfgs", "adam"]), help="lbfgs (default) or adam.")
+@click.option("--content-weight", type=click.FloatRange(0), help="Weight of the content loss (default 1e4).")
+@click.option("--style-weight", type=click.FloatRange(0), help="Weight of the style loss (default 1e-2).")
+@click.option("--tv-weight", type=click.FloatRange(0), help="Weight of the total-variation loss (default 30).")
+@click.option("--init", type=click.Choice(["content", "noise"]), help="Start from the content image (default) "
+                                                                    "or from noise.")
+@click.option("--seed", type=int, help="Seed of the noise start.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe field, e.g. "
+                                                                            "--set stylize.steps=100.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder to write (default: runs/stylize-CONTENT-TIME).")
+@click.option("--force", is_flag=True, allow_from_autoenv=False,
+              help="Replace --out if it holds an earlier tltool stylization.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@handle_errors
+def stylize(content, style, recipe, backbone, weights, size, steps, optimizer, content_weight, style_weight,
+            tv_weight, init, seed, overrides, out, force, quiet):
+    """Paint CONTENT in the style of STYLE (neural style transfer on a pretrained backbone).
+
+    \b
+        tltool stylize photo.jpg painting.jpg --out runs/painted
+        tltool stylize photo.jpg painting.jpg --size 256 --steps 100 --style-weight 0.1
+        tltool stylize photo.jpg painting.jpg --recipe runs/painted/recipe.yaml
+
+    Writes result.png (at the content's aspect ratio), sheet.png (content | style | result), loss.png,
+    stylize.json (settings, losses per step, timings) and recipe.yaml. Ctrl-C keeps the image so far.
+    """
+    with interruptible(None, resume_hint=False):
+        tltool.stylize(content, style, recipe, backbone=backbone, weights=weights, size=size, steps=steps,
+                       optimizer=optimizer, content_weight=content_weight, style_weight=style_weight,
+                       tv_weight=tv_weight, init=init, seed=seed, out=out, force=force, overrides=overrides,
+                       verbose=0 if quiet else 1, log=echo)
+
+
 def _answer(row: dict) -> str:
     """One result as the plain-text line shows it: the label and score, what else was likely, and why not."""
     others = ", ".join(f"{t['label']} {t['score']:.3f}" for t in row["top_k"][1:])

@@ -27,9 +27,9 @@ except ImportError:  # Windows: no advisory locks; everything else still holds
     fcntl = None
 
 MARKER = ".tltool"
-KINDS = ("run", "evaluation", "export", "search")
+KINDS = ("run", "evaluation", "export", "search", "stylization")
 _WHAT = {"run": "a tltool run", "evaluation": "a tltool evaluation", "export": "a tltool export",
-         "search": "a tltool search"}
+         "search": "a tltool search", "stylization": "a tltool stylization"}
 
 
 class FileLock:

@@ -169,6 +169,27 @@ class ExportConfig:
 
 
 @dataclass
+class StylizeConfig:
+    """`tltool stylize`: one image's content in another's style (Gatys, Ecker and Bethge 2015)."""
+    backbone: str = _f("vgg19", "Backbone whose layers define content and style (one that declares them: "
+                                "vgg16, vgg19, mobilenet_v2).")
+    weights: str = _f("imagenet", "imagenet, none (random: for tests only) or PATH to the backbone's weights "
+                                  "file without its top.")
+    size: int = _f(512, "Longer side of the result in pixels; the other follows the content's aspect ratio.",
+                   minimum=16, maximum=4096)
+    steps: int = _f(200, "Optimiser iterations on the image.", minimum=1)
+    optimizer: str = _f("lbfgs", "lbfgs (L-BFGS-B, bounded to valid pixels) or adam.", choices=("lbfgs", "adam"))
+    learning_rate: float = _f(0.02, "Adam's step size on pixels in [0, 1] (adam only).", minimum=0.0)
+    content_weight: float = _f(1e4, "Weight of the content loss (mean squared difference of content features).",
+                               minimum=0.0)
+    style_weight: float = _f(1e-2, "Weight of the style loss (mean squared difference of Gram matrices).",
+                             minimum=0.0)
+    tv_weight: float = _f(30.0, "Weight of the total-variation loss: the sum of absolute differences of "
+                                "neighbouring pixels (in [0, 1]), which keeps the result smooth.", minimum=0.0)
+    init: str = _f("content", "Start from the content image or from noise.", choices=("content", "noise"))
+
+
+@dataclass
 class Recipe:
     version: int = _f(SCHEMA_VERSION, "Recipe schema version.", minimum=1, maximum=SCHEMA_VERSION)
     name: str = _f("run", "Name of the run, shown in reports and in the default run folder runs/NAME-TIME.")
@@ -189,6 +210,8 @@ class Recipe:
                                metadata={"help": "Calibration and out-of-distribution rejection."})
     tune: TuneConfig = field(default_factory=TuneConfig, metadata={"help": "Hyperparameter search."})
     export: ExportConfig = field(default_factory=ExportConfig, metadata={"help": "Export defaults."})
+    stylize: StylizeConfig = field(default_factory=StylizeConfig,
+                                   metadata={"help": "Style transfer (`tltool stylize`)."})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -314,7 +337,7 @@ _SECTIONS = {
     "data": DataConfig, "backbone": BackboneConfig, "head": HeadConfig, "frozen": FrozenStageConfig,
     "fine_tune": FineTuneStageConfig, "train": TrainConfig, "augment": AugmentConfig, "trust": TrustConfig,
     "tune": TuneConfig,
-    "export": ExportConfig,
+    "export": ExportConfig, "stylize": StylizeConfig,
 }
 
 
@@ -456,7 +479,7 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 
 # Not searchable: identity fields, the search itself, and process-wide switches (op determinism cannot be
 # turned off again within a process, so one trial would change every later one).
-_UNTUNABLE = ("version", "name", "tune.", "trust.", "train.deterministic", "train.strategy", "train.mixed_precision")
+_UNTUNABLE = ("version", "name", "tune.", "trust.", "stylize.", "train.deterministic", "train.strategy", "train.mixed_precision")
 SPACE_FORMS = "{choice: [...]}, {min: A, max: B, step: S, sampling: linear|log} or {boolean: true}"
 
 

@@ -41,6 +41,8 @@ class BackboneSpec:
     classic_feature_size: int         # width of the input of the original 1000-way layer
     block_end: str = ""               # regex of the layers that end a block (stage 2 unfreezes whole blocks)
     extra_kwargs: tuple = ()          # constructor arguments fixed for this spec
+    content_layers: tuple = ()        # `tltool stylize`: layers whose activations define an image's content
+    style_layers: tuple = ()          # ... and those whose Gram matrices define its style
 
     @property
     def preprocessing_included(self) -> bool:
@@ -72,9 +74,9 @@ def register_backbone(spec: BackboneSpec) -> BackboneSpec:
     return spec
 
 
-def _add(name, constructor, size, min_size, prep, feat, classic_feat, block_end, **kwargs):
+def _add(name, constructor, size, min_size, prep, feat, classic_feat, block_end, stylize=((), ()), **kwargs):
     register_backbone(BackboneSpec(name, constructor, size, min_size, prep, feat, classic_feat, block_end,
-                                   tuple(sorted(kwargs.items()))))
+                                   tuple(sorted(kwargs.items())), *stylize))
 
 
 # The layers that end a block, per family: each is a cut of the network (every path from the input to
@@ -92,13 +94,19 @@ _INCEPTION = r"^mixed\d+$"
 _DENSENET = r"^(conv\d_block\d+_concat|pool\d_pool)$"
 
 
-_add("vgg16", "VGG16", 224, 32, "caffe", 512, 4096, _VGG)
-_add("vgg19", "VGG19", 224, 32, "caffe", 512, 4096, _VGG)
+# Style transfer layers (Gatys et al. 2015): a deep layer for content, the first layer of every block for style.
+_VGG_STYLIZE = (("block5_conv2",), tuple(f"block{i}_conv1" for i in range(1, 6)))
+# MobileNetV2 by analogy: the expansion activations that start each resolution, the deepest for content.
+_MOBILENET_V2_STYLIZE = (("block_13_expand_relu",),
+                         ("block_1_expand_relu", "block_3_expand_relu", "block_6_expand_relu", "block_13_expand_relu"))
+
+_add("vgg16", "VGG16", 224, 32, "caffe", 512, 4096, _VGG, stylize=_VGG_STYLIZE)
+_add("vgg19", "VGG19", 224, 32, "caffe", 512, 4096, _VGG, stylize=_VGG_STYLIZE)
 _add("resnet50", "ResNet50", 224, 32, "caffe", 2048, 2048, _RESNET)
 _add("resnet101", "ResNet101", 224, 32, "caffe", 2048, 2048, _RESNET)
 _add("resnet50_v2", "ResNet50V2", 224, 32, "tf", 2048, 2048, _RESNET)
 _add("mobilenet", "MobileNet", 224, 32, "tf", 1024, 1024, _MOBILENET)
-_add("mobilenet_v2", "MobileNetV2", 224, 32, "tf", 1280, 1280, _MOBILENET_V2)
+_add("mobilenet_v2", "MobileNetV2", 224, 32, "tf", 1280, 1280, _MOBILENET_V2, stylize=_MOBILENET_V2_STYLIZE)
 _add("mobilenet_v3_small", "MobileNetV3Small", 224, 32, "none", 576, 1024, _MOBILENET_V3)
 _add("mobilenet_v3_large", "MobileNetV3Large", 224, 32, "none", 960, 1280, _MOBILENET_V3)
 _add("efficientnet_b0", "EfficientNetB0", 224, 32, "none", 1280, 1280, _EFFICIENTNET)
