@@ -34,7 +34,7 @@ def pictures(tmp_path_factory):
 
 def test_style_loss_falls_tenfold_and_the_outputs_are_written(pictures, tmp_path):
     content, style = pictures
-    result = tltool.stylize(content, style, steps=30, out=tmp_path / "out", **FAST)
+    result = tltool.stylize(content, style, steps=30, optimizer="lbfgs", out=tmp_path / "out", **FAST)
     history = result.summary["history"]
     assert history[0]["step"] == 0 and history[-1]["step"] == 30
     assert history[-1]["style"] < history[0]["style"] / 10

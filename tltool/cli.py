@@ -478,7 +478,8 @@ def predict(model, files, top_k, as_json, as_csv, threshold, no_reject, batch_si
 @click.option("--weights", help="imagenet, none (random: for tests only), or PATH to the backbone's weights file.")
 @click.option("--size", type=click.IntRange(16), help="Longer side of the result in pixels (default 512).")
 @click.option("--steps", type=click.IntRange(1), help="Optimiser iterations (default 200).")
-@click.option("--optimizer", type=click.Choice(["lbfgs", "adam"]), help="lbfgs (default) or adam.")
+@click.option("--optimizer", type=click.Choice(["adam", "lbfgs"]),
+              help="adam (default: sooner to a given loss) or lbfgs (lower in the end).")
 @click.option("--content-weight", type=click.FloatRange(0), help="Weight of the content loss (default 1e4).")
 @click.option("--style-weight", type=click.FloatRange(0), help="Weight of the style loss (default 1e-2).")
 @click.option("--tv-weight", type=click.FloatRange(0), help="Weight of the total-variation loss (default 30).")

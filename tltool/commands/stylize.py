@@ -97,11 +97,13 @@ def _run(cfg, recipe: Recipe, spec, resolved, content_img, style_img, shape, n_c
     on_step({"loss": total, "content": content_loss, "style": style_loss, "tv": tv})
 
     run = _lbfgs if cfg.optimizer == "lbfgs" else _adam
-    image, interrupted = start, False
+    latest = {"image": start}  # the image after the last finished step: what Ctrl-C keeps
+    interrupted = False
     try:
-        image = run(loss, start, cfg, on_step)
+        run(loss, start, cfg, on_step, latest)
     except KeyboardInterrupt:
-        image, interrupted = run.last, True
+        interrupted = True
+    image = latest["image"]
     seconds = time.perf_counter() - t0
     summary = _summary(cfg, recipe, spec, resolved, shape, history, seconds, time.perf_counter() - t_start,
                        interrupted)
@@ -144,7 +146,7 @@ def _pixels(img: Image.Image) -> np.ndarray:
     return np.asarray(img, np.float32) / 255.0
 
 
-def _lbfgs(loss: StyleLoss, start: np.ndarray, cfg, on_step) -> np.ndarray:
+def _lbfgs(loss: StyleLoss, start: np.ndarray, cfg, on_step, latest: dict) -> None:
     """L-BFGS-B on the pixels, bounded to [0, 1] (no clipping needed); one step is one iteration."""
     import tensorflow as tf
     from scipy.optimize import Bounds, minimize
@@ -158,33 +160,31 @@ def _lbfgs(loss: StyleLoss, start: np.ndarray, cfg, on_step) -> np.ndarray:
         return float(total), grad.numpy().astype(np.float64).ravel()
 
     def after_iteration(xk):
-        _lbfgs.last = xk.reshape(start.shape).astype(np.float32)
+        latest["image"] = xk.reshape(start.shape).astype(np.float32)
         if not np.array_equal(last_eval.get("x"), xk):  # the accepted point is usually the last evaluated
             value_and_gradient(xk)
         on_step(last_eval["parts"])
 
-    _lbfgs.last = start
     x0 = start.astype(np.float64).ravel()
     minimize(value_and_gradient, x0, jac=True, method="L-BFGS-B", bounds=Bounds(0.0, 1.0), callback=after_iteration,
              options={"maxiter": cfg.steps, "maxcor": 10, "ftol": 0.0, "gtol": 0.0})
-    return _lbfgs.last
 
 
-def _adam(loss: StyleLoss, start: np.ndarray, cfg, on_step) -> np.ndarray:
-    """Adam on the pixels (TensorFlow's tutorial settings), clipped to [0, 1] after every step."""
+def _adam(loss: StyleLoss, start: np.ndarray, cfg, on_step, latest: dict) -> None:
+    """Adam on the pixels (TensorFlow's tutorial settings), clipped to [0, 1] after every step; each step's
+    losses are those of the image it produced."""
     import keras
     import tensorflow as tf
 
     image = tf.Variable(start[None])
     adam = keras.optimizers.Adam(learning_rate=cfg.learning_rate, beta_1=0.99, epsilon=0.1)
-    _adam.last = start
+    grad = loss.value_and_gradient(tf.convert_to_tensor(image))[-1]
     for _ in range(cfg.steps):
-        total, content, style, tv, grad = loss.value_and_gradient(tf.convert_to_tensor(image))
         adam.apply_gradients([(grad, image)])
         image.assign(tf.clip_by_value(image, 0.0, 1.0))
-        _adam.last = image.numpy()[0]
+        latest["image"] = image.numpy()[0]
+        total, content, style, tv, grad = loss.value_and_gradient(tf.convert_to_tensor(image))
         on_step({"loss": total, "content": content, "style": style, "tv": tv})
-    return _adam.last
 
 
 def _summary(cfg, recipe, spec, resolved, shape, history, seconds, total_s, interrupted) -> dict:
