@@ -82,7 +82,8 @@ def test_a_finetune_prints_tltools_lines_epoch_bars_and_one_skip_count(tmp_path)
 
 
 @pytest.mark.parametrize("command", [["--help"], ["finetune", "--help"], ["tune", "--help"], ["evaluate", "--help"],
-                                     ["export", "--help"], ["predict", "--help"], ["data", "check", "--help"]])
+                                     ["export", "--help"], ["predict", "--help"], ["data", "check", "--help"],
+                                     ["stylize", "--help"]])
 def test_help_keeps_each_example_on_its_own_line(command):
     shown = CliRunner().invoke(main, command, terminal_width=80).output
     examples = [line for line in shown.splitlines() if line.strip().startswith("tltool ")]

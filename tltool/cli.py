@@ -496,7 +496,7 @@ def predict(model, files, top_k, as_json, as_csv, threshold, no_reject, batch_si
 @handle_errors
 def stylize(content, style, recipe, backbone, weights, size, steps, optimizer, content_weight, style_weight,
             tv_weight, init, seed, overrides, out, force, quiet):
-    """Paint CONTENT in the style of STYLE (neural style transfer on a pretrained backbone).
+    """Paint CONTENT in the style of STYLE: neural style transfer.
 
     \b
         tltool stylize photo.jpg painting.jpg --out runs/painted
