@@ -239,12 +239,14 @@ def _plot_losses(path: Path, history: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     steps = [h["step"] for h in history]
+    floor = 1e-6 * max(h["loss"] for h in history)  # a start at exactly the content image has content loss 0
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    for key in ("loss", "content", "style", "tv"):
-        ax.plot(steps, [max(h[key], 1e-12) for h in history], label="total" if key == "loss" else key)
+    for key, label in (("loss", "total (weighted sum)"), ("content", "content"), ("style", "style"),
+                       ("tv", "total variation")):
+        ax.plot(steps, [max(h[key], floor) for h in history], label=label)
     ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (unweighted parts)")
+    ax.set_ylabel("loss (parts unweighted)")
     ax.legend()
     fig.tight_layout()
     atomic_save(path, lambda tmp: fig.savefig(tmp, format="png"))
