@@ -15,6 +15,7 @@ that a later command would trust.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from tltool.errors import RunDirError
@@ -76,3 +77,17 @@ def write_summary(run_dir: Path, summary: dict) -> None:
 def read_summary(run_dir: Path) -> dict:
     path = Path(run_dir) / SUMMARY_FILE
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def new_run_dir(name: str) -> Path:
+    """A new folder runs/NAME-TIME (NAME-TIME-2, ... when another run started in the same second)."""
+    base = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, 1000):
+        candidate = base if attempt == 1 else base.with_name(f"{base.name}-{attempt}")
+        try:
+            candidate.mkdir()  # atomic: of two runs picking the same name, one gets it
+            return candidate
+        except FileExistsError:
+            continue
+    raise RunDirError(f"Could not make a new run folder next to {base}; pass --out.")

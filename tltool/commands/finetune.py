@@ -13,7 +13,7 @@ from tltool.engine.progress import RunProgress, check_resumable
 from tltool.engine.setup import RunSetup, prepare_run, resolve_recipe, start_runtime
 from tltool.engine.stages import TrainingContext, build_model, train_stages
 from tltool.engine.trust import Trust, fit_trust
-from tltool.errors import RecipeError, RunDirError
+from tltool.errors import RecipeError
 from tltool.models.ood import build_ood_scorer, with_ood_output
 from tltool.recipe import load_recipe, save_recipe
 
@@ -69,7 +69,7 @@ def finetune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=
     if resume:
         _same_data_as_before(run_dir, setup)
     if run_dir is None:
-        run_dir = _new_run_dir(recipe.name)
+        run_dir = rundir.new_run_dir(recipe.name)
     with outputs.claim_output_dir(run_dir, **where):  # locked: no other command writes there meanwhile
         return _train_in(run_dir, setup, resume, say, verbose, tensorboard, t_start)
 
@@ -109,20 +109,6 @@ def _same_data_as_before(run_dir: Path, setup: RunSetup) -> None:
         return
     check_same_data(manifest, setup.split)
     setup.split = manifest_split(manifest)
-
-
-def _new_run_dir(name: str) -> Path:
-    """A new folder runs/NAME-TIME (NAME-TIME-2, ... when another run started in the same second)."""
-    base = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    base.parent.mkdir(parents=True, exist_ok=True)
-    for attempt in range(1, 1000):
-        candidate = base if attempt == 1 else base.with_name(f"{base.name}-{attempt}")
-        try:
-            candidate.mkdir()  # atomic: of two runs picking the same name, one gets it
-            return candidate
-        except FileExistsError:
-            continue
-    raise RunDirError(f"Could not make a new run folder next to {base}; pass --out.")
 
 
 def inference_model(tm, trust: Trust):

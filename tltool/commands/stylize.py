@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tltool import outputs
+from tltool import outputs, rundir
 from tltool.data.images import ImageReadError, decode
 from tltool.errors import DataError
 from tltool.files import atomic_save, atomic_write_json
@@ -261,6 +261,4 @@ def _done_line(summary: dict, out: Path) -> str:
 
 
 def _new_out_dir(stem: str) -> Path:
-    from tltool.commands.finetune import _new_run_dir
-
-    return _new_run_dir(f"stylize-{stem or 'image'}")
+    return rundir.new_run_dir(f"stylize-{stem or 'image'}")
