@@ -37,6 +37,7 @@ _NOISE = re.compile(
     r"|E\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] .*(cuInit|CUDA|cuda|cuDNN|cuFFT|cuBLAS|TensorRT|oneDNN supports)"
     r"|INFO: Created TensorFlow Lite XNNPACK delegate for CPU\."
     r"|INFO: Initialized TensorFlow Lite runtime\."
+    r"|fully_quantize: \d+, inference_type: \d+, input_inference_type: \w+, output_inference_type: \w+$"  # int8
 )
 
 _state = {"tf_level_set_by_us": False, "tensorflow_ready": False, "filter_pid": 0}
