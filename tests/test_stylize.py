@@ -90,7 +90,18 @@ def test_every_declared_layer_exists_in_its_backbone():
         net = spec.constructor_fn()(include_top=False, weights=None, input_shape=(64, 64, 3))
         names = {layer.name for layer in net.layers}
         assert set(spec.content_layers) | set(spec.style_layers) <= names, name
+        assert len(spec.style_loss_weights) == 3, name
         keras.backend.clear_session()
+
+
+def test_loss_weights_default_to_the_backbones(pictures, tmp_path):
+    content, style = pictures
+    mobile = tltool.stylize(content, style, backbone="mobilenet_v2", weights="none", size=64, steps=1,
+                            out=tmp_path / "mobile", verbose=0)
+    assert mobile.summary["loss_weights"] == {"content": 1e3, "style": 1e6, "tv": 1.0}
+    vgg = tltool.stylize(content, style, weights="none", size=64, steps=1, style_weight=0.5, out=tmp_path / "vgg",
+                         verbose=0)
+    assert vgg.summary["loss_weights"] == {"content": 1e4, "style": 0.5, "tv": 30.0}
 
 
 def test_ctrl_c_keeps_the_image_so_far(pictures, tmp_path):

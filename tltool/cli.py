@@ -480,9 +480,12 @@ def predict(model, files, top_k, as_json, as_csv, threshold, no_reject, batch_si
 @click.option("--steps", type=click.IntRange(1), help="Optimiser iterations (default 200).")
 @click.option("--optimizer", type=click.Choice(["adam", "lbfgs"]),
               help="adam (default: sooner to a given loss) or lbfgs (lower in the end).")
-@click.option("--content-weight", type=click.FloatRange(0), help="Weight of the content loss (default 1e4).")
-@click.option("--style-weight", type=click.FloatRange(0), help="Weight of the style loss (default 1e-2).")
-@click.option("--tv-weight", type=click.FloatRange(0), help="Weight of the total-variation loss (default 30).")
+@click.option("--content-weight", type=click.FloatRange(0), help="Weight of the content loss (default: the "
+                                                                 "backbone's; vgg 1e4).")
+@click.option("--style-weight", type=click.FloatRange(0), help="Weight of the style loss (default: the backbone's; "
+                                                               "vgg 1e-2).")
+@click.option("--tv-weight", type=click.FloatRange(0), help="Weight of the total-variation loss (default: the "
+                                                            "backbone's; vgg 30).")
 @click.option("--init", type=click.Choice(["content", "noise"]), help="Start from the content image (default) "
                                                                     "or from noise.")
 @click.option("--seed", type=int, help="Seed of the noise start.")

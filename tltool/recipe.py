@@ -182,12 +182,14 @@ class StylizeConfig:
                                 "pixels: slower per step, lower in the end); see benchmarks/stylize.py.",
                         choices=("adam", "lbfgs"))
     learning_rate: float = _f(0.02, "Adam's step size on pixels in [0, 1] (adam only).", minimum=0.0)
-    content_weight: float = _f(1e4, "Weight of the content loss (mean squared difference of content features).",
-                               minimum=0.0)
-    style_weight: float = _f(1e-2, "Weight of the style loss (mean squared difference of Gram matrices).",
-                             minimum=0.0)
-    tv_weight: float = _f(30.0, "Weight of the total-variation loss: the sum of absolute differences of "
-                                "neighbouring pixels (in [0, 1]), which keeps the result smooth.", minimum=0.0)
+    # The three loss weights default to the backbone's (registry): their scale depends on the network.
+    content_weight: Optional[float] = _f(None, "Weight of the content loss (mean squared difference of content "
+                                               "features); default: the backbone's (vgg: 1e4).", minimum=0.0)
+    style_weight: Optional[float] = _f(None, "Weight of the style loss (mean squared difference of Gram matrices); "
+                                             "default: the backbone's (vgg: 1e-2).", minimum=0.0)
+    tv_weight: Optional[float] = _f(None, "Weight of the total-variation loss: the sum of absolute differences of "
+                                          "neighbouring pixels (in [0, 1]), which keeps the result smooth; default: "
+                                          "the backbone's (vgg: 30).", minimum=0.0)
     init: str = _f("content", "Start from the content image or from noise.", choices=("content", "noise"))
 
 

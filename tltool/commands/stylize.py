@@ -83,7 +83,8 @@ def _run(cfg, recipe: Recipe, spec, resolved, content_img, style_img, shape, n_c
         f"{cfg.optimizer} steps from the {cfg.init} image. Output: {out}")
     t0 = time.perf_counter()
     model = feature_model(spec, resolved, None, None)
-    loss = StyleLoss(model, content, style, n_content, LossWeights(cfg.content_weight, cfg.style_weight, cfg.tv_weight))
+    weights = LossWeights.of(spec, cfg.content_weight, cfg.style_weight, cfg.tv_weight)
+    loss = StyleLoss(model, content, style, n_content, weights)
     start = content if cfg.init == "content" else np.random.default_rng(recipe.seed).random(content.shape, np.float32)
     history: list[dict] = []  # step 0 is the starting image
     bar = keras.utils.Progbar(cfg.steps, unit_name="step", verbose=verbose) if verbose else None
@@ -105,8 +106,8 @@ def _run(cfg, recipe: Recipe, spec, resolved, content_img, style_img, shape, n_c
         interrupted = True
     image = latest["image"]
     seconds = time.perf_counter() - t0
-    summary = _summary(cfg, recipe, spec, resolved, shape, history, seconds, time.perf_counter() - t_start,
-                       interrupted)
+    summary = _summary(cfg, recipe, spec, resolved, weights, shape, history, seconds,
+                       time.perf_counter() - t_start, interrupted)
     result = _write(out, recipe, summary, content, style, image, history)
     if interrupted:
         say(f"\nInterrupted after {summary['steps_done']} step(s): the image so far is in {out / RESULT_FILE}.")
@@ -187,12 +188,13 @@ def _adam(loss: StyleLoss, start: np.ndarray, cfg, on_step, latest: dict) -> Non
         on_step({"loss": total, "content": content, "style": style, "tv": tv})
 
 
-def _summary(cfg, recipe, spec, resolved, shape, history, seconds, total_s, interrupted) -> dict:
+def _summary(cfg, recipe, spec, resolved, weights, shape, history, seconds, total_s, interrupted) -> dict:
     first, last = (history[0], history[-1]) if history else ({}, {})
     return {
         "backbone": spec.name, "weights": resolved.kind if resolved.kind != "file" else str(resolved.path),
         "content_layers": list(spec.content_layers), "style_layers": list(spec.style_layers),
         "height": shape[0], "width": shape[1], "settings": {**vars(cfg), "seed": recipe.seed},
+        "loss_weights": {"content": weights.content, "style": weights.style, "tv": weights.tv},
         "steps_done": max(0, len(history) - 1), "interrupted": interrupted,
         "first": first, "last": last, "history": history,
         "timings": {"optimise_s": round(seconds, 3), "per_step_s": round(seconds / max(1, len(history) - 1), 4),

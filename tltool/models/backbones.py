@@ -43,6 +43,7 @@ class BackboneSpec:
     extra_kwargs: tuple = ()          # constructor arguments fixed for this spec
     content_layers: tuple = ()        # `tltool stylize`: layers whose activations define an image's content
     style_layers: tuple = ()          # ... and those whose Gram matrices define its style
+    style_loss_weights: tuple = ()    # ... and the default (content, style, total variation) loss weights
 
     @property
     def preprocessing_included(self) -> bool:
@@ -74,7 +75,7 @@ def register_backbone(spec: BackboneSpec) -> BackboneSpec:
     return spec
 
 
-def _add(name, constructor, size, min_size, prep, feat, classic_feat, block_end, stylize=((), ()), **kwargs):
+def _add(name, constructor, size, min_size, prep, feat, classic_feat, block_end, stylize=((), (), ()), **kwargs):
     register_backbone(BackboneSpec(name, constructor, size, min_size, prep, feat, classic_feat, block_end,
                                    tuple(sorted(kwargs.items())), *stylize))
 
@@ -94,11 +95,15 @@ _INCEPTION = r"^mixed\d+$"
 _DENSENET = r"^(conv\d_block\d+_concat|pool\d_pool)$"
 
 
-# Style transfer layers (Gatys et al. 2015): a deep layer for content, the first layer of every block for style.
-_VGG_STYLIZE = (("block5_conv2",), tuple(f"block{i}_conv1" for i in range(1, 6)))
-# MobileNetV2 by analogy: the expansion activations that start each resolution, the deepest for content.
+# Style transfer (Gatys et al. 2015): a deep layer for content, the first layer of every block for style, and
+# loss weights that balance them (TensorFlow's tutorial's for VGG).
+_VGG_STYLIZE = (("block5_conv2",), tuple(f"block{i}_conv1" for i in range(1, 6)), (1e4, 1e-2, 30.0))
+# MobileNetV2 by analogy: the expansion activations that start each resolution, the deepest for content. Its
+# Gram matrices are far smaller than VGG's: with VGG's weights its style loss rose; these made it fall 40-fold
+# in 150 Adam steps at 256 px (benchmarks/stylize.py pictures) with the content still recognisable.
 _MOBILENET_V2_STYLIZE = (("block_13_expand_relu",),
-                         ("block_1_expand_relu", "block_3_expand_relu", "block_6_expand_relu", "block_13_expand_relu"))
+                         ("block_1_expand_relu", "block_3_expand_relu", "block_6_expand_relu", "block_13_expand_relu"),
+                         (1e3, 1e6, 1.0))
 
 _add("vgg16", "VGG16", 224, 32, "caffe", 512, 4096, _VGG, stylize=_VGG_STYLIZE)
 _add("vgg19", "VGG19", 224, 32, "caffe", 512, 4096, _VGG, stylize=_VGG_STYLIZE)

@@ -24,6 +24,13 @@ class LossWeights:
     style: float
     tv: float
 
+    @classmethod
+    def of(cls, spec: BackboneSpec, content=None, style=None, tv=None) -> "LossWeights":
+        """The given weights, the backbone's registry defaults for those not given."""
+        default = cls(*spec.style_loss_weights)
+        return cls(default.content if content is None else content, default.style if style is None else style,
+                   default.tv if tv is None else tv)
+
 
 def declared_layers(spec: BackboneSpec) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The backbone's content and style layers; a one-line error for a backbone that declares none."""
