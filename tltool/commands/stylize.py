@@ -57,6 +57,8 @@ def stylize(content, style, recipe=None, *, backbone=None, weights=None, size=No
              "style_weight": style_weight, "tv_weight": tv_weight, "init": init}
     recipe = load_recipe(recipe, overrides=overrides, values={"stylize": flags, "seed": seed})
     cfg = recipe.stylize
+    if cfg.weights not in ("imagenet", "none"):  # absolute: the saved recipe repeats from any folder
+        cfg.weights = str(Path(cfg.weights).expanduser().resolve())
     spec = get_backbone_spec(cfg.backbone)
     content_layers, _ = declared_layers(spec)
     content_img, style_img = _read(content, "content"), _read(style, "style")
