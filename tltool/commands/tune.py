@@ -23,7 +23,7 @@ from tltool.engine.setup import prepare_run, resolve_recipe
 from tltool.errors import RunDirError, SearchFailedError
 from tltool.recipe import Recipe, from_dict, load_recipe
 from tltool.tuning.distributed import distributed_role, oracle_address
-from tltool.tuning.reports import BEST_FILE, format_table, write_reports
+from tltool.tuning.reports import BEST_FILE, format_table, trial_number, write_reports
 from tltool.tuning.search import RecipeHyperModel, RecipeTuner, TrialRunner, make_oracle
 from tltool.tuning.space import SearchSpace, default_space
 
@@ -156,7 +156,7 @@ def _reporter(out: Path, base: Recipe, space: SearchSpace, role: str, say):
             record = next(r for r in summary["trials"] if r["trial_id"] == trial.trial_id)
             outcome = (f"{oracle.objective.name} {record[oracle.objective.name]:.4f}"
                        if record["status"] == "completed" else f"FAILED: {record.get('error')}")
-            say(f"Trial {int(record['trial_id']) + 1} [{record['worker']}] {outcome} "
+            say(f"Trial {trial_number(record['trial_id'])} [{record['worker']}] {outcome} "
                 f"({summary['trials_completed']} completed so far)")
 
     return after_end_trial
@@ -243,6 +243,6 @@ def _search(tuner, out: Path, base: Recipe, space: SearchSpace, role: str, resum
                                 f"See {out / rundir.SUMMARY_FILE}.")
     best = summary["best"]
     name = summary["objective"]["name"]
-    say(f"Best: trial {best['trial_id']}, {name} {best[name]:.4f}. Train it with: "
+    say(f"Best: trial {trial_number(best['trial_id'])}, {name} {best[name]:.4f}. Train it with: "
         f"tltool finetune {out / BEST_FILE} --out runs/{base.name}-best")
     return TuneResult(out, summary, load_recipe(out / BEST_FILE))

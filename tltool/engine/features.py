@@ -326,10 +326,9 @@ def cached_features(extractor, cache: FeatureCache | None, paths: list[str], ima
         keys = [file_key(p, view) for p in paths]
         missing = [i for i, k in enumerate(keys) if cache is None or k not in cache]
         if missing:
-            what = "images" if v == 0 else f"augmented view {v}/{views}"
+            what = f"{len(missing)} images" if v == 0 else f"augmented view {v}/{views} of {len(missing)} images"
             if verbose:
-                log(f"Computing features of {len(missing)} {what} "
-                    f"({len(paths) - len(missing)} already cached).")
+                log(f"Computing features of {what} ({len(paths) - len(missing)} already cached).")
             t0 = time.perf_counter()
             feats, ok = _compute_in_shards(extractor, cache, [paths[i] for i in missing],
                                            [keys[i] for i in missing], image_size, batch_size, skips,

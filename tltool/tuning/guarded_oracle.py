@@ -17,6 +17,7 @@ from keras_tuner.src.engine.oracle import synchronized
 
 from tltool.errors import TuneError
 from tltool.tuning.distributed import HEARTBEAT_S, TOKEN_ENV, WORKER_TIMEOUT_ENV, oracle_address
+from tltool.tuning.reports import trial_number
 
 IN_USE_S = 3 * HEARTBEAT_S  # a tuner id heard from this recently belongs to a running process
 # gRPC metadata keys (lower case, as gRPC requires) carried by every call of a tltool worker.
@@ -109,7 +110,7 @@ class GuardedOracleServicer(oracle_chief.OracleServicer):
             _end_lost_trial(self.oracle, trial, requeue,
                             f"worker {tuner_id} lost (no word for {self.timeout_s:g} s)")
             self.log(f"Chief: no word from {tuner_id} for {self.timeout_s:g} s ({WORKER_TIMEOUT_ENV}) while it ran "
-                     f"trial {int(trial.trial_id) + 1}: " + ("the trial goes back in the queue for another worker."
+                     f"trial {trial_number(trial.trial_id)}: " + ("the trial goes back in the queue for another worker."
                                                            if requeue else "the trial is recorded as failed "
                                                            "(its worker was lost twice)."))
 

@@ -77,7 +77,8 @@ def write_reports(out: Path, oracle, base: Recipe, space: SearchSpace, plot: boo
 
 
 def _write_csv(path: Path, records: list[dict], space: SearchSpace, name: str) -> None:
-    columns = ["trial_id", "status", "worker", "seconds", name] + [m for m in ("val_accuracy", "val_loss")
+    # `trial` is the number the terminal shows; `trial_id` Keras Tuner's (its folder search/trial_ID).
+    columns = ["trial", "trial_id", "status", "worker", "seconds", name] + [m for m in ("val_accuracy", "val_loss")
                                                                      if m != name]
     columns += space.keys + ["error"]
     buffer = io.StringIO()
@@ -85,6 +86,7 @@ def _write_csv(path: Path, records: list[dict], space: SearchSpace, name: str) -
     writer.writeheader()
     for record in records:
         row = {k: record.get(k) for k in columns}
+        row["trial"] = trial_number(record["trial_id"])
         for key in space.keys:
             value = record["hyperparameters"].get(key)
             row[key] = json.dumps(value) if isinstance(value, (list, dict)) else value
@@ -101,12 +103,17 @@ def format_table(summary: dict, limit: int = 10) -> str:
     for r in done[:limit]:
         values = ", ".join(f"{k}={fmt_value(v)}" for k, v in r["hyperparameters"].items())
         seconds = "-" if r["seconds"] is None else f"{r['seconds']:.1f}"
-        lines.append(f"{r['trial_id']:<6} {r[name]:>12.4f} {seconds:>8} {str(r['worker'] or '-'):<10} {values}")
+        lines.append(f"{trial_number(r['trial_id']):<6} {r[name]:>12.4f} {seconds:>8} {str(r['worker'] or '-'):<10} {values}")
     if len(done) > limit:
         lines.append(f"... and {len(done) - limit} more completed trial(s) in trials.csv")
     if summary["trials_failed"]:
         lines.append(f"{summary['trials_failed']} trial(s) failed; their errors are in summary.json.")
     return "\n".join(lines)
+
+
+def trial_number(trial_id) -> int:
+    """The number a trial is shown with, counting from 1 (Keras Tuner's ids, in files, count from 0)."""
+    return int(trial_id) + 1
 
 
 def fmt_value(value) -> str:

@@ -34,7 +34,7 @@ from tltool.files import atomic_write_text
 from tltool.models.transfer import TransferModel, build_head, fine_tune_cut
 from tltool.recipe import Recipe
 from tltool.tuning.distributed import guard_worker, serve_oracle
-from tltool.tuning.reports import fmt_value, last_line
+from tltool.tuning.reports import fmt_value, last_line, trial_number
 from tltool.tuning.space import HEAD_KEYS, SearchSpace, stripped_recipe, trial_recipe
 
 
@@ -438,7 +438,7 @@ class RecipeTuner(kt.Tuner):
         else:
             outcome = f"FAILED: {last_line(trial.message)}"
         total = self.oracle.max_trials
-        self.say(f"Trial {int(trial.trial_id) + 1}{f'/{total}' if total else ''} [{self.tuner_id}] {outcome} in "
+        self.say(f"Trial {trial_number(trial.trial_id)}{f'/{total}' if total else ''} [{self.tuner_id}] {outcome} in "
                  f"{seconds:.1f}s  {shown}")
         self.hypermodel._trial = None
         self._results = None
