@@ -109,10 +109,10 @@ class GuardedOracleServicer(oracle_chief.OracleServicer):
             requeue = self.losses[trial.trial_id] == 1
             _end_lost_trial(self.oracle, trial, requeue,
                             f"worker {tuner_id} lost (no word for {self.timeout_s:g} s)")
+            what_now = ("the trial goes back in the queue for another worker." if requeue
+                        else "the trial is recorded as failed (its worker was lost twice).")
             self.log(f"Chief: no word from {tuner_id} for {self.timeout_s:g} s ({WORKER_TIMEOUT_ENV}) while it ran "
-                     f"trial {trial_number(trial.trial_id)}: " + ("the trial goes back in the queue for another worker."
-                                                           if requeue else "the trial is recorded as failed "
-                                                           "(its worker was lost twice)."))
+                     f"trial {trial_number(trial.trial_id)}: {what_now}")
 
 
 # Keras Tuner's oracle lock around these two: the gRPC thread changes the oracle too.
