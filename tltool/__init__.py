@@ -58,7 +58,7 @@ __all__ = sorted(_LAZY) + ["__version__"]
 
 # The API functions that run TensorFlow: it is imported for them, once, with its native log lines filtered.
 _NEEDS_TENSORFLOW = {"finetune", "tune", "evaluate", "export", "export_run", "predict_files", "stylize",
-                     "list_backbones", "count_params", "load_predictor"}
+                     "count_params", "load_predictor"}
 
 
 def __getattr__(name):
