@@ -157,7 +157,7 @@ def _forward_filtered(source: int, target: int) -> None:
             _write_all(target, pending)
             return
         *lines, pending = (pending + chunk).split(b"\n")
-        kept = [line for line in lines if not is_noise(line.decode("utf-8", "replace"))]
+        kept = [line for line in lines if not is_noise(line.decode("utf-8", "replace"))]  # bytes pass as they came
         if kept:
             _write_all(target, b"\n".join(kept) + b"\n")
 

@@ -210,9 +210,11 @@ def _skipped_note(skipped: int, at_start: int) -> str:
     if not skipped:
         return ""
     later = skipped - at_start
-    found_later = f" ({later} of them found only while decoding)" if later and at_start else (
-        " (found while decoding)" if later else "")
-    return f"; {skipped} unreadable file(s) skipped{found_later}"
+    if not later:
+        return f"; {skipped} unreadable file(s) skipped"
+    if not at_start:
+        return f"; {skipped} unreadable file(s) skipped (found while decoding)"
+    return f"; {skipped} unreadable file(s) skipped ({later} of them found only while decoding)"
 
 
 def _write_report(run_dir: Path, eval_sets, probes, classes, temperature, say) -> None:

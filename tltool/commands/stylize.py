@@ -205,7 +205,7 @@ def _summary(cfg, recipe, spec, resolved, weights, shape, history, seconds, tota
 
 
 def _write(out: Path, recipe: Recipe, summary: dict, content, style, image, history) -> np.ndarray:
-    result = np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+    result = _to_uint8(image)
     _save_png(out / RESULT_FILE, result)
     _save_png(out / SHEET_FILE, _sheet([content, style, image]))
     if history:
@@ -213,6 +213,11 @@ def _write(out: Path, recipe: Recipe, summary: dict, content, style, image, hist
     save_recipe(recipe, out / "recipe.yaml")
     atomic_write_json(out / SUMMARY_FILE, summary)
     return result
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    """Pixels in [0, 1] as 0-255 bytes."""
+    return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
 
 
 def _save_png(path: Path, pixels: np.ndarray) -> None:
@@ -224,7 +229,7 @@ def _sheet(images: list[np.ndarray], gap: int = 8) -> np.ndarray:
     height = images[0].shape[0]
     tiles = []
     for img in images:
-        tile = Image.fromarray(np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8))
+        tile = Image.fromarray(_to_uint8(img))
         tiles.append(np.asarray(tile.resize((max(1, round(tile.width * height / tile.height)), height),
                                             Image.LANCZOS)))
     width = sum(t.shape[1] for t in tiles) + gap * (len(tiles) - 1)

@@ -380,11 +380,8 @@ def _say_how_the_stage_ended(ctx: TrainingContext, stage: int, fitted, history_p
 
 def _best_val_loss(stage: int, fitted, history_path: Path | None) -> float | None:
     """The validation loss the model ended a stage with (early stopping restores the best epoch's weights):
-    from history.csv when the run has one (it spans resumed attempts), else from Keras's History."""
-    if history_path is not None:
-        losses = [r["val_loss"] for r in read_history(history_path) if r["stage"] == stage and r["val_loss"] is not None]
-    else:
-        losses = list((fitted.history if fitted is not None else {}).get("val_loss", []))
+    from the stage's epochs (see _stage_rows)."""
+    losses = [r["val_loss"] for r in _stage_rows(stage, fitted, history_path) if r.get("val_loss") is not None]
     return min(losses) if losses else None
 
 
