@@ -82,6 +82,7 @@ class StyleLoss:
         self.model, self.n_content, self.weights = model, n_content, weights
         self.content_targets = [tf.constant(a) for a in model(content_image[None])[:n_content]]
         self.style_targets = [gram_matrix(a) for a in model(style_image[None])[n_content:]]
+        self._step = tf.function(self._value_and_gradient, reduce_retracing=True)  # traced once per image shape
 
     def parts(self, image):
         """(total, content, style, tv) for an image tensor (1, H, W, 3) in [0, 1]."""
@@ -97,16 +98,13 @@ class StyleLoss:
         return w.content * content + w.style * style + w.tv * tv, content, style, tv
 
     def value_and_gradient(self, image):
-        """(total, content, style, tv, d total / d image), compiled once per image shape."""
+        """(total, content, style, tv, d total / d image), compiled."""
+        return self._step(image)
+
+    def _value_and_gradient(self, image):
         import tensorflow as tf
 
-        if not hasattr(self, "_step"):
-            @tf.function(reduce_retracing=True)
-            def step(x):
-                with tf.GradientTape() as tape:
-                    tape.watch(x)
-                    total, content, style, tv = self.parts(x)
-                return total, content, style, tv, tape.gradient(total, x)
-
-            self._step = step
-        return self._step(image)
+        with tf.GradientTape() as tape:
+            tape.watch(image)
+            total, content, style, tv = self.parts(image)
+        return total, content, style, tv, tape.gradient(total, image)
