@@ -50,6 +50,7 @@ _LAZY = {
     "compute_metrics": "tltool.evaluation.metrics",
     # errors and interruption
     "TltoolError": "tltool.errors",
+    "WorkerLostError": "tltool.errors",
     "Interrupted": "tltool.interrupts",
     "sigterm_at_safe_points": "tltool.interrupts",
 }

@@ -74,3 +74,9 @@ class SearchFailedError(TuneError):
 
 class CacheError(TltoolError):
     """The feature cache cannot be read or changed (permissions, a full disk)."""
+
+
+class WorkerLostError(TltoolError):
+    """A worker of a multi-worker run stopped answering; the run is resumable once it is back."""
+
+    exit_code = 1
