@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import sys
 import time
 import warnings
@@ -56,6 +57,8 @@ def handle_errors(fn):
             native_logs.filter_process_stderr()
         try:
             return fn(*args, **kwargs)
+        except tltool.WorkerLostError as exc:
+            _restart_after_lost_worker(exc)
         except tltool.TltoolError as exc:
             raise CleanError(str(exc), exc.exit_code) from None
         except KeyboardInterrupt:
@@ -63,6 +66,28 @@ def handle_errors(fn):
             sys.exit(130)
 
     return wrapper
+
+
+#: how often a multi-worker process restarts itself after losing a worker, before it gives up
+MAX_RESTARTS = 10
+_RESTARTS_ENV = "TLTOOL_RESTARTS"
+
+
+def _restart_after_lost_worker(exc) -> None:
+    """A multi-worker run lost a worker: the `tltool` program starts again in its own process (the chief
+    resuming its run), to wait for the cluster to form again; the Python API only says what happened."""
+    run_dir = getattr(exc, "run_dir", None)
+    resumable = run_dir is not None and (Path(run_dir) / "recipe.yaml").is_file()
+    restarts = int(os.environ.get(_RESTARTS_ENV, "0"))
+    if not _AS_PROGRAM or restarts >= MAX_RESTARTS:
+        hint = f" Start every worker again (the chief with: tltool finetune --resume --out {run_dir})." if resumable else ""
+        raise CleanError(f"{exc}{hint}", exc.exit_code) from None
+    args = ["finetune", "--resume", "--out", str(run_dir)] if resumable else sys.argv[1:]
+    click.echo(f"{exc} Restarting ({restarts + 1} of at most {MAX_RESTARTS}): tltool {' '.join(args)}", err=True)
+    os.environ[_RESTARTS_ENV] = str(restarts + 1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "tltool", *args])
 
 
 @contextlib.contextmanager
@@ -142,8 +167,9 @@ def recipe_options(fn):
 @click.option("--resume", is_flag=True, allow_from_autoenv=False,
               help="Continue the interrupted run in --out from its last finished epoch.")
 @click.option("--deterministic", is_flag=True, help="Deterministic ops: the same seed gives the same metrics.")
-@click.option("--strategy", type=click.Choice(["default", "mirrored"]),
-              help="mirrored: train on all visible GPUs (the recipe's train.strategy).")
+@click.option("--strategy", type=click.Choice(["default", "mirrored", "multi_worker"]),
+              help="mirrored: train on all visible GPUs; multi_worker: on the hosts TF_CONFIG lists, each started "
+                   "with this same command (the recipe's train.strategy).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--tensorboard", is_flag=True, help="Also log both stages for TensorBoard, under OUT/tb.")
 @handle_errors
@@ -164,6 +190,8 @@ def finetune(recipe, data, val_data, test_data, backbone, weights, image_size, b
                                  fine_tune_epochs=fine_tune_epochs, batch_size=batch_size, seed=seed, out=out,
                                  overrides=overrides, force=force, resume=resume, deterministic=deterministic,
                                  strategy=strategy, verbose=0 if quiet else 1, log=echo, tensorboard=tensorboard)
+    if result.run_dir is None:  # a multi-worker run's worker: the chief reports the run
+        return
     if quiet:  # the one line a quiet run still owes its user
         summary = result.summary
         test = f", test_accuracy {summary['test_accuracy']:.4f}" if summary["test_accuracy"] is not None else ""

@@ -109,7 +109,8 @@ class TrainConfig:
                             choices=("none", "auto"))
     mixed_precision: bool = _f(False, "Train in mixed float16 (GPU only; ignored on CPU).")
     xla: bool = _f(False, "Compile training steps with XLA (GPU only; ignored on CPU).")
-    strategy: str = _f("default", "`mirrored` trains on all visible GPUs.", choices=("default", "mirrored"))
+    strategy: str = _f("default", "`mirrored` trains on all visible GPUs; `multi_worker` on the hosts TF_CONFIG "
+                                  "lists (see README).", choices=("default", "mirrored", "multi_worker"))
     deterministic: bool = _f(False, "Deterministic ops: the same seed gives the same metrics (slower).")
     cache_dir: Optional[str] = _f(None, "Feature cache folder; null = $TLTOOL_CACHE_DIR or "
                                         "~/.cache/tltool/features.")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -9,13 +12,14 @@ from pathlib import Path
 
 from tltool import outputs, rundir
 from tltool.data.manifest import check_same_data, manifest_split, read_manifest, write_manifest
+from tltool.engine.cluster import Cluster, Role, role_from_environment, split_fingerprint
 from tltool.engine.progress import RunProgress, check_resumable
-from tltool.engine.setup import RunSetup, prepare_run, resolve_recipe, start_runtime
+from tltool.engine.setup import RunSetup, Runtime, prepare_run, resolve_recipe, start_runtime
 from tltool.engine.stages import TrainingContext, build_model, train_stages
 from tltool.engine.trust import Trust, fit_trust
-from tltool.errors import RecipeError
+from tltool.errors import DataError, RecipeError, TltoolError, WorkerLostError
 from tltool.models.ood import build_ood_scorer, with_ood_output
-from tltool.recipe import load_recipe, save_recipe
+from tltool.recipe import from_dict, load_recipe, save_recipe
 
 
 @dataclass
@@ -57,42 +61,68 @@ def finetune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=
     flags = dict(data=data, val_data=val_data, test_data=test_data, backbone=backbone, weights=weights,
                  image_size=image_size, epochs=epochs, fine_tune_epochs=fine_tune_epochs, batch_size=batch_size,
                  seed=seed, deterministic=deterministic, strategy=strategy, overrides=overrides)
+    worker = _worker_role(resume, out, recipe, flags)
+    if worker is not None:  # a multi-worker run's other workers train with the chief's recipe, and write nothing
+        return _train_as_worker(worker, say, verbose)
     if resume:
         run_dir = _resumable_run(out, recipe, {**flags, "force": force})
         recipe = load_recipe(run_dir / rundir.RECIPE_FILE)
     else:
         recipe = resolve_recipe(recipe, **flags)
         run_dir = Path(out) if out else None  # None: a new runs/NAME-TIME, made once the checks have passed
+    role = role_from_environment() if recipe.train.strategy == "multi_worker" else None
+    joined = []  # the cluster, once formed: before TensorFlow runs anything (weights may need it)
     folders = [f for f in (recipe.data.train, recipe.data.val, recipe.data.test) if f]
     where = dict(kind="run", force=force, resume=resume, resumable=True, inputs=folders, data=folders)
-    setup = prepare_run(recipe, before_heavy_work=lambda: run_dir and outputs.check_output_dir(run_dir, **where))
-    if resume:
-        _same_data_as_before(run_dir, setup)
-    if run_dir is None:
-        run_dir = rundir.new_run_dir(recipe.name)
-    with outputs.claim_output_dir(run_dir, **where):  # locked: no other command writes there meanwhile
-        return _train_in(run_dir, setup, resume, say, verbose, tensorboard, t_start)
+
+    def before_heavy_work():
+        if run_dir:
+            outputs.check_output_dir(run_dir, **where)
+        if role is not None:
+            joined.append(Cluster(role, say))
+
+    try:
+        setup = prepare_run(recipe, before_heavy_work=before_heavy_work)
+        if resume:
+            _same_data_as_before(run_dir, setup)
+        if run_dir is None:
+            run_dir = rundir.new_run_dir(recipe.name)
+        with outputs.claim_output_dir(run_dir, **where):  # locked: no other command writes there meanwhile
+            return _train_in(run_dir, setup, resume, say, verbose, tensorboard, t_start,
+                             joined[0] if joined else None)
+    except WorkerLostError as exc:
+        exc.run_dir = run_dir  # the `tltool` program restarts itself with --resume --out RUN_DIR
+        raise
+    except TltoolError as exc:
+        if joined and not joined[0].planned:  # the workers wait for a plan: they get this line instead
+            joined[0].broadcast_json({"stop": str(exc)})
+        raise
 
 
 def _train_in(run_dir: Path, setup: RunSetup, resume: bool, say, verbose: int, tensorboard: bool,
-              t_start: float) -> FinetuneResult:
+              t_start: float, cluster=None) -> FinetuneResult:
     """The run itself, in its claimed run directory."""
     recipe = setup.recipe
     skipped_at_start = _announce(setup, run_dir, say)
-    runtime = start_runtime(recipe)
+    if cluster is not None:
+        _send_plan(cluster, setup, run_dir)
+    runtime = start_runtime(recipe, cluster)
     tm = build_model(setup, runtime)
     progress = _start_or_resume(run_dir, setup, tm, resume, say)
     ctx = TrainingContext(setup, runtime, verbose, say)
     timings = train_stages(ctx, tm, progress=progress, run_dir=run_dir, tensorboard=tensorboard)
     if ctx.decisions:  # values the run measured: recorded, so that a repeat or a resume takes them as given
         save_recipe(recipe, run_dir / rundir.RECIPE_FILE, ctx.decisions)
+    if cluster is not None:
+        tm = _outside_the_cluster(setup, tm)
     trust = fit_trust(ctx, tm)
     timings["trust_s"] = round(trust.seconds, 3)
     model = inference_model(tm, trust)
     eval_sets, probes = _evaluate(model, setup, timings)
     rundir.save_inference_model(model, run_dir / rundir.MODEL_FILE)
     timings["total_s"] = round(progress.elapsed_before + time.perf_counter() - t_start, 3)
-    summary = run_summary(setup, eval_sets, timings, resumed=resume, trust=trust)
+    summary = run_summary(setup, eval_sets, timings, resumed=resume, trust=trust,
+                          workers=cluster.num_workers if cluster is not None else 1)
     rundir.write_summary(run_dir, summary)
     _write_report(run_dir, eval_sets, probes, setup.classes, trust.temperature, say)
     progress.finish_run()
@@ -100,6 +130,87 @@ def _train_in(run_dir: Path, setup: RunSetup, resume: bool, say, verbose: int, t
     say(f"Next: tltool export {run_dir} --format tflite (or savedmodel, keras, onnx); "
         f"tltool predict {run_dir} IMAGE...")
     return FinetuneResult(run_dir, summary, model, tm)
+
+
+# ------------------------------------------------------------------------------ multi-worker runs
+
+
+def _worker_role(resume: bool, out, recipe, flags: dict) -> Role | None:
+    """This process's role when it is one of a multi-worker run's other workers (not the chief), else None.
+
+    A worker keeps no run directory, so `--resume` there (the command a restarted worker may be given) is
+    told apart by TF_CONFIG alone; otherwise the recipe or --strategy must ask for multi_worker."""
+    if not os.environ.get("TF_CONFIG"):
+        return None
+    if resume:
+        saved = Path(out) / rundir.RECIPE_FILE if out else None
+        asked = saved is None or not saved.is_file() or load_recipe(saved).train.strategy == "multi_worker"
+    else:
+        asked = resolve_recipe(recipe, **flags).train.strategy == "multi_worker"
+    role = role_from_environment() if asked else None
+    return role if role is not None and not role.is_chief else None
+
+
+def _send_plan(cluster: Cluster, setup: RunSetup, run_dir: Path) -> None:
+    """What every worker trains by: the chief's recipe and split, and the stages already done; then the
+    workers' answer (each checks its own data against the chief's)."""
+    plan = {"recipe": setup.recipe.to_dict(), "split": split_fingerprint(setup.split),
+            "stages_done": RunProgress(run_dir).state["stages_done"]}
+    cluster.planned = True
+    cluster.broadcast_json(plan)
+    failed = cluster.agree(True)
+    if failed:
+        raise DataError(f"Worker(s) {', '.join(map(str, failed))} of TF_CONFIG cannot train this run (their logs "
+                        f"say why): every host needs the same images and weights at the same paths.")
+
+
+def _train_as_worker(role: Role, say, verbose: int) -> FinetuneResult:
+    """One of a multi-worker run's other workers: the chief's plan, this worker's shard, nothing written."""
+    cluster = Cluster(role, say)
+    plan = cluster.broadcast_json()
+    if "stop" in plan:
+        raise RecipeError(f"The chief of this multi-worker run stopped: {plan['stop']}")
+    recipe = from_dict(plan["recipe"], "the chief's recipe")
+    problem = None
+    try:
+        setup = prepare_run(recipe)
+        if split_fingerprint(setup.split) != plan["split"]:
+            problem = DataError(f"The images in {recipe.data.train} on this host are not the chief's (other "
+                                f"files or classes): every host needs the same images at the same paths.")
+    except TltoolError as exc:
+        problem = exc
+    failed = cluster.agree(problem is None)
+    if problem is not None:
+        raise problem
+    if failed:
+        raise DataError(f"Worker(s) {', '.join(map(str, failed))} of TF_CONFIG cannot train this run (their logs "
+                        f"say why); stopping.")
+    runtime = start_runtime(recipe, cluster)
+    tm = build_model(setup, runtime)
+    ctx = TrainingContext(setup, runtime, verbose, say)
+    # The worker writes what the chief writes, where nobody reads it: saving weights reads variables that
+    # MultiWorkerMirroredStrategy syncs across workers (the optimizer's step count), so saves must match.
+    scratch = Path(tempfile.mkdtemp(prefix="tltool-worker-"))
+    try:
+        progress = RunProgress(scratch)
+        progress.state["stages_done"] = list(plan["stages_done"])
+        timings = train_stages(ctx, tm, progress=progress, run_dir=scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    fit_trust(ctx, _outside_the_cluster(setup, tm))  # this worker's features, gathered by the chief
+    say(f"Worker {cluster.index} of {cluster.num_workers} done; the chief writes the run directory.")
+    return FinetuneResult(None, {"role": role.name, "workers": cluster.num_workers, "timings": timings})
+
+
+def _outside_the_cluster(setup: RunSetup, tm):
+    """A copy of the trained model outside the cluster's strategy, for what each worker does alone afterwards
+    (features for calibration, evaluation, saving): a model built in MultiWorkerMirroredStrategy's scope
+    would wait on the other workers in every prediction."""
+    import tensorflow as tf
+
+    copy = build_model(setup, Runtime(tf.distribute.get_strategy(), False))
+    copy.model.set_weights(tm.model.get_weights())
+    return copy
 
 
 def _same_data_as_before(run_dir: Path, setup: RunSetup) -> None:
@@ -167,7 +278,8 @@ def _evaluate(model, setup: RunSetup, timings: dict):
     return result
 
 
-def run_summary(setup: RunSetup, eval_sets, timings: dict, resumed: bool, trust: Trust | None = None) -> dict:
+def run_summary(setup: RunSetup, eval_sets, timings: dict, resumed: bool, trust: Trust | None = None,
+                workers: int = 1) -> dict:
     """The content of summary.json: what the run trained on and how well it did."""
     recipe, classes = setup.recipe, setup.classes
     used = setup.split.without_skipped()  # files found broken only while decoding are not counted
@@ -193,6 +305,8 @@ def run_summary(setup: RunSetup, eval_sets, timings: dict, resumed: bool, trust:
         "skipped_files": setup.split.skips.as_list(),
         "trust": trust.as_dict() if trust is not None else None,
         "timings": timings,
+        "strategy": recipe.train.strategy,
+        "workers": workers,
         "resumed": bool(resumed),
         "versions": _versions(),
     }

@@ -20,7 +20,7 @@ import yaml
 
 from tltool import outputs, rundir
 from tltool.engine.setup import prepare_run, resolve_recipe
-from tltool.errors import RunDirError, SearchFailedError
+from tltool.errors import RecipeError, RunDirError, SearchFailedError
 from tltool.recipe import Recipe, from_dict, load_recipe
 from tltool.tuning.distributed import distributed_role, oracle_address
 from tltool.tuning.reports import BEST_FILE, format_table, trial_number, write_reports
@@ -119,7 +119,11 @@ def _precompute(runner: TrialRunner, space: SearchSpace, base: Recipe, say) -> N
 def _search_recipe(recipe, flags: dict, search: dict, overrides) -> Recipe:
     """The base recipe of the search, with the search flags as `tune.*` overrides."""
     extra = [f"tune.{key}={value}" for key, value in search.items() if value is not None]
-    return resolve_recipe(recipe, **flags, overrides=tuple(overrides) + tuple(extra))
+    resolved = resolve_recipe(recipe, **flags, overrides=tuple(overrides) + tuple(extra))
+    if resolved.train.strategy == "multi_worker":
+        raise RecipeError("train.strategy multi_worker trains one run on several hosts (tltool finetune); a "
+                          "search spreads its trials over hosts with tune's chief/worker mode instead (see README).")
+    return resolved
 
 
 def _search_space(base: Recipe) -> SearchSpace:

@@ -20,6 +20,7 @@ workers keep no state of their own, so a lost worker is restarted with the comma
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -113,7 +114,8 @@ class Cluster:
             f"all of them to join.")
         self.strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
         self.replicas = int(self.strategy.num_replicas_in_sync)
-        self._local_replicas = max(1, self.replicas // role.num_workers)
+        #: whether the chief has sent the workers their plan (before it, a failure of the chief is sent instead)
+        self.planned = False
 
     @property
     def is_chief(self) -> bool:
@@ -130,9 +132,13 @@ class Cluster:
         chiefs = len(tf_config["cluster"].get("chief", []))
         return self.role.task_index + (chiefs if self.role.task_type == "worker" else 0)
 
-    def shard(self, items: list) -> list:
-        """This worker's share of `items`: every N-th one, from its index."""
-        return items[self.index::self.num_workers]
+    def shard(self, folder):
+        """This worker's share of an ImageFolder: every N-th image, from its index."""
+        return folder.subset(range(self.index, len(folder), self.num_workers))
+
+    def shard_split(self, split):
+        """This worker's share of a SplitData's training and validation images (the chief tests alone)."""
+        return dataclasses.replace(split, train=self.shard(split.train), val=self.shard(split.val))
 
     # ---------------------------------------------------------------------------------- collectives
 
@@ -202,7 +208,7 @@ class Cluster:
         for variable in variables:
             groups.setdefault(np.dtype(variable.dtype).kind == "f", []).append(variable)
         for floating, group in groups.items():
-            values = [np.asarray(keras.ops.convert_to_numpy(v.value)) for v in group]
+            values = [_numpy(v) for v in group]
             flat = np.concatenate([v.ravel() for v in values]).astype(np.float32 if floating else np.int64)
             if not self.is_chief:
                 flat[:] = 0
@@ -216,3 +222,10 @@ class Cluster:
         flags = np.zeros(self.num_workers, np.int64)
         flags[self.index] = 0 if ok else 1
         return [i for i, bad in enumerate(self._sum(flags)) if bad]
+
+
+def _numpy(variable) -> np.ndarray:
+    try:
+        return np.asarray(variable.numpy())
+    except Exception as exc:
+        raise RuntimeError(f"{variable.path} {type(variable.value)}: {exc}")

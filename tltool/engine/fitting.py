@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from tltool.engine.callbacks import EpochCheckpoint, HistoryCSV, StopOnSignal, read_checkpoint
+from tltool.engine.cluster_fit import cluster_fit
 from tltool.errors import TrainingError
 
 _OPTIMIZERS = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "rmsprop": "RMSprop"}
@@ -93,24 +94,38 @@ def features_dataset(features: np.ndarray, labels: np.ndarray, num_classes: int,
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def fit_stage(model, train_ds, val_ds, epochs: int, callbacks: list, class_weight=None, verbose: int = 1):
+def fit_stage(model, train_ds, val_ds, epochs: int, callbacks: list, class_weight=None, verbose: int = 1,
+              cluster=None, batches: tuple[int, int] = (0, 0)):
     """`model.fit` for one stage; returns the Keras History (None when a resumed stage had finished its fit).
+
+    A multi-worker run (`cluster`) trains with cluster_fit instead, `batches` being how many batches this
+    worker's shards of `train_ds` and `val_ds` hold.
 
     Raises:
         TrainingError: the loss stopped being finite (training diverged).
     """
     checkpoint = next((c for c in callbacks if isinstance(c, EpochCheckpoint)), None)
     state = read_checkpoint(checkpoint.folder) if checkpoint is not None else None
-    if checkpoint is not None and checkpoint.finished(state, epochs):  # crashed after `fit`, before the stage
-        checkpoint.set_model(model)                                    # was recorded: no epoch runs again
-        checkpoint.restore_end_of_fit(state)
+    finished = checkpoint is not None and checkpoint.finished(state, epochs)
+    if cluster is not None:  # only the chief keeps checkpoints
+        finished = bool(cluster.broadcast_number(float(finished)))
+    if finished:  # crashed after `fit`, before the stage was recorded: no epoch runs again
+        if checkpoint is not None:
+            checkpoint.set_model(model)
+            checkpoint.restore_end_of_fit(state)
+        if cluster is not None:
+            cluster.sync_variables(model.variables)
         return None
     # EpochCheckpoint sets the private `_initial_epoch` when it resumes a fit and Keras never clears it:
     # without this, stage 2 on the same model would start at the epoch stage 1 was resumed from.
     # tests/test_dependency_apis.py fails if a Keras release stops using that attribute.
     model._initial_epoch = None
-    fitted = model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=callbacks,
-                       class_weight=class_weight, verbose=verbose)
+    if cluster is not None:
+        fitted = cluster_fit(cluster, model, train_ds, val_ds, epochs, callbacks, batches, class_weight,
+                             getattr(model.loss, "label_smoothing", 0.0), verbose=verbose)
+    else:
+        fitted = model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=callbacks,
+                           class_weight=class_weight, verbose=verbose)
     losses = fitted.history.get("loss", [])
     bad = next((i for i, loss in enumerate(losses) if not np.isfinite(loss)), None)
     if bad is not None:

@@ -91,3 +91,4 @@ def check_resumable(run_dir: Path) -> Path:
     if (run_dir / rundir.SUMMARY_FILE).is_file() and RunProgress(run_dir).finished:
         raise RunDirError(f"The run in {run_dir} has already finished; nothing to resume.")
     return run_dir
+

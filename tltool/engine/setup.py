@@ -55,10 +55,12 @@ class RunSetup:
 
 @dataclass
 class Runtime:
-    """The Keras session a run trains in: its distribution strategy and whether steps are XLA-compiled."""
+    """The Keras session a run trains in: its distribution strategy, whether steps are XLA-compiled, and
+    for a multi-worker run its workers (see cluster.py)."""
 
     strategy: object
     jit_compile: bool
+    cluster: object = None
 
 
 def resolve_recipe(recipe=None, *, data=None, val_data=None, test_data=None, backbone=None, weights=None,
@@ -161,8 +163,9 @@ def prepare_run(recipe: Recipe, *, weights: bool = True, data: bool = True, spli
     return RunSetup(recipe, spec, size, resolved, split if data else None)
 
 
-def start_runtime(recipe: Recipe) -> Runtime:
-    """A fresh Keras session seeded from the recipe, with its precision and distribution strategy."""
+def start_runtime(recipe: Recipe, cluster=None) -> Runtime:
+    """A fresh Keras session seeded from the recipe, with its precision and distribution strategy (`cluster`'s
+    for a multi-worker run: its strategy must exist before TensorFlow runs anything else)."""
     import keras
     import tensorflow as tf
 
@@ -178,7 +181,8 @@ def start_runtime(recipe: Recipe) -> Runtime:
     _configure_precision(recipe, gpus)
     if recipe.train.xla and not gpus:
         warnings.warn("train.xla is ignored: no GPU is visible.", UserWarning, stacklevel=2)
-    return Runtime(_strategy(recipe, gpus), bool(recipe.train.xla and gpus))
+    strategy = cluster.strategy if cluster is not None else _strategy(recipe, gpus)
+    return Runtime(strategy, bool(recipe.train.xla and gpus), cluster)
 
 
 def _configure_precision(recipe: Recipe, gpus) -> None:

@@ -77,14 +77,34 @@ class TrainingContext:
     decisions: list = field(default_factory=list)
     #: the cached features (and activations) the stages trained on, for what is fitted after training
     features: "StageFeatures | None" = None
+    _shard: object = field(default=None, repr=False)
 
     @property
     def recipe(self):
         return self.setup.recipe
 
     @property
+    def cluster(self):
+        """The workers of a multi-worker run (see cluster.py), or None."""
+        return self.runtime.cluster
+
+    @property
     def split(self):
-        return self.setup.split
+        """The images this process trains on: all of them, or this worker's shard in a multi-worker run."""
+        if self.cluster is None:
+            return self.setup.split
+        if self._shard is None:
+            self._shard = self.cluster.shard_split(self.setup.split)
+        return self._shard
+
+    def images_per_worker(self, folder: ImageFolder) -> int:
+        """The most images of `folder` one worker trains on (all of them on one machine): what sizes are
+        decided by, the same on every worker."""
+        workers = self.cluster.num_workers if self.cluster is not None else 1
+        return -(-len(folder) // workers)
+
+    def batches(self, rows: int) -> int:
+        return -(-rows // self.recipe.data.batch_size)
 
     @property
     def num_classes(self) -> int:
@@ -98,7 +118,7 @@ class TrainingContext:
     def class_weight(self):
         if self.recipe.train.class_weights != "auto":
             return None
-        return balanced_class_weights(self.split.train.labels, self.num_classes)
+        return balanced_class_weights(self.setup.split.train.labels, self.num_classes)  # all workers' images
 
     def compile(self, model, stage_cfg) -> None:
         compile_model(model, stage_cfg.optimizer, stage_cfg.learning_rate, self.recipe.train.label_smoothing,
@@ -153,10 +173,11 @@ def _extract(ctx: TrainingContext, extractor, cut: str = "", to_features=lambda 
         if recipe.augment.flip == "auto":
             spent = _measure_flip(ctx, extractor, cache, common, to_features)
         augment = augmentation_layer(recipe.augment, seed=recipe.seed)
-        views = feature_views(recipe, len(split.train), augment)
+        total = len(setup.split.train)  # every worker's images: the views depend on the data, not the shard
+        views = feature_views(recipe, total, augment)
         if ctx.verbose and views and recipe.frozen.feature_views is None:
             ctx.log(f"Stage 1 caches {views} augmented view(s) of each training image (frozen.feature_views: "
-                    f"null = about {AUTO_VIEW_IMAGES} extractions for {len(split.train)} images, at most "
+                    f"null = about {AUTO_VIEW_IMAGES} extractions for {total} images, at most "
                     f"{MAX_AUTO_VIEWS}).")
         train_x, train_rows, s1 = cached_features(extractor, cache, split.train.paths, views=views,
                                                   augment=augment, augment_key=augmentation_key(recipe), **common)
@@ -173,13 +194,27 @@ def _measure_views(ctx: TrainingContext, rows: np.ndarray, labels: np.ndarray, t
     """Resolve `frozen.feature_views: null` on the training images (see decisions.py): the recipe gets the
     number kept (0 when the augmented views hurt), the context a line saying why. Returns the rows
     [N, views, ...] to train on: all of them, or the plain images' alone."""
-    features = to_features(rows)
+    features, labels = _every_workers(ctx, to_features(rows), labels)
     decision = decide_views(features[:, 0], features[:, 1:], labels, ctx.recipe.seed)
-    ctx.recipe.frozen.feature_views = decision.views if decision.keep else 0
+    keep = _the_chiefs(ctx, decision.keep)
+    ctx.recipe.frozen.feature_views = decision.views if keep else 0
     ctx.decisions.append(decision.describe())
     if ctx.verbose:
         ctx.log(f"Measured {ctx.decisions[-1]}.")
-    return rows if decision.keep else rows[:, :1]
+    return rows if keep else rows[:, :1]
+
+
+def _every_workers(ctx: TrainingContext, *arrays):
+    """`arrays` (rows of this worker's images) with every worker's rows, for a decision on all the data."""
+    if ctx.cluster is None:
+        return arrays
+    return tuple(ctx.cluster.gather_rows(np.asarray(a)) for a in arrays)
+
+
+def _the_chiefs(ctx: TrainingContext, choice: bool) -> bool:
+    """The chief's `choice`, on every worker (the same data give the same choice; rounding across hosts
+    may not, and workers that train different recipes never meet again)."""
+    return choice if ctx.cluster is None else bool(ctx.cluster.broadcast_number(float(choice)))
 
 
 class _Mirror:
@@ -203,9 +238,9 @@ def _measure_flip(ctx: TrainingContext, extractor, cache, common: dict, to_featu
     rows, index, stats = cached_features(extractor, cache, split.train.paths, views=1, augment=_MIRROR,
                                          augment_key="mirror-horizontal", **common)
     rows, images = views_by_image(rows, index, stats.rows_per_view)
-    features = to_features(rows)
-    decision = decide_flip(features[:, 0], features[:, 1], np.asarray(split.train.labels)[images], recipe.seed)
-    recipe.augment.flip = "horizontal" if decision.keep else "none"
+    features, labels = _every_workers(ctx, to_features(rows), np.asarray(split.train.labels)[images])
+    decision = decide_flip(features[:, 0], features[:, 1], labels, recipe.seed)
+    recipe.augment.flip = "horizontal" if _the_chiefs(ctx, decision.keep) else "none"
     ctx.decisions.append(decision.describe("horizontal"))
     if ctx.verbose:
         ctx.log(f"Measured {ctx.decisions[-1]}.")
@@ -215,7 +250,7 @@ def _measure_flip(ctx: TrainingContext, extractor, cache, common: dict, to_featu
 def activation_cut(ctx: TrainingContext, tm, blocks: int | None = None) -> CutModels | None:
     """The split of the backbone that lets stage 2 train on cached activations (with the recipe's blocks
     unfrozen, or `blocks`), or None (with the reason in the log) when it streams images instead."""
-    recipe, split = ctx.recipe, ctx.split
+    recipe = ctx.recipe
     if recipe.fine_tune.epochs == 0 or not recipe.frozen.cache_features:
         return None
     blocks = recipe.fine_tune.unfreeze if blocks is None else blocks
@@ -228,8 +263,10 @@ def activation_cut(ctx: TrainingContext, tm, blocks: int | None = None) -> CutMo
         reason = "fine_tune.activation_budget_mb is 0 (fresh augmentation on every step)"
     else:
         cut_models = split_at_cut(tm, cut)
-        views = feature_views(recipe, len(split.train), augmentation_layer(recipe.augment, seed=recipe.seed))
-        size = activation_megabytes(cut_models.width, len(split.train), views, len(split.val))
+        full = ctx.setup.split
+        views = feature_views(recipe, len(full.train), augmentation_layer(recipe.augment, seed=recipe.seed))
+        size = activation_megabytes(cut_models.width, ctx.images_per_worker(full.train), views,
+                                    ctx.images_per_worker(full.val))
         if size <= budget:
             return cut_models
         reason = (f"the activations at {cut} would take {size:.0f} MB (fine_tune.activation_budget_mb: "
@@ -248,12 +285,15 @@ def run_stage1(ctx: TrainingContext, tm, features: StageFeatures | None, history
         model = tm.head
         train = features_dataset(features.train_x, features.train_y, n, bs, True, recipe.seed)
         val = features_dataset(features.val_x, features.val_y, n, bs, False, None)
+        rows = (len(features.train_y), len(features.val_y))
     else:
         model = tm.model
         augment = augmentation_layer(recipe.augment, seed=recipe.seed)
         train, val = ctx.images(ctx.split.train, True, augment), ctx.images(ctx.split.val, False)
+        rows = (len(ctx.split.train), len(ctx.split.val))
     ctx.compile(model, recipe.frozen)
-    return fit_stage(model, train, val, recipe.frozen.epochs, callbacks, ctx.class_weight(), verbose=ctx.verbose)
+    return fit_stage(model, train, val, recipe.frozen.epochs, callbacks, ctx.class_weight(), verbose=ctx.verbose,
+                     cluster=ctx.cluster, batches=tuple(ctx.batches(r) for r in rows))
 
 
 def run_stage2(ctx: TrainingContext, tm, cut: CutModels | None = None, features: StageFeatures | None = None,
@@ -273,12 +313,15 @@ def run_stage2(ctx: TrainingContext, tm, cut: CutModels | None = None, features:
         model, n, bs = cut.trainable, ctx.num_classes, recipe.data.batch_size
         train = features_dataset(features.train_acts, features.train_y, n, bs, True, recipe.seed)
         val = features_dataset(features.val_acts, features.val_y, n, bs, False, None)
+        rows = (len(features.train_y), len(features.val_y))
     else:
         model, augment = tm.model, augmentation_layer(recipe.augment, seed=recipe.seed)
         train, val = ctx.images(ctx.split.train, True, augment), ctx.images(ctx.split.val, False)
+        rows = (len(ctx.split.train), len(ctx.split.val))
     ctx.compile(model, stage)
     try:
-        return fit_stage(model, train, val, stage.epochs, callbacks, ctx.class_weight(), verbose=ctx.verbose)
+        return fit_stage(model, train, val, stage.epochs, callbacks, ctx.class_weight(), verbose=ctx.verbose,
+                         cluster=ctx.cluster, batches=tuple(ctx.batches(r) for r in rows))
     finally:
         tm.backbone.trainable = False
 
@@ -327,6 +370,11 @@ def train_stages(ctx: TrainingContext, tm, features: StageFeatures | None = None
         return found
 
     backup = progress.backup_dir if progress else (lambda stage: None)
+    if ctx.cluster is not None and ctx.verbose:
+        bs, replicas = recipe.data.batch_size, ctx.cluster.replicas
+        ctx.log(f"Training on {ctx.cluster.num_workers} workers ({replicas} replicas): batch_size {bs} per replica, "
+                f"a global batch of {bs * replicas}; this worker trains on {len(ctx.split.train)} of the "
+                f"{len(ctx.setup.split.train)} training images.")
     stage1_history = None
     stage2_due = recipe.fine_tune.epochs > 0 and not (progress and progress.done(2))
     cut = None
@@ -354,6 +402,8 @@ def train_stages(ctx: TrainingContext, tm, features: StageFeatures | None = None
         _say_how_the_stage_ended(ctx, 2, fitted, history_path, recipe.fine_tune)
         _keep_stage2_only_if_better(ctx, tm, after_stage1, stage1_history, fitted, history_path)
         finish(2, t0)
+    if ctx.cluster is not None:  # a resumed run that had finished training: the chief loaded its weights
+        ctx.cluster.sync_variables(tm.model.variables)
     ctx.features = features
     return timings
 
@@ -390,9 +440,9 @@ def _keep_stage2_only_if_better(ctx: TrainingContext, tm, after_stage1: list, st
     """Go back to the stage-1 model when fine-tuning made the validation loss worse (small datasets often do)."""
     before = _best_val_loss(1, stage1_fit, history_path)
     after = _best_val_loss(2, stage2_fit, history_path)
-    if before is not None and after is not None and after > before:
+    if _the_chiefs(ctx, before is not None and after is not None and after > before):
         tm.model.set_weights(after_stage1)
-        if ctx.verbose:
+        if ctx.verbose and before is not None and after is not None:
             ctx.log(f"Stage 2 did not improve the validation loss ({after:.4f} against {before:.4f} after stage 1): "
                     f"keeping the stage-1 model.")
 

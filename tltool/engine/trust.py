@@ -171,6 +171,11 @@ def fit_trust(ctx, tm) -> Trust:
         return Trust(None, None)
     t0 = time.perf_counter()
     train_x, train_y, val_x, val_y = final_features(ctx, tm)
+    if ctx.cluster is not None:  # a multi-worker run: each worker has its shard's; the chief fits on all
+        train_x, train_y, val_x, val_y = (ctx.cluster.gather_rows(np.asarray(a)) for a in (train_x, train_y,
+                                                                                           val_x, val_y))
+        if not ctx.cluster.is_chief:
+            return Trust(None, None)
     temperature = ood = None
     if cfg.calibrate:
         probs = _head_probabilities(tm.head, val_x)
