@@ -13,7 +13,7 @@ from pathlib import Path
 from tltool import outputs, rundir
 from tltool.data.manifest import check_same_data, manifest_split, read_manifest, write_manifest
 from tltool.engine.cluster import Cluster, Role, role_from_environment, split_fingerprint
-from tltool.engine.progress import RunProgress, check_resumable
+from tltool.engine.progress import CHECKPOINTS_DIR, RunProgress, check_resumable
 from tltool.engine.setup import RunSetup, Runtime, prepare_run, resolve_recipe, start_runtime
 from tltool.engine.stages import TrainingContext, build_model, train_stages
 from tltool.engine.trust import Trust, fit_trust
@@ -105,7 +105,7 @@ def _train_in(run_dir: Path, setup: RunSetup, resume: bool, say, verbose: int, t
     recipe = setup.recipe
     skipped_at_start = _announce(setup, run_dir, say)
     if cluster is not None:
-        _send_plan(cluster, setup, run_dir)
+        _send_plan(cluster, setup, run_dir, resume)
     runtime = start_runtime(recipe, cluster)
     tm = build_model(setup, runtime)
     progress = _start_or_resume(run_dir, setup, tm, resume, say)
@@ -151,14 +151,15 @@ def _worker_role(resume: bool, out, recipe, flags: dict) -> Role | None:
     return role if role is not None and not role.is_chief else None
 
 
-def _send_plan(cluster: Cluster, setup: RunSetup, run_dir: Path) -> None:
-    """What every worker trains by: the chief's recipe and split, and the stages already done; then the
-    workers' answer (each checks its own data against the chief's)."""
-    plan = {"recipe": setup.recipe.to_dict(), "split": split_fingerprint(setup.split),
-            "stages_done": RunProgress(run_dir).state["stages_done"]}
+def _send_plan(cluster: Cluster, setup: RunSetup, run_dir: Path, resume: bool) -> None:
+    """What every worker trains by: the chief's recipe and split; the workers' answer (each checks its own
+    data against the chief's); then the chief's checkpoints (stages done, the last finished epoch)."""
     cluster.planned = True
-    cluster.broadcast_json(plan)
+    cluster.broadcast_json({"recipe": setup.recipe.to_dict(), "split": split_fingerprint(setup.split),
+                            "resume": resume})
     failed = cluster.agree(True)
+    # Loading weights into the cluster's variables is a collective too: every worker loads the same files.
+    cluster.share_folder(RunProgress(run_dir).dir, None)
     if failed:
         raise DataError(f"Worker(s) {', '.join(map(str, failed))} of TF_CONFIG cannot train this run (their logs "
                         f"say why): every host needs the same images and weights at the same paths.")
@@ -185,15 +186,18 @@ def _train_as_worker(role: Role, say, verbose: int) -> FinetuneResult:
     if failed:
         raise DataError(f"Worker(s) {', '.join(map(str, failed))} of TF_CONFIG cannot train this run (their logs "
                         f"say why); stopping.")
-    runtime = start_runtime(recipe, cluster)
-    tm = build_model(setup, runtime)
-    ctx = TrainingContext(setup, runtime, verbose, say)
-    # The worker writes what the chief writes, where nobody reads it: saving weights reads variables that
-    # MultiWorkerMirroredStrategy syncs across workers (the optimizer's step count), so saves must match.
+    # The worker writes what the chief writes, where nobody reads it, and loads what the chief loads: saving
+    # and loading weights touch variables MultiWorkerMirroredStrategy keeps in sync with a collective (the
+    # optimizer's step count), so every worker must save and load at the same points.
     scratch = Path(tempfile.mkdtemp(prefix="tltool-worker-"))
     try:
+        cluster.share_folder(None, scratch / CHECKPOINTS_DIR)
+        runtime = start_runtime(recipe, cluster)
+        tm = build_model(setup, runtime)
+        ctx = TrainingContext(setup, runtime, verbose, say)
         progress = RunProgress(scratch)
-        progress.state["stages_done"] = list(plan["stages_done"])
+        if plan["resume"]:
+            progress.restore(tm.model, say)
         timings = train_stages(ctx, tm, progress=progress, run_dir=scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

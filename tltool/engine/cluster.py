@@ -181,14 +181,36 @@ class Cluster:
         """The chief's `value`, on every worker."""
         return float(self._sum(np.asarray(value if self.is_chief else 0.0, np.float64)))
 
+    def broadcast_bytes(self, data: bytes | None = None) -> bytes:
+        """The chief's `data`, on every worker (the others pass None)."""
+        size = int(self.broadcast_number(len(data) if self.is_chief else 0))
+        words = np.zeros(-(-size // 4), np.int32)  # 4 bytes to a word: the collectives carry numbers
+        if self.is_chief:
+            words.view(np.uint8)[:size] = np.frombuffer(data, np.uint8)
+        return self._sum(words).view(np.uint8)[:size].tobytes()
+
     def broadcast_json(self, value=None):
         """The chief's JSON-able `value`, on every worker (the others pass None)."""
-        data = json.dumps(value).encode() if self.is_chief else b""
-        size = int(self.broadcast_number(len(data)))
-        codes = np.zeros(size, np.int32)
+        return json.loads(self.broadcast_bytes(json.dumps(value).encode() if self.is_chief else None))
+
+    def share_folder(self, chief_folder: Path | None, folder: Path) -> None:
+        """The files under the chief's `chief_folder`, copied into `folder` on every other worker (which
+        keeps none of its own): how a restarted worker gets the chief's checkpoints."""
+        import io
+        import tarfile
+
+        packed = None
         if self.is_chief:
-            codes[:] = np.frombuffer(data, np.uint8)
-        return json.loads(bytes(self._sum(codes).astype(np.uint8)).decode()) if size else None
+            buffer = io.BytesIO()
+            with tarfile.open(fileobj=buffer, mode="w") as tar:
+                if chief_folder is not None and Path(chief_folder).is_dir():
+                    tar.add(str(chief_folder), arcname=".")
+            packed = buffer.getvalue()
+        received = self.broadcast_bytes(packed)
+        if not self.is_chief:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            with tarfile.open(fileobj=io.BytesIO(received), mode="r") as tar:
+                tar.extractall(folder, filter="data")
 
     def gather_rows(self, rows: np.ndarray) -> np.ndarray:
         """Every worker's `rows` (same trailing shape), concatenated in worker order, on every worker."""
@@ -208,7 +230,7 @@ class Cluster:
         for variable in variables:
             groups.setdefault(np.dtype(variable.dtype).kind == "f", []).append(variable)
         for floating, group in groups.items():
-            values = [_numpy(v) for v in group]
+            values = [np.asarray(v.numpy()) for v in group]
             flat = np.concatenate([v.ravel() for v in values]).astype(np.float32 if floating else np.int64)
             if not self.is_chief:
                 flat[:] = 0
@@ -223,9 +245,3 @@ class Cluster:
         flags[self.index] = 0 if ok else 1
         return [i for i, bad in enumerate(self._sum(flags)) if bad]
 
-
-def _numpy(variable) -> np.ndarray:
-    try:
-        return np.asarray(variable.numpy())
-    except Exception as exc:
-        raise RuntimeError(f"{variable.path} {type(variable.value)}: {exc}")

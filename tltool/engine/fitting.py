@@ -99,22 +99,17 @@ def fit_stage(model, train_ds, val_ds, epochs: int, callbacks: list, class_weigh
     """`model.fit` for one stage; returns the Keras History (None when a resumed stage had finished its fit).
 
     A multi-worker run (`cluster`) trains with cluster_fit instead, `batches` being how many batches this
-    worker's shards of `train_ds` and `val_ds` hold.
+    worker's shards of `train_ds` and `val_ds` hold. Every worker has the chief's checkpoints (see
+    finetune's plan), so each takes the same branch and loads the same state.
 
     Raises:
         TrainingError: the loss stopped being finite (training diverged).
     """
     checkpoint = next((c for c in callbacks if isinstance(c, EpochCheckpoint)), None)
     state = read_checkpoint(checkpoint.folder) if checkpoint is not None else None
-    finished = checkpoint is not None and checkpoint.finished(state, epochs)
-    if cluster is not None:  # only the chief keeps checkpoints
-        finished = bool(cluster.broadcast_number(float(finished)))
-    if finished:  # crashed after `fit`, before the stage was recorded: no epoch runs again
-        if checkpoint is not None:
-            checkpoint.set_model(model)
-            checkpoint.restore_end_of_fit(state)
-        if cluster is not None:
-            cluster.sync_variables(model.variables)
+    if checkpoint is not None and checkpoint.finished(state, epochs):  # crashed after `fit`, before the stage
+        checkpoint.set_model(model)                                    # was recorded: no epoch runs again
+        checkpoint.restore_end_of_fit(state)
         return None
     # EpochCheckpoint sets the private `_initial_epoch` when it resumes a fit and Keras never clears it:
     # without this, stage 2 on the same model would start at the epoch stage 1 was resumed from.
