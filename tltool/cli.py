@@ -83,7 +83,9 @@ def _restart_after_lost_worker(exc) -> None:
         hint = f" Start every worker again (the chief with: tltool finetune --resume --out {run_dir})." if resumable else ""
         raise CleanError(f"{exc}{hint}", exc.exit_code) from None
     args = ["finetune", "--resume", "--out", str(run_dir)] if resumable else sys.argv[1:]
-    click.echo(f"{exc} Restarting ({restarts + 1} of at most {MAX_RESTARTS}): tltool {' '.join(args)}", err=True)
+    click.echo(f"{exc} Start the lost process again: a worker with the command it was started with, the chief with "
+               f"`tltool finetune --resume --out RUN_DIR`. Restarting ({restarts + 1} of at most {MAX_RESTARTS}) "
+               f"to wait for it: tltool {' '.join(args)}", err=True)
     os.environ[_RESTARTS_ENV] = str(restarts + 1)
     sys.stdout.flush()
     sys.stderr.flush()

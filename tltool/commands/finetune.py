@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -87,8 +88,8 @@ def finetune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=
             _same_data_as_before(run_dir, setup)
         if run_dir is None:
             run_dir = rundir.new_run_dir(recipe.name)
-        with outputs.claim_output_dir(run_dir, **where):  # locked: no other command writes there meanwhile
-            return _train_in(run_dir, setup, resume, say, verbose, tensorboard, t_start,
+        with outputs.claim_output_dir(run_dir, **where), _watching(joined):  # locked: no other command
+            return _train_in(run_dir, setup, resume, say, verbose, tensorboard, t_start,  # writes there
                              joined[0] if joined else None)
     except WorkerLostError as exc:
         exc.run_dir = run_dir  # the `tltool` program restarts itself with --resume --out RUN_DIR
@@ -165,9 +166,20 @@ def _send_plan(cluster: Cluster, setup: RunSetup, run_dir: Path, resume: bool) -
                         f"say why): every host needs the same images and weights at the same paths.")
 
 
+def _watching(joined: list):
+    """The block with the cluster's failures (if there is a cluster) turned into WorkerLostError."""
+    return joined[0].watching() if joined else contextlib.nullcontext()
+
+
 def _train_as_worker(role: Role, say, verbose: int) -> FinetuneResult:
-    """One of a multi-worker run's other workers: the chief's plan, this worker's shard, nothing written."""
+    """One of a multi-worker run's other workers (see cluster.py)."""
     cluster = Cluster(role, say)
+    with cluster.watching():
+        return _work_for_the_chief(cluster, role, say, verbose)
+
+
+def _work_for_the_chief(cluster: Cluster, role: Role, say, verbose: int) -> FinetuneResult:
+    """The chief's plan, this worker's shard of the images, nothing written but scratch files."""
     plan = cluster.broadcast_json()
     if "stop" in plan:
         raise RecipeError(f"The chief of this multi-worker run stopped: {plan['stop']}")

@@ -20,6 +20,7 @@ workers keep no state of their own, so a lost worker is restarted with the comma
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -43,13 +44,13 @@ class Role:
     task_type: str
     task_index: int
     num_workers: int
+    has_chief_job: bool = False  # a `chief` task apart from the workers (else worker 0 is the chief)
 
     @property
     def is_chief(self) -> bool:
-        return self.task_type == "chief" or (self.task_type == "worker" and self.task_index == 0
-                                             and not self._has_chief_job)
-
-    _has_chief_job: bool = False
+        if self.task_type == "chief":
+            return True
+        return self.task_type == "worker" and self.task_index == 0 and not self.has_chief_job
 
     @property
     def name(self) -> str:
@@ -98,6 +99,17 @@ def _collective_errors():
             tf.errors.AbortedError, tf.errors.InternalError)
 
 
+def _is_collective_failure(exc) -> bool:
+    """Whether a TensorFlow error is the cluster's (a lost peer) rather than a bug: an unreachable or silent
+    peer always is; an internal, aborted or cancelled op only when a collective says so."""
+    import tensorflow as tf
+
+    if isinstance(exc, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError)):
+        return True
+    text = str(exc)
+    return "ollective" in text or "unhealthy" in text or "heartbeat" in text
+
+
 class Cluster:
     """The workers of a multi-worker run: its strategy, this worker's role, and the collectives they share.
 
@@ -142,17 +154,19 @@ class Cluster:
 
     # ---------------------------------------------------------------------------------- collectives
 
-    def guarded(self, fn, *args):
-        """`fn(*args)`, with a failed collective turned into WorkerLostError (a worker died or hung)."""
+    @contextlib.contextmanager
+    def watching(self):
+        """Run the block with a failed collective (a worker killed, a host gone, a peer past the timeout) turned
+        into WorkerLostError. Anything that touches the strategy's variables may be one: a step, a sync, saving
+        or loading weights."""
         try:
-            return fn(*args)
+            yield
         except _collective_errors() as exc:
-            raise WorkerLostError(self._lost_message(exc)) from None
-
-    def _lost_message(self, exc) -> str:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return (f"A worker of this multi-worker run stopped answering ({type(exc).__name__}: {first[:160]}). "
-                f"Restart it with the command it was started with; the other workers wait for it.")
+            if not _is_collective_failure(exc):
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise WorkerLostError(f"A worker of this multi-worker run stopped answering ({type(exc).__name__}: "
+                                  f"{first[:160]}).") from None
 
     def _sum(self, value: np.ndarray) -> np.ndarray:
         """The sum over workers of `value` (each worker's first replica contributes it, the others zeros)."""
@@ -165,11 +179,8 @@ class Cluster:
             calls.append(None)
             return tensor if len(calls) == 1 else tf.zeros_like(tensor)
 
-        def run():
-            values = self.strategy.experimental_distribute_values_from_function(per_replica)
-            return self.strategy.reduce(tf.distribute.ReduceOp.SUM, values, axis=None).numpy()
-
-        return self.guarded(run)
+        values = self.strategy.experimental_distribute_values_from_function(per_replica)
+        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, values, axis=None).numpy()
 
     def counts(self, count: int) -> list[int]:
         """Every worker's `count`, in worker order."""

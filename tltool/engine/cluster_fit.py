@@ -46,8 +46,8 @@ def cluster_fit(cluster, model, train_ds, val_ds, epochs: int, callbacks: list, 
     logs = {}
     for epoch in range(first_epoch, epochs):
         listeners.on_epoch_begin(epoch)
-        logs = _run_epoch(cluster, steps.train, train, train_steps, listeners.on_train_batch_end)
-        val_logs = _run_epoch(cluster, steps.evaluate, val, val_steps, listeners.on_test_batch_end)
+        logs = _run_epoch(steps.train, train, train_steps, listeners.on_train_batch_end)
+        val_logs = _run_epoch(steps.evaluate, val, val_steps, listeners.on_test_batch_end)
         logs.update({f"val_{k}": v for k, v in val_logs.items()})
         listeners.on_epoch_end(epoch, logs)
         model.stop_training = bool(cluster.broadcast_number(float(bool(model.stop_training))))
@@ -58,12 +58,12 @@ def cluster_fit(cluster, model, train_ds, val_ds, epochs: int, callbacks: list, 
     return history
 
 
-def _run_epoch(cluster, step_fn, dataset, steps: int, on_batch_end) -> dict:
+def _run_epoch(step_fn, dataset, steps: int, on_batch_end) -> dict:
     """One pass of `step_fn` over `steps` global batches; the loss and accuracy over every worker's examples."""
     totals = np.zeros(3)  # sum of weighted losses, correct answers, examples
     iterator = iter(dataset)
     for step in range(steps):
-        totals += np.asarray([float(v) for v in cluster.guarded(step_fn, iterator)])
+        totals += np.asarray([float(v) for v in step_fn(iterator)])
         count = max(totals[2], 1.0)
         on_batch_end(step, {"loss": totals[0] / count, "accuracy": totals[1] / count})
     count = max(totals[2], 1.0)
