@@ -35,6 +35,11 @@ _NOISE = re.compile(
     r"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
     r"|[IW]\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] "
     r"|E\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] .*(cuInit|CUDA|cuda|cuDNN|cuFFT|cuBLAS|TensorRT|oneDNN supports)"
+    # A multi-worker run's collectives and coordination service on a peer that finished or was lost: tltool
+    # says which in its own line (the heartbeat error's message goes on over two more lines).
+    r"|E\d{4} [\d:.]+ +\d+ (coordination_service\w*|base_collective_executor|ring_alg|collective_\w+)\.cc:\d+\] "
+    r"|/job:\w+/replica:\d+/task:\d+$"
+    r"|The tasks have crashed\. Check the task logs for an earlier error"
     r"|INFO: Created TensorFlow Lite XNNPACK delegate for CPU\."
     r"|INFO: Initialized TensorFlow Lite runtime\."
     r"|fully_quantize: \d+, inference_type: \d+, input_inference_type: \w+, output_inference_type: \w+$"  # int8

@@ -53,6 +53,11 @@ class Role:
         return self.task_type == "worker" and self.task_index == 0 and not self.has_chief_job
 
     @property
+    def index(self) -> int:
+        """This worker's place among all workers, the chief first (the order of the all-reduce)."""
+        return self.task_index + (1 if self.has_chief_job and self.task_type == "worker" else 0)
+
+    @property
     def name(self) -> str:
         return f"{self.task_type} {self.task_index}"
 
@@ -139,10 +144,7 @@ class Cluster:
 
     @property
     def index(self) -> int:
-        """This worker's place among all workers, the chief first (the order of the all-reduce)."""
-        tf_config = json.loads(os.environ["TF_CONFIG"])
-        chiefs = len(tf_config["cluster"].get("chief", []))
-        return self.role.task_index + (chiefs if self.role.task_type == "worker" else 0)
+        return self.role.index
 
     def shard(self, folder):
         """This worker's share of an ImageFolder: every N-th image, from its index."""
