@@ -80,9 +80,10 @@ def subsample(data: Path, per_class: int, seed: int, dest: Path) -> Path:
     return dest
 
 
-def timed(cmd: list[str]) -> tuple[float, str]:
+def timed(cmd: list[str], env: dict | None = None) -> tuple[float, str]:
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    done = subprocess.run(cmd, capture_output=True, text=True,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})})
     seconds = time.perf_counter() - t0
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:4])} ... failed:\n{done.stderr[-2000:]}")
@@ -102,7 +103,8 @@ def run_tltool(train: Path, val: Path, test: Path, args, seed: int, out: Path) -
            "--out", str(out), "--quiet"]
     if test != val:
         cmd += ["--test-data", str(test)]
-    seconds, _ = timed(cmd + list(args.tltool_args))
+    # A feature cache of its own: the time of a first run, as a new user's (no features from another seed).
+    seconds, _ = timed(cmd + list(args.tltool_args), {"TLTOOL_CACHE_DIR": str(out) + "-cache"})
     summary = json.loads((out / "summary.json").read_text())
     return summary["test_accuracy" if test != val else "val_accuracy"], seconds
 

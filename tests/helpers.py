@@ -29,16 +29,18 @@ def make_image_folder(root: Path, classes=("red", "green", "blue"), per_class: i
 
 def tiny_recipe_args(size: int = 32) -> list[str]:
     """`--set` overrides that make a finetune run take seconds: tiny inputs, random weights, few epochs, no
-    augmented views and no measured flip (tests of those set them themselves)."""
+    augmented views, no measured flip and no measured feature layer (tests of those set them themselves)."""
     return ["--set", "backbone.weights=none", "--set", f"data.image_size={size}", "--set", "data.batch_size=8",
             "--set", "frozen.epochs=2", "--set", "fine_tune.epochs=1", "--set", "fine_tune.unfreeze=1",
-            "--set", "frozen.feature_views=0", "--set", "augment.flip=horizontal"]
+            "--set", "frozen.feature_views=0", "--set", "augment.flip=horizontal", "--set", "head.layer=top",
+            "--set", "head.grid=1"]
 
 
 def tiny_values(size: int = 32) -> dict:
     """The same as `tiny_recipe_args`, as `overrides` for the Python API."""
     return ["backbone.weights=none", f"data.image_size={size}", "data.batch_size=8", "frozen.epochs=2",
-            "fine_tune.epochs=1", "fine_tune.unfreeze=1", "frozen.feature_views=0", "augment.flip=horizontal"]
+            "fine_tune.epochs=1", "fine_tune.unfreeze=1", "frozen.feature_views=0", "augment.flip=horizontal",
+            "head.layer=top", "head.grid=1"]
 
 
 def calibrated_backbone_weights(path: Path, backbone: str = "mobilenet_v2", size: int = 32,

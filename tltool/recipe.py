@@ -64,6 +64,13 @@ class HeadConfig:
                    choices=("pooled", "classic"))
     pooling: str = _f("avg", "Global pooling of the backbone's feature map (pooled mode).",
                       choices=("avg", "max"))
+    layer: str = _f("auto", "Where the head reads the backbone (pooled mode): `top` (its output), the name of a "
+                            "layer that ends one of its blocks (earlier, more generic features: far domains such "
+                            "as scans, digits, textures), or `auto`: chosen by k-fold accuracy on the training "
+                            "images among the top and three earlier blocks.")
+    grid: Optional[int] = _f(None, "Pooling grid: 1 pools the feature map globally; 2 or 3 keep its coarse layout "
+                                   "(one value per cell and channel). null: measured with the layer.",
+                             minimum=1, maximum=4)
     dense: list[int] = _f([], "Sizes of hidden dense layers between the features and the softmax.")
     dropout: float = _f(0.2, "Dropout rate before each dense layer of the head.", minimum=0.0, maximum=0.95)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tltool import outputs, rundir
 from tltool.data.manifest import check_same_data, manifest_split, read_manifest, write_manifest
+from tltool.engine.feature_layer import choose_feature_layer
 from tltool.engine.cluster import Cluster, Role, role_from_environment, split_fingerprint
 from tltool.engine.progress import CHECKPOINTS_DIR, RunProgress, check_resumable
 from tltool.engine.setup import RunSetup, Runtime, prepare_run, resolve_recipe, start_runtime
@@ -108,9 +109,13 @@ def _train_in(run_dir: Path, setup: RunSetup, resume: bool, say, verbose: int, t
     if cluster is not None:
         _send_plan(cluster, setup, run_dir, resume)
     runtime = start_runtime(recipe, cluster)
-    tm = build_model(setup, runtime)
-    progress = _start_or_resume(run_dir, setup, tm, resume, say)
     ctx = TrainingContext(setup, runtime, verbose, say)
+    if choose_feature_layer(ctx):  # the model's shape depends on it: measured before it is built
+        # The probe network drew from Keras's seeded generators: start afresh, so that the run is the one its
+        # recipe.yaml (which records the layer) repeats.
+        ctx.runtime = runtime = start_runtime(recipe, cluster)
+    tm = build_model(setup, runtime)
+    progress = _start_or_resume(run_dir, setup, tm, resume, say, ctx.decisions)
     timings = train_stages(ctx, tm, progress=progress, run_dir=run_dir, tensorboard=tensorboard)
     if ctx.decisions:  # values the run measured: recorded, so that a repeat or a resume takes them as given
         save_recipe(recipe, run_dir / rundir.RECIPE_FILE, ctx.decisions)
@@ -269,11 +274,12 @@ def _announce(setup: RunSetup, run_dir: Path, say) -> int:
     return len(split.skips)
 
 
-def _start_or_resume(run_dir: Path, setup: RunSetup, tm, resume: bool, say) -> RunProgress:
-    """A new run writes its recipe and labels; a resumed one loads the weights of its finished stages."""
+def _start_or_resume(run_dir: Path, setup: RunSetup, tm, resume: bool, say, decisions=()) -> RunProgress:
+    """A new run writes its recipe (with what it has measured so far) and labels; a resumed one loads the
+    weights of its finished stages."""
     if not resume:
         write_manifest(run_dir, setup.split)
-        save_recipe(setup.recipe, run_dir / rundir.RECIPE_FILE)
+        save_recipe(setup.recipe, run_dir / rundir.RECIPE_FILE, decisions)
         rundir.write_labels(run_dir, setup.classes)
     progress = RunProgress(run_dir)
     if resume:

@@ -19,7 +19,9 @@ from pathlib import Path
 import yaml
 
 from tltool import outputs, rundir
-from tltool.engine.setup import prepare_run, resolve_recipe
+from tltool.engine.feature_layer import choose_feature_layer
+from tltool.engine.setup import prepare_run, resolve_recipe, start_runtime
+from tltool.engine.stages import TrainingContext
 from tltool.errors import RecipeError, RunDirError, SearchFailedError
 from tltool.recipe import Recipe, from_dict, load_recipe
 from tltool.tuning.distributed import distributed_role, oracle_address
@@ -74,6 +76,8 @@ def tune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=None
     # The chief only hands out trials: it needs neither data nor weights. Workers and a single process check
     # them before --overwrite wipes anything.
     setup = prepare_run(base) if role != "chief" else None
+    if setup is not None:  # every trial's model reads the backbone where the base recipe's does
+        choose_feature_layer(TrainingContext(setup, start_runtime(base), verbose, say))
     resuming, lock = _prepare_out(out, base, overwrite) if role != "worker" else (False, None)
     try:
         return _tune_in(out, base, space, setup, role, resuming, verbose, say)

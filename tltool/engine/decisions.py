@@ -11,6 +11,11 @@ an honest estimate, and costs seconds: a softmax regression on cached features t
   hurt data whose classes differ by orientation or fine geometry. Once the views are cached, train on
   the plain images with and without them, score on the held-out folds' plain images, and drop the views
   (train on the plain images only) if they cost accuracy.
+- Feature layer (`head.layer: auto`, `head.grid: null`): the backbone's top suits photos like those it was
+  trained on; on far domains (digit scans, text, textures, sprites) an earlier block is often better, and a
+  pooling grid that keeps the coarse layout (where a stroke is) better still. Each candidate's pooled features
+  of the plain images are scored the same way; the top is kept unless another candidate is more accurate
+  by more than the tolerance.
 """
 
 from __future__ import annotations
@@ -74,6 +79,45 @@ def decide_flip(plain: np.ndarray, mirrored: np.ndarray, labels: np.ndarray, see
     without = cross_validated_accuracy(plain, labels, folds)
     with_flip = cross_validated_accuracy(plain, labels, folds, extra=mirrored)
     return FlipDecision(with_flip >= without - TOLERANCE, without, with_flip)
+
+
+@dataclass
+class LayerDecision:
+    layer: str
+    grid: int
+    scores: dict  # (layer, grid) -> cross-validated accuracy; empty when not measured
+    blocks: dict  # layer -> its block number (1 = the first), for the log
+
+    def describe(self, why_not: str = "") -> str:
+        chosen = f"head.layer: {self.layer}, head.grid: {self.grid}"
+        if not self.scores:
+            return f"{chosen} ({why_not})"
+        ranked = sorted(self.scores.items(), key=lambda item: -item[1])
+        shown = ranked[:4] + [item for item in ranked[4:] if item[0][0] == "top"]  # the top's score always
+        shown = ", ".join(f"{self._name(layer)} grid {grid} {score:.3f}" for (layer, grid), score in shown)
+        where = "the backbone's output" if self.layer == "top" else \
+            f"the end of block {self.blocks[self.layer]} of {len(self.blocks)}"
+        return (f"{chosen} ({where}): {FOLDS}-fold accuracy on the training images, best first: {shown}"
+                + (f" (of {len(ranked)})" if len(ranked) > 4 else ""))
+
+    def _name(self, layer: str) -> str:
+        return "top" if layer == "top" else f"block {self.blocks[layer]}"
+
+
+def decide_layer(features: np.ndarray, spans: list, candidates: list, labels: np.ndarray, seed: int,
+                 blocks: dict) -> LayerDecision:
+    """The (layer, grid) whose pooled features a softmax regression tells the classes apart best with:
+    `features` [N, sum of widths] hold every candidate's side by side, at `spans`. The first candidate (the
+    top, read globally) is kept unless another beats it by more than TOLERANCE."""
+    folds = stratified_folds(labels, FOLDS, seed)
+    if folds is None:
+        return LayerDecision(*candidates[0], {}, blocks)
+    scores = {pair: cross_validated_accuracy(features[:, start:end], labels, folds)
+              for pair, (start, end) in zip(candidates, spans)}
+    best = max(candidates, key=lambda pair: scores[pair])
+    if scores[best] <= scores[candidates[0]] + TOLERANCE:
+        best = candidates[0]
+    return LayerDecision(*best, scores, blocks)
 
 
 def stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray | None:

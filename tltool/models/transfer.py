@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from tltool.models.backbones import (BackboneSpec, ResolvedWeights, backbone_blocks, imagenet_unavailable,
                                      preprocessing_layer)
 from tltool.errors import BackboneError, WeightsError
@@ -45,7 +47,15 @@ def build_transfer_model(spec: BackboneSpec, weights: ResolvedWeights, num_class
         raise BackboneError(f"Classic head mode keeps {spec.name}'s original top, which takes only "
                             f"{spec.default_size} px images with ImageNet weights. Received: image size "
                             f"{image_size}. Use --image-size {spec.default_size} or head.mode: pooled.")
-    backbone = _build_backbone(spec, weights, image_size, classic, head_cfg.pooling)
+    if classic:
+        backbone = _build_backbone(spec, weights, image_size, classic=True)
+    elif head_cfg.layer in ("top", "auto") and (head_cfg.grid or 1) == 1:  # Keras's own pooled network
+        backbone = _build_backbone(spec, weights, image_size, pooling=head_cfg.pooling)
+    else:
+        net = _build_backbone(spec, weights, image_size)
+        backbone = keras.Model(net.input, grid_pooling(feature_map(net, spec, head_cfg.layer), head_cfg.grid or 1,
+                                                       head_cfg.pooling), name=net.name)
+        backbone.trainable = False
     feature_size = backbone.output_shape[-1]
 
     pixels = keras.Input((image_size, image_size, 3), name="pixels", dtype="float32")
@@ -77,8 +87,41 @@ def build_head(feature_size: int, num_classes: int, head_cfg: HeadConfig, seed: 
     return keras.Model(inputs, outputs, name="head")
 
 
-def _build_backbone(spec: BackboneSpec, weights: ResolvedWeights, image_size: int, classic: bool,
-                    pooling: str):
+def feature_map(net, spec: BackboneSpec, layer: str):
+    """The feature map the head reads: the network's output (`top`, or `auto` not measured), or the output of
+    a layer that ends one of its blocks (every path runs through it, so the network truncated there is whole)."""
+    if layer in ("top", "auto"):
+        return net.output
+    ends = backbone_blocks(net, spec)
+    if layer not in ends:
+        raise BackboneError(f"head.layer {layer!r} does not end a block of {spec.name}. Use top, auto or one of: "
+                            f"{', '.join(ends)}.")
+    return net.get_layer(layer).output
+
+
+def grid_pooling(feature_map, grid: int, pooling: str, name: str = "grid"):
+    """Pool a feature map [H, W, C] to a vector: globally (grid 1), or one value per cell of a grid x grid
+    layout, flattened (the coarse layout kept: where a stroke or a part is, not only that it is there).
+
+    Plain pooling layers (a window and a stride that tile the map, overlapping by a row when the size does not
+    divide), so the model stays plain Keras and every export format takes it."""
+    import keras
+
+    height, width = int(feature_map.shape[1]), int(feature_map.shape[2])
+    if grid == 1:
+        layer = keras.layers.GlobalAveragePooling2D if pooling == "avg" else keras.layers.GlobalMaxPooling2D
+        return layer(name=f"{name}_pool")(feature_map)
+    rows, cols = min(grid, height), min(grid, width)
+    strides = (height // rows, width // cols)
+    window = (height - (rows - 1) * strides[0], width - (cols - 1) * strides[1])
+    layer = keras.layers.AveragePooling2D if pooling == "avg" else keras.layers.MaxPooling2D
+    return keras.layers.Flatten(name=f"{name}_flatten")(layer(window, strides, name=f"{name}_pool")(feature_map))
+
+
+def _build_backbone(spec: BackboneSpec, weights: ResolvedWeights, image_size: int, classic: bool = False,
+                    pooling: str | None = None):
+    """The pretrained network: its original top's input (classic), globally pooled (`pooling`), or its
+    feature map (None)."""
     import keras
 
     fn = spec.constructor_fn()
@@ -178,3 +221,59 @@ def set_fine_tune_layers(backbone, spec: BackboneSpec, blocks: int, freeze_batch
         layer.trainable = i >= first and not (is_bn and freeze_batchnorm)
         trainable += int(layer.trainable and bool(layer.weights))
     return Unfrozen(blocks, total, cut, trainable)
+
+
+
+
+#: With `head.layer: auto`, the blocks tried besides the backbone's top: at these fractions of its depth.
+PROBED_DEPTHS = (0.55, 0.7, 0.85)
+PROBED_GRIDS = (1, 2, 3)
+
+
+def layer_candidates(net, spec: BackboneSpec, head_cfg: HeadConfig) -> list[tuple[str, int]]:
+    """The (layer, grid) pairs `head.layer` / `head.grid` leave open, the top (read globally) first. A grid
+    is tried where the feature map has at least as many rows and columns."""
+    ends = backbone_blocks(net, spec)
+    if head_cfg.layer == "auto":
+        layers = ["top"] + list(dict.fromkeys(ends[max(0, round(f * len(ends)) - 1)] for f in PROBED_DEPTHS))
+    else:
+        layers = [head_cfg.layer]
+    pairs = []
+    for layer in layers:
+        fmap = feature_map(net, spec, layer)
+        side = min(int(fmap.shape[1]), int(fmap.shape[2]))
+        grids = [head_cfg.grid] if head_cfg.grid else (1,) if layer == "top" and len(layers) > 1 else PROBED_GRIDS
+        pairs += [(layer, g) for g in grids if g == 1 or side >= g]
+    return pairs
+
+
+@dataclass
+class LayerProbe:
+    """One network that computes, in one pass, the pooled features of every (layer, grid) candidate side by
+    side: pixels -> [sum of their widths]."""
+
+    model: object
+    candidates: list  # (layer, grid) pairs, the top first
+    spans: list       # each candidate's (start, end) in the model's output
+    blocks: dict      # block-end layer -> its block number (1 = the first)
+
+
+def layer_probe(spec: BackboneSpec, weights: ResolvedWeights, image_size: int, head_cfg: HeadConfig) -> LayerProbe:
+    """The probe of the candidates `layer_candidates` finds for `head_cfg` (see LayerProbe)."""
+    import keras
+
+    net = _build_backbone(spec, weights, image_size)
+    candidates = layer_candidates(net, spec, head_cfg)
+    layers = list(dict.fromkeys(layer for layer, _ in candidates))
+    inner = keras.Model(net.input, [feature_map(net, spec, layer) for layer in layers], name="probe_maps")
+    pixels = keras.Input((image_size, image_size, 3), name="pixels", dtype="float32")
+    preprocess = preprocessing_layer(spec)
+    maps = inner(preprocess(pixels) if preprocess is not None else pixels, training=False)
+    maps = dict(zip(layers, maps if isinstance(maps, (list, tuple)) else [maps]))
+    pooled = [grid_pooling(maps[layer], grid, head_cfg.pooling, name=f"candidate_{i}")
+              for i, (layer, grid) in enumerate(candidates)]
+    ends = np.cumsum([int(p.shape[-1]) for p in pooled])
+    features = keras.layers.Concatenate(name="candidates")(pooled) if len(pooled) > 1 else pooled[0]
+    spans = [(int(a), int(b)) for a, b in zip([0, *ends[:-1]], ends)]
+    blocks = {name: i + 1 for i, name in enumerate(backbone_blocks(net, spec))}
+    return LayerProbe(keras.Model(pixels, features, name="layer_probe"), candidates, spans, blocks)

@@ -1,0 +1,104 @@
+"""Where the head reads the backbone: a measured layer and pooling grid, built into a plain Keras model."""
+
+import keras
+import numpy as np
+import pytest
+import yaml
+
+import tltool
+from helpers import calibrated_backbone_weights, tiny_values
+from tltool.engine.decisions import decide_layer
+from tltool.errors import BackboneError
+from tltool.models.transfer import grid_pooling
+
+
+@pytest.mark.parametrize("side, grid", [(5, 2), (6, 2), (7, 3), (3, 3), (4, 1)])
+def test_grid_pooling_averages_each_cell_of_a_grid_that_covers_the_map(side, grid):
+    rng = np.random.default_rng(side)
+    fmap = rng.normal(size=(2, side, side, 3)).astype(np.float32)
+    inputs = keras.Input((side, side, 3))
+    pooled = np.asarray(keras.Model(inputs, grid_pooling(inputs, grid, "avg"))(fmap))
+
+    stride = side // grid
+    window = side - (grid - 1) * stride
+    cells = [fmap[:, i * stride:i * stride + window, j * stride:j * stride + window].mean(axis=(1, 2))
+             for i in range(grid) for j in range(grid)]
+    expected = np.stack(cells, axis=1).reshape(2, -1)  # row-major cells, channels last: Flatten's order
+    assert pooled.shape == (2, grid * grid * 3)
+    np.testing.assert_allclose(pooled, expected, rtol=1e-5, atol=1e-6)
+    covered = {r for i in range(grid) for r in range(i * stride, i * stride + window)}
+    assert covered == set(range(side))  # every row (and column) of the map counts
+
+
+def _candidates_features(rng, n: int, informative: int):
+    """Features of 3 candidates side by side; only candidate `informative` carries the label."""
+    labels = np.repeat([0, 1, 2], n)
+    blocks = []
+    for i in range(3):
+        x = rng.normal(0, 1, (3 * n, 8))
+        if i == informative:
+            x[np.arange(3 * n), labels] += 4
+        blocks.append(x)
+    return np.concatenate(blocks, axis=1), [(0, 8), (8, 16), (16, 24)], labels
+
+
+def test_layer_decision_takes_the_candidate_that_tells_the_classes_apart():
+    candidates = [("top", 1), ("block_8_add", 1), ("block_8_add", 2)]
+    features, spans, labels = _candidates_features(np.random.default_rng(0), 20, informative=2)
+    decision = decide_layer(features, spans, candidates, labels, seed=0, blocks={"block_8_add": 9})
+    assert (decision.layer, decision.grid) == ("block_8_add", 2)
+    assert decision.scores[("block_8_add", 2)] > 0.9 > 0.6 > decision.scores[("top", 1)]
+    assert decision.describe().startswith("head.layer: block_8_add, head.grid: 2 (the end of block 9 of 1)")
+
+
+def test_layer_decision_keeps_the_top_unless_another_is_clearly_better():
+    candidates = [("top", 1), ("block_8_add", 1), ("block_8_add", 2)]
+    features, spans, labels = _candidates_features(np.random.default_rng(1), 20, informative=0)
+    features[:, 16:24] = features[:, 0:8] + np.random.default_rng(2).normal(0, 0.01, (60, 8))  # as good as the top
+    decision = decide_layer(features, spans, candidates, labels, seed=0, blocks={"block_8_add": 9})
+    assert (decision.layer, decision.grid) == ("top", 1)
+
+
+def test_finetune_measures_the_layer_and_builds_the_model_that_reads_it(image_folder, tmp_path):
+    weights = calibrated_backbone_weights(tmp_path / "backbone.weights.h5", images=image_folder, size=64)
+    result = tltool.finetune(data=image_folder, out=tmp_path / "run", verbose=0, overrides=tiny_values(64) + [
+        "head.layer=auto", "head.grid=null", "fine_tune.epochs=1", f"backbone.weights={weights}"])
+
+    saved = (result.run_dir / "recipe.yaml").read_text()
+    head = yaml.safe_load(saved)["head"]
+    line = next(line for line in saved.splitlines() if line.startswith("# Measured: head.layer:"))
+    assert line.startswith(f"# Measured: head.layer: {head['layer']}, head.grid: {head['grid']} ")
+    assert "3-fold accuracy on the training images" in line
+    # The model reads the layer the recipe names, at its grid; plain Keras loads it and answers the same.
+    backbone = result.model_parts.backbone
+    if head["layer"] != "top":
+        assert head["layer"] in [layer.name for layer in backbone.layers]
+        assert backbone.layers[-1].name == ("grid_pool" if head["grid"] == 1 else "grid_flatten")
+    pixels = np.random.default_rng(0).uniform(0, 255, (4, 64, 64, 3)).astype(np.float32)
+    loaded = keras.models.load_model(result.run_dir / "model.keras", safe_mode=True)
+    np.testing.assert_allclose(np.asarray(loaded(pixels)["probabilities"]),
+                               np.asarray(result.model(pixels)["probabilities"]), atol=1e-5)
+
+
+def test_a_chosen_block_and_grid_train_both_stages_and_save_a_plain_keras_model(image_folder, tmp_path):
+    weights = calibrated_backbone_weights(tmp_path / "backbone.weights.h5", images=image_folder)
+    messages = []
+    result = tltool.finetune(data=image_folder, out=tmp_path / "run", log=messages.append, overrides=tiny_values(32) + [
+        "head.layer=block_5_add", "head.grid=2", "fine_tune.epochs=1", f"backbone.weights={weights}"])
+
+    backbone = result.model_parts.backbone
+    assert backbone.output_shape == (None, 2 * 2 * 32)  # block_5_add: a 4x4 map of 32 channels at 32 px
+    assert "block_6_expand" not in [layer.name for layer in backbone.layers]  # truncated after the block
+    assert any("top 1 of 6 backbone blocks unfrozen (after block_4_add" in m and "on cached activations" in m
+               for m in messages)
+    loaded = keras.models.load_model(result.run_dir / "model.keras", safe_mode=True)
+    pixels = np.random.default_rng(1).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(loaded(pixels)["probabilities"]),
+                               np.asarray(result.model(pixels)["probabilities"]), atol=1e-5)
+
+
+def test_a_layer_that_ends_no_block_is_refused_with_the_choices(image_folder, tmp_path):
+    with pytest.raises(BackboneError, match=r"head.layer 'block_5_expand' does not end a block of mobilenet_v2\. "
+                                            r"Use top, auto or one of: expanded_conv_project_BN, block_1_project_BN"):
+        tltool.finetune(data=image_folder, out=tmp_path / "run", verbose=0,
+                        overrides=tiny_values(32) + ["head.layer=block_5_expand"])
