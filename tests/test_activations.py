@@ -68,7 +68,8 @@ def test_cache_key_covers_cut_views_and_augmentation():
     key = dict(backbone="mobilenet_v2", weights_fingerprint="file:abc", image_size=96, preprocessing="tf",
                head_mode="pooled", pooling="avg")
     assert len({extractor_key(**key), extractor_key(**key, cut="block_14_add"),
-                extractor_key(**key, cut="block_15_add")}) == 3
+                extractor_key(**key, cut="block_15_add"), extractor_key(**key, reads="block_12_add:1"),
+                extractor_key(**key, reads="block_12_add:2")}) == 5
     base = load_recipe(None)
     changed = [load_recipe(None, overrides=[o]) for o in ("augment.rotation=0.2", "augment.flip=none", "seed=7")]
     assert len({augmentation_key(r) for r in [base, *changed]}) == 4

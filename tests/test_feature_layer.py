@@ -102,3 +102,15 @@ def test_a_layer_that_ends_no_block_is_refused_with_the_choices(image_folder, tm
                                             r"Use top, auto or one of: expanded_conv_project_BN, block_1_project_BN"):
         tltool.finetune(data=image_folder, out=tmp_path / "run", verbose=0,
                         overrides=tiny_values(32) + ["head.layer=block_5_expand"])
+
+
+def test_features_read_at_another_layer_are_not_taken_from_the_cache(image_folder, tmp_path):
+    weights = calibrated_backbone_weights(tmp_path / "backbone.weights.h5", images=image_folder)
+    common = tiny_values(32) + ["fine_tune.epochs=0", f"backbone.weights={weights}", f"train.cache_dir={tmp_path / 'c'}"]
+    runs = {}
+    for name, layer in (("top", ["head.layer=top"]), ("again", ["head.layer=top"]),
+                        ("block", ["head.layer=block_5_add", "head.grid=2"])):
+        runs[name] = tltool.finetune(data=image_folder, out=tmp_path / name, verbose=0, overrides=common + layer)
+    computed = {name: run.summary["timings"]["feature_images"] for name, run in runs.items()}
+    assert computed["top"] > 0 and computed["again"] == 0  # the cache serves the same layer...
+    assert computed["block"] == computed["top"]  # ...and not another one

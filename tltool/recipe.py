@@ -312,6 +312,13 @@ def from_dict(raw: dict, source: str = "recipe") -> Recipe:
     return recipe
 
 
+def recorded_decisions(path: str | Path) -> list[str]:
+    """The `decisions` lines a saved recipe carries (see save_recipe), so that a resumed run keeps them."""
+    prefix = "# Measured: "
+    lines = Path(path).read_text(encoding="utf-8").splitlines() if Path(path).is_file() else []
+    return [line[len(prefix):] for line in lines if line.startswith(prefix)]
+
+
 def save_recipe(recipe: Recipe, path: str | Path, decisions=()) -> None:
     """Write the fully resolved recipe; `load_recipe` of the file gives the same recipe back. `decisions`:
     lines on values the run measured rather than took as given, written as comments."""
@@ -470,6 +477,10 @@ def _cross_checks(recipe: Recipe, source: str) -> None:
                           f"(received {recipe.data.val_split}); set `data.val_split: 0.2` or pass --val-data.")
     if recipe.frozen.epochs == 0 and recipe.fine_tune.epochs == 0:
         raise RecipeError(f"{source}: both `frozen.epochs` and `fine_tune.epochs` are 0: nothing would train.")
+    if recipe.head.mode == "classic" and (recipe.head.layer not in ("auto", "top") or (recipe.head.grid or 1) > 1):
+        raise RecipeError(f"{source}: `head.mode: classic` keeps the network's own top, so the head reads nothing "
+                          f"else. Received: head.layer={recipe.head.layer}, head.grid={recipe.head.grid}; use "
+                          f"head.mode: pooled, or drop them.")
     if any(units < 1 for units in recipe.head.dense):
         raise RecipeError(f"{source}: expected every entry of `head.dense` to be at least 1. "
                           f"Received: head.dense={recipe.head.dense}")

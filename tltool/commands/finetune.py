@@ -21,7 +21,7 @@ from tltool.engine.stages import TrainingContext, build_model, train_stages
 from tltool.engine.trust import Trust, fit_trust
 from tltool.errors import DataError, RecipeError, TltoolError, WorkerLostError
 from tltool.models.ood import build_ood_scorer, with_ood_output
-from tltool.recipe import from_dict, load_recipe, save_recipe
+from tltool.recipe import from_dict, load_recipe, recorded_decisions, save_recipe
 
 
 @dataclass
@@ -110,12 +110,18 @@ def _train_in(run_dir: Path, setup: RunSetup, resume: bool, say, verbose: int, t
         _send_plan(cluster, setup, run_dir, resume)
     runtime = start_runtime(recipe, cluster)
     ctx = TrainingContext(setup, runtime, verbose, say)
+    if resume:
+        ctx.decisions = recorded_decisions(run_dir / rundir.RECIPE_FILE)
+        _layer_of_a_resumed_run(run_dir, recipe)
+    else:
+        _record_start(run_dir, setup)  # first: a run killed from here on can be resumed
     if choose_feature_layer(ctx):  # the model's shape depends on it: measured before it is built
+        save_recipe(recipe, run_dir / rundir.RECIPE_FILE, ctx.decisions)
         # The probe network drew from Keras's seeded generators: start afresh, so that the run is the one its
         # recipe.yaml (which records the layer) repeats.
         ctx.runtime = runtime = start_runtime(recipe, cluster)
     tm = build_model(setup, runtime)
-    progress = _start_or_resume(run_dir, setup, tm, resume, say, ctx.decisions)
+    progress = _start_or_resume(run_dir, tm, resume, say)
     timings = train_stages(ctx, tm, progress=progress, run_dir=run_dir, tensorboard=tensorboard)
     if ctx.decisions:  # values the run measured: recorded, so that a repeat or a resume takes them as given
         save_recipe(recipe, run_dir / rundir.RECIPE_FILE, ctx.decisions)
@@ -274,13 +280,24 @@ def _announce(setup: RunSetup, run_dir: Path, say) -> int:
     return len(split.skips)
 
 
-def _start_or_resume(run_dir: Path, setup: RunSetup, tm, resume: bool, say, decisions=()) -> RunProgress:
-    """A new run writes its recipe (with what it has measured so far) and labels; a resumed one loads the
-    weights of its finished stages."""
-    if not resume:
-        write_manifest(run_dir, setup.split)
-        save_recipe(setup.recipe, run_dir / rundir.RECIPE_FILE, decisions)
-        rundir.write_labels(run_dir, setup.classes)
+def _record_start(run_dir: Path, setup: RunSetup) -> None:
+    """What a new run records before any work: its data, its recipe and its labels."""
+    write_manifest(run_dir, setup.split)
+    save_recipe(setup.recipe, run_dir / rundir.RECIPE_FILE)
+    rundir.write_labels(run_dir, setup.classes)
+
+
+def _layer_of_a_resumed_run(run_dir: Path, recipe) -> None:
+    """A recipe.yaml that still says `head.layer: auto` was saved before the layer was measured (a run killed
+    while measuring it: measured now) or by a tltool older than `head.layer`, whose runs read the top: it
+    is the top when the run has trained anything."""
+    head = recipe.head
+    if (head.layer == "auto" or head.grid is None) and (run_dir / rundir.HISTORY_FILE).exists():
+        head.layer, head.grid = ("top" if head.layer == "auto" else head.layer), head.grid or 1
+
+
+def _start_or_resume(run_dir: Path, tm, resume: bool, say) -> RunProgress:
+    """The run's resume state; a resumed run gets the weights of its finished stages."""
     progress = RunProgress(run_dir)
     if resume:
         progress.restore(tm.model, say)

@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from tltool import outputs, rundir
-from tltool.engine.feature_layer import choose_feature_layer
+from tltool.engine.feature_layer import choose_feature_layer, settle_unmeasured
 from tltool.engine.setup import prepare_run, resolve_recipe, start_runtime
 from tltool.engine.stages import TrainingContext
 from tltool.errors import RecipeError, RunDirError, SearchFailedError
@@ -76,8 +76,12 @@ def tune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=None
     # The chief only hands out trials: it needs neither data nor weights. Workers and a single process check
     # them before --overwrite wipes anything.
     setup = prepare_run(base) if role != "chief" else None
-    if setup is not None:  # every trial's model reads the backbone where the base recipe's does
+    # Every trial's model reads the backbone where the base recipe's does. In a distributed search the chief
+    # has no images, and workers measuring each on their own might not agree: there it is the top.
+    if role == "single":
         choose_feature_layer(TrainingContext(setup, start_runtime(base), verbose, say))
+    elif base.head.mode == "pooled" and (base.head.layer == "auto" or base.head.grid is None):
+        say(settle_unmeasured(base.head, "not measured in a distributed search") + ".")
     resuming, lock = _prepare_out(out, base, overwrite) if role != "worker" else (False, None)
     try:
         return _tune_in(out, base, space, setup, role, resuming, verbose, say)

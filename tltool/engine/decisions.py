@@ -87,11 +87,12 @@ class LayerDecision:
     grid: int
     scores: dict  # (layer, grid) -> cross-validated accuracy; empty when not measured
     blocks: dict  # layer -> its block number (1 = the first), for the log
+    why_not: str = ""  # why it was not measured
 
-    def describe(self, why_not: str = "") -> str:
+    def describe(self) -> str:
         chosen = f"head.layer: {self.layer}, head.grid: {self.grid}"
         if not self.scores:
-            return f"{chosen} ({why_not})"
+            return f"{chosen} (auto: {self.why_not})"
         ranked = sorted(self.scores.items(), key=lambda item: -item[1])
         shown = ranked[:4] + [item for item in ranked[4:] if item[0][0] == "top"]  # the top's score always
         shown = ", ".join(f"{self._name(layer)} grid {grid} {score:.3f}" for (layer, grid), score in shown)
@@ -111,7 +112,7 @@ def decide_layer(features: np.ndarray, spans: list, candidates: list, labels: np
     top, read globally) is kept unless another beats it by more than TOLERANCE."""
     folds = stratified_folds(labels, FOLDS, seed)
     if folds is None:
-        return LayerDecision(*candidates[0], {}, blocks)
+        return LayerDecision(*candidates[0], {}, blocks, f"too few images of a class to measure: {FOLDS} needed")
     scores = {pair: cross_validated_accuracy(features[:, start:end], labels, folds)
               for pair, (start, end) in zip(candidates, spans)}
     best = max(candidates, key=lambda pair: scores[pair])

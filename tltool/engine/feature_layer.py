@@ -31,13 +31,11 @@ def choose_feature_layer(ctx) -> bool:
         return False
     why_not = None
     if not setup.pretrained:
-        why_not = "auto: not measured on a random backbone, whose layers learned nothing to choose among"
+        why_not = "not measured on a random backbone, whose layers learned nothing to choose among"
     elif ctx.cluster is not None:
-        why_not = "auto: not measured in a multi-worker run"
+        why_not = "not measured in a multi-worker run"
     if why_not:
-        head.layer, head.grid = ("top" if head.layer == "auto" else head.layer), head.grid or 1
-        decision = LayerDecision(head.layer, head.grid, {}, {})
-        ctx.decisions.append(decision.describe(why_not))
+        ctx.decisions.append(settle_unmeasured(head, why_not))
         return False
     probe = layer_probe(setup.spec, setup.weights, setup.image_size, head)
     if len(probe.candidates) == 1:
@@ -57,8 +55,14 @@ def choose_feature_layer(ctx) -> bool:
     return True
 
 
+def settle_unmeasured(head, why_not: str) -> str:
+    """`head.layer: auto` taken as the top and `head.grid: null` as 1; returns the line saying so and why."""
+    head.layer, head.grid = ("top" if head.layer == "auto" else head.layer), head.grid or 1
+    return LayerDecision(head.layer, head.grid, {}, {}, why_not).describe()
+
+
 def _sample(paths: list, labels: list, seed: int) -> tuple[list, np.ndarray]:
-    """At most MAX_PROBE_IMAGES of the images, the same share of each class."""
+    """At most MAX_PROBE_IMAGES of the images, drawn uniformly (each class keeps about its share)."""
     labels = np.asarray(labels)
     if len(paths) <= MAX_PROBE_IMAGES:
         return list(paths), labels

@@ -45,11 +45,12 @@ def cache_dir(configured: str | None = None) -> Path:
 
 
 def extractor_key(backbone: str, weights_fingerprint: str, image_size: int, preprocessing: str,
-                  head_mode: str, pooling: str, cut: str = "") -> str:
+                  head_mode: str, pooling: str, cut: str = "", reads: str = "") -> str:
     """A short hash of everything that changes what the feature extractor computes (`cut`: the layer whose
-    activations are cached instead of the pooled features)."""
+    activations are cached instead of the pooled features; `reads`: where the head reads the backbone and on
+    which grid, "" for its top read globally, as before `head.layer` existed)."""
     parts = [CACHE_FORMAT, backbone, weights_fingerprint, image_size, preprocessing, head_mode, pooling]
-    text = json.dumps(parts + ([cut] if cut else []))
+    text = json.dumps(parts + ([cut] if cut else []) + ([reads] if reads else []))
     return f"{backbone}-{image_size}-" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

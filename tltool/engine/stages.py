@@ -165,7 +165,7 @@ def _extract(ctx: TrainingContext, extractor, cut: str = "", to_features=lambda 
     recipe, setup, split = ctx.recipe, ctx.setup, ctx.split
     entry = cache_dir(recipe.train.cache_dir) / extractor_key(
         setup.spec.name, weights_identity(setup), setup.image_size, setup.spec.preprocessing, recipe.head.mode,
-        recipe.head.pooling, cut)
+        recipe.head.pooling, cut, reads=_reads(recipe.head))
     with FeatureCache(entry) as cache:  # locked against `cache clear` while in use
         common = dict(image_size=setup.image_size, batch_size=recipe.data.batch_size, skips=split.skips,
                       verbose=ctx.verbose, log=ctx.log, jit_compile=ctx.runtime.jit_compile)
@@ -188,6 +188,12 @@ def _extract(ctx: TrainingContext, extractor, cut: str = "", to_features=lambda 
         val_x, val_rows, s2 = cached_features(extractor, cache, split.val.paths, **common)
         return (train_x, train_y, val_x, np.asarray(split.val.labels)[val_rows],
                 spent[0] + s1.seconds + s2.seconds, spent[1] + s1.computed + s2.computed)
+
+
+def _reads(head) -> str:
+    """Where the head reads the backbone, for the feature cache's key ("" for the top read globally)."""
+    return "" if head.mode != "pooled" or (head.layer in ("top", "auto") and (head.grid or 1) == 1) \
+        else f"{head.layer}:{head.grid or 1}"
 
 
 def _measure_views(ctx: TrainingContext, rows: np.ndarray, labels: np.ndarray, to_features) -> np.ndarray:

@@ -231,8 +231,9 @@ PROBED_GRIDS = (1, 2, 3)
 
 
 def layer_candidates(net, spec: BackboneSpec, head_cfg: HeadConfig) -> list[tuple[str, int]]:
-    """The (layer, grid) pairs `head.layer` / `head.grid` leave open, the top (read globally) first. A grid
-    is tried where the feature map has at least as many rows and columns."""
+    """The (layer, grid) pairs `head.layer` / `head.grid` leave open, the top (read globally) first: the top
+    and the blocks at PROBED_DEPTHS of the backbone (fewer on a shallow one), each on every grid up to the
+    size of its feature map."""
     ends = backbone_blocks(net, spec)
     if head_cfg.layer == "auto":
         layers = ["top"] + list(dict.fromkeys(ends[max(0, round(f * len(ends)) - 1)] for f in PROBED_DEPTHS))
@@ -243,8 +244,8 @@ def layer_candidates(net, spec: BackboneSpec, head_cfg: HeadConfig) -> list[tupl
         fmap = feature_map(net, spec, layer)
         side = min(int(fmap.shape[1]), int(fmap.shape[2]))
         grids = [head_cfg.grid] if head_cfg.grid else (1,) if layer == "top" and len(layers) > 1 else PROBED_GRIDS
-        pairs += [(layer, g) for g in grids if g == 1 or side >= g]
-    return pairs
+        pairs += [(layer, min(g, side)) for g in grids]  # as grid_pooling does: no finer than the map
+    return list(dict.fromkeys(pairs))
 
 
 @dataclass
