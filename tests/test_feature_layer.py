@@ -54,7 +54,8 @@ def test_layer_decision_takes_the_candidate_that_tells_the_classes_apart():
 def test_layer_decision_keeps_the_top_unless_another_is_clearly_better():
     candidates = [("top", 1), ("block_8_add", 1), ("block_8_add", 2)]
     features, spans, labels = _candidates_features(np.random.default_rng(1), 20, informative=0)
-    features[:, 16:24] = features[:, 0:8] + np.random.default_rng(2).normal(0, 0.01, (60, 8))  # as good as the top
+    # The last candidate is as good as the top, no better.
+    features[:, 16:24] = features[:, 0:8] + np.random.default_rng(2).normal(0, 0.01, (60, 8))
     decision = decide_layer(features, spans, candidates, labels, seed=0, blocks={"block_8_add": 9})
     assert (decision.layer, decision.grid) == ("top", 1)
 
@@ -83,8 +84,9 @@ def test_finetune_measures_the_layer_and_builds_the_model_that_reads_it(image_fo
 def test_a_chosen_block_and_grid_train_both_stages_and_save_a_plain_keras_model(image_folder, tmp_path):
     weights = calibrated_backbone_weights(tmp_path / "backbone.weights.h5", images=image_folder)
     messages = []
-    result = tltool.finetune(data=image_folder, out=tmp_path / "run", log=messages.append, overrides=tiny_values(32) + [
-        "head.layer=block_5_add", "head.grid=2", "fine_tune.epochs=1", f"backbone.weights={weights}"])
+    result = tltool.finetune(data=image_folder, out=tmp_path / "run", log=messages.append,
+                             overrides=tiny_values(32) + ["head.layer=block_5_add", "head.grid=2",
+                                                          "fine_tune.epochs=1", f"backbone.weights={weights}"])
 
     backbone = result.model_parts.backbone
     assert backbone.output_shape == (None, 2 * 2 * 32)  # block_5_add: a 4x4 map of 32 channels at 32 px
@@ -98,19 +100,22 @@ def test_a_chosen_block_and_grid_train_both_stages_and_save_a_plain_keras_model(
 
 
 def test_a_layer_that_ends_no_block_is_refused_with_the_choices(image_folder, tmp_path):
-    with pytest.raises(BackboneError, match=r"head.layer 'block_5_expand' does not end a block of mobilenet_v2\. "
-                                            r"Use top, auto or one of: expanded_conv_project_BN, block_1_project_BN"):
+    with pytest.raises(BackboneError, match=r"head.layer 'block_5_expand' does not end a block of "
+                                            r"mobilenet_v2\. Use top, auto or one of: "
+                                            r"expanded_conv_project_BN, block_1_project_BN"):
         tltool.finetune(data=image_folder, out=tmp_path / "run", verbose=0,
                         overrides=tiny_values(32) + ["head.layer=block_5_expand"])
 
 
 def test_features_read_at_another_layer_are_not_taken_from_the_cache(image_folder, tmp_path):
     weights = calibrated_backbone_weights(tmp_path / "backbone.weights.h5", images=image_folder)
-    common = tiny_values(32) + ["fine_tune.epochs=0", f"backbone.weights={weights}", f"train.cache_dir={tmp_path / 'c'}"]
+    common = tiny_values(32) + ["fine_tune.epochs=0", f"backbone.weights={weights}",
+                                f"train.cache_dir={tmp_path / 'c'}"]
     runs = {}
     for name, layer in (("top", ["head.layer=top"]), ("again", ["head.layer=top"]),
                         ("block", ["head.layer=block_5_add", "head.grid=2"])):
-        runs[name] = tltool.finetune(data=image_folder, out=tmp_path / name, verbose=0, overrides=common + layer)
+        runs[name] = tltool.finetune(data=image_folder, out=tmp_path / name, verbose=0,
+                                     overrides=common + layer)
     computed = {name: run.summary["timings"]["feature_images"] for name, run in runs.items()}
     assert computed["top"] > 0 and computed["again"] == 0  # the cache serves the same layer...
     assert computed["block"] == computed["top"]  # ...and not another one

@@ -67,7 +67,7 @@ class HeadConfig:
     layer: str = _f("auto", "Where the head reads the backbone (pooled mode): `top` (its output), the name of a "
                             "layer that ends one of its blocks (earlier, more generic features: far domains such "
                             "as scans, digits, textures), or `auto`: chosen by k-fold accuracy on the training "
-                            "images among the top and three earlier blocks.")
+                            "images among the top and up to three earlier blocks.")
     grid: Optional[int] = _f(None, "Pooling grid: 1 pools the feature map globally; 2 or 3 keep its coarse layout "
                                    "(one value per cell and channel). null: measured with the layer.",
                              minimum=1, maximum=4)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from tltool import outputs, rundir
 from tltool.data.manifest import check_same_data, manifest_split, read_manifest, write_manifest
-from tltool.engine.feature_layer import choose_feature_layer
 from tltool.engine.cluster import Cluster, Role, role_from_environment, split_fingerprint
+from tltool.engine.feature_layer import choose_feature_layer, settle_unmeasured
 from tltool.engine.progress import CHECKPOINTS_DIR, RunProgress, check_resumable
 from tltool.engine.setup import RunSetup, Runtime, prepare_run, resolve_recipe, start_runtime
 from tltool.engine.stages import TrainingContext, build_model, train_stages
@@ -291,9 +291,8 @@ def _layer_of_a_resumed_run(run_dir: Path, recipe) -> None:
     """A recipe.yaml that still says `head.layer: auto` was saved before the layer was measured (a run killed
     while measuring it: measured now) or by a tltool older than `head.layer`, whose runs read the top: it
     is the top when the run has trained anything."""
-    head = recipe.head
-    if (head.layer == "auto" or head.grid is None) and (run_dir / rundir.HISTORY_FILE).exists():
-        head.layer, head.grid = ("top" if head.layer == "auto" else head.layer), head.grid or 1
+    if (recipe.head.layer == "auto" or recipe.head.grid is None) and (run_dir / rundir.HISTORY_FILE).exists():
+        settle_unmeasured(recipe.head, "a run that trained before recording a measured layer")
 
 
 def _start_or_resume(run_dir: Path, tm, resume: bool, say) -> RunProgress:

@@ -112,7 +112,8 @@ def decide_layer(features: np.ndarray, spans: list, candidates: list, labels: np
     top, read globally) is kept unless another beats it by more than TOLERANCE."""
     folds = stratified_folds(labels, FOLDS, seed)
     if folds is None:
-        return LayerDecision(*candidates[0], {}, blocks, f"too few images of a class to measure: {FOLDS} needed")
+        return LayerDecision(*candidates[0], {}, blocks,
+                             f"too few images of a class to measure: {FOLDS} needed")
     scores = {pair: cross_validated_accuracy(features[:, start:end], labels, folds)
               for pair, (start, end) in zip(candidates, spans)}
     best = max(candidates, key=lambda pair: scores[pair])

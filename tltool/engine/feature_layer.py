@@ -1,4 +1,5 @@
-"""Where the head reads the backbone (`head.layer: auto`, `head.grid: null`), measured before the model is built.
+"""Where the head reads the backbone (`head.layer: auto`, `head.grid: null`), measured before the model
+is built.
 
 One pass of the plain training images through a probe network gives the pooled features of every candidate
 (the top, and a few earlier blocks with 1x1, 2x2 and 3x3 pooling grids) side by side; a k-fold softmax
@@ -16,7 +17,7 @@ import numpy as np
 from tltool.engine.decisions import LayerDecision, decide_layer
 from tltool.engine.features import FeatureCache, cache_dir, cached_features, extractor_key, views_by_image
 
-#: The most training images the choice is measured on (a stratified sample beyond that): enough to rank the
+#: The most training images the choice is measured on (a uniform sample beyond that): enough to rank the
 #: candidates, and the pass costs one forward pass per image.
 MAX_PROBE_IMAGES = 2000
 
@@ -43,8 +44,8 @@ def choose_feature_layer(ctx) -> bool:
         return True
     paths, labels = _sample(ctx.split.train.paths, ctx.split.train.labels, ctx.recipe.seed)
     if ctx.verbose:
-        ctx.log(f"Measuring which backbone layer the head should read (head.layer: auto): {len(probe.candidates)} "
-                f"candidates on {len(paths)} training images.")
+        ctx.log(f"Measuring which backbone layer the head should read (head.layer: auto): "
+                f"{len(probe.candidates)} candidates on {len(paths)} training images.")
     features, labels = _probe_features(ctx, probe, paths, labels)
     decision = decide_layer(features.astype(np.float32), probe.spans, probe.candidates, labels, ctx.recipe.seed,
                             probe.blocks)

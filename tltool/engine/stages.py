@@ -26,7 +26,8 @@ from tltool.engine.fitting import (compile_model, features_dataset, fit_stage, l
 from tltool.engine.history import read_history
 from tltool.engine.progress import RunProgress
 from tltool.engine.setup import RunSetup, Runtime
-from tltool.models.transfer import TransferModel, build_transfer_model, fine_tune_cut, set_fine_tune_layers
+from tltool.models.transfer import (TransferModel, build_transfer_model, fine_tune_cut, reads_top_globally,
+                                    set_fine_tune_layers)
 
 
 @dataclass
@@ -192,8 +193,7 @@ def _extract(ctx: TrainingContext, extractor, cut: str = "", to_features=lambda 
 
 def _reads(head) -> str:
     """Where the head reads the backbone, for the feature cache's key ("" for the top read globally)."""
-    return "" if head.mode != "pooled" or (head.layer in ("top", "auto") and (head.grid or 1) == 1) \
-        else f"{head.layer}:{head.grid or 1}"
+    return "" if head.mode != "pooled" or reads_top_globally(head) else f"{head.layer}:{head.grid or 1}"
 
 
 def _measure_views(ctx: TrainingContext, rows: np.ndarray, labels: np.ndarray, to_features) -> np.ndarray:

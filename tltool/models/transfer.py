@@ -49,7 +49,7 @@ def build_transfer_model(spec: BackboneSpec, weights: ResolvedWeights, num_class
                             f"{image_size}. Use --image-size {spec.default_size} or head.mode: pooled.")
     if classic:
         backbone = _build_backbone(spec, weights, image_size, classic=True)
-    elif head_cfg.layer in ("top", "auto") and (head_cfg.grid or 1) == 1:  # Keras's own pooled network
+    elif reads_top_globally(head_cfg):  # Keras's own pooled network
         backbone = _build_backbone(spec, weights, image_size, pooling=head_cfg.pooling)
     else:
         net = _build_backbone(spec, weights, image_size)
@@ -85,6 +85,12 @@ def build_head(feature_size: int, num_classes: int, head_cfg: HeadConfig, seed: 
     # float32 output keeps the softmax and the loss stable under mixed precision.
     outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
     return keras.Model(inputs, outputs, name="head")
+
+
+def reads_top_globally(head_cfg: HeadConfig) -> bool:
+    """Whether the head reads the backbone's output pooled globally (as before `head.layer` existed): `auto`
+    and a null grid not measured count as the top and 1."""
+    return head_cfg.layer in ("top", "auto") and (head_cfg.grid or 1) == 1
 
 
 def feature_map(net, spec: BackboneSpec, layer: str):
@@ -221,8 +227,6 @@ def set_fine_tune_layers(backbone, spec: BackboneSpec, blocks: int, freeze_batch
         layer.trainable = i >= first and not (is_bn and freeze_batchnorm)
         trainable += int(layer.trainable and bool(layer.weights))
     return Unfrozen(blocks, total, cut, trainable)
-
-
 
 
 #: With `head.layer: auto`, the blocks tried besides the backbone's top: at these fractions of its depth.
