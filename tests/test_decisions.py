@@ -8,7 +8,8 @@ from PIL import Image
 
 import tltool
 from helpers import tiny_values
-from tltool.engine.decisions import cross_validated_accuracy, decide_flip, decide_views, stratified_folds
+from tltool.engine.decisions import (_in_row_space, cross_validated_accuracy, decide_flip, decide_views,
+                                    softmax_regression, stratified_folds)
 
 
 def _two_classes(rng, n: int = 30, d: int = 16):
@@ -59,6 +60,17 @@ def test_cross_validated_accuracy_scores_held_out_images_only():
     rng = np.random.default_rng(2)
     x, y = rng.normal(size=(60, 8)), rng.integers(0, 2, 60)  # labels carry nothing: chance on held-out folds
     assert cross_validated_accuracy(x, y, stratified_folds(y, 3, 0)) < 0.75
+
+
+def test_wide_features_are_fitted_in_the_training_rows_span_with_the_same_predictions():
+    rng = np.random.default_rng(4)
+    train, held = rng.normal(size=(40, 300)), rng.normal(size=(25, 300))  # wider than it has rows
+    labels = rng.integers(0, 3, 40)
+    w, b = softmax_regression(train, labels, 3)
+    small_train, small_held = _in_row_space(train, held)
+    small_w, small_b = softmax_regression(small_train, labels, 3)
+    assert small_train.shape == (40, 40) and small_held.shape == (25, 40)
+    np.testing.assert_allclose(small_held @ small_w + small_b, held @ w + b, atol=1e-4)
 
 
 def _shapes(root, mirrored: bool, per_class: int = 12, size: int = 32):
