@@ -110,3 +110,15 @@ def test_finetune_measures_the_flip_and_records_it(tmp_path):
         without, with_flip = (float(w) for w in re.findall(r"(\d\.\d+) with", line.replace("without", "with")))
         assert without >= 0.75, line  # well above chance (0.5): the measurement means something
         assert (with_flip < without - 0.1) if expected == "none" else (with_flip >= without - 0.01), line
+
+
+def test_a_kept_flip_reuses_the_measured_mirror_images_as_the_first_view(tmp_path):
+    data = _shapes(tmp_path / "coloured", False)  # mirrored copies alike: the flip is kept
+    result = tltool.finetune(data=data, out=tmp_path / "run", verbose=0, overrides=tiny_values(32) + [
+        "backbone.name=vgg16", "augment.flip=auto", "frozen.feature_views=2", "fine_tune.epochs=0",
+        "frozen.epochs=1"])
+    assert yaml.safe_load((result.run_dir / "recipe.yaml").read_text())["augment"]["flip"] == "horizontal"
+    train, val = result.summary["images"]["train"], result.summary["images"]["val"]
+    # The plain images, their mirror images (measured, then view 1), view 2, the validation images: the
+    # mirror images are not extracted a second time.
+    assert result.summary["timings"]["feature_images"] == 3 * train + val

@@ -312,28 +312,56 @@ def views_by_image(feats: np.ndarray, index: np.ndarray, rows_per_view: list[int
     return feats[rows], np.asarray(images, dtype=np.int64)
 
 
+class _Mirror:
+    """The horizontal mirror image, as a deterministic "augmentation" of a feature extractor."""
+
+    def __call__(self, pixels, training=True):
+        import tensorflow as tf
+
+        return tf.reverse(pixels, axis=[2])
+
+
+MIRROR = _Mirror()
+#: The view name of the mirror images: the flip measurement's mirrored copies, reused as the first view.
+MIRROR_VIEW = "aug:mirror-horizontal:1"
+
+
+def view_plan(views: int, augment, augment_key: str, mirror_first: bool = False) -> list[tuple[str, object]]:
+    """(view name in the cache keys, augmentation) of view 0 (the plain image) and views 1..`views`.
+
+    With `mirror_first` (a horizontal flip is on), view 1 is the plain mirror image: one of the images the
+    random flip makes, and the very rows `augment.flip: auto` computed to measure the flip, so a run that
+    measured it does not extract them again."""
+    plan = [("", None)]
+    for v in range(1, views + 1):
+        plan.append((MIRROR_VIEW, MIRROR) if v == 1 and mirror_first else (f"aug:{augment_key}:{v}", augment))
+    return plan
+
+
 def cached_features(extractor, cache: FeatureCache | None, paths: list[str], image_size: int, batch_size: int,
                     skips: SkipLog, views: int = 0, augment=None, augment_key: str = "", verbose: int = 1,
-                    log=print, jit_compile: bool = False) -> tuple[np.ndarray, np.ndarray, FeatureStats]:
-    """Features of `paths` (view 0 = the plain image, views 1..K augmented), from the cache where possible.
+                    log=print, jit_compile: bool = False,
+                    mirror_first: bool = False) -> tuple[np.ndarray, np.ndarray, FeatureStats]:
+    """Features of `paths` (view 0 = the plain image, views 1..K augmented: see `view_plan`), from the cache
+    where possible.
 
     Returns (features float16 [M, D], row_index int [M] into `paths`, stats). Files that failed to decode
     are left out. Without a cache (None) everything is computed.
     """
     stats = FeatureStats()
     all_feats, all_index = [], []
-    for v in range(views + 1):
-        view = "" if v == 0 else f"aug:{augment_key}:{v}"
+    for v, (view, view_augment) in enumerate(view_plan(views, augment, augment_key, mirror_first)):
         keys = [file_key(p, view) for p in paths]
         missing = [i for i, k in enumerate(keys) if cache is None or k not in cache]
         if missing:
-            what = f"{len(missing)} images" if v == 0 else f"augmented view {v}/{views} of {len(missing)} images"
+            what = (f"{len(missing)} images" if v == 0 else f"the mirror images of {len(missing)} images"
+                    if view == MIRROR_VIEW else f"augmented view {v}/{views} of {len(missing)} images")
             if verbose:
                 log(f"Computing features of {what} ({len(paths) - len(missing)} already cached).")
             t0 = time.perf_counter()
             feats, ok = _compute_in_shards(extractor, cache, [paths[i] for i in missing],
                                            [keys[i] for i in missing], image_size, batch_size, skips,
-                                           augment if v else None, verbose, jit_compile)
+                                           view_augment, verbose, jit_compile)
             stats.seconds += time.perf_counter() - t0
             stats.computed += len(missing)
         else:

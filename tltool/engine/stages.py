@@ -176,12 +176,14 @@ def _extract(ctx: TrainingContext, extractor, cut: str = "", to_features=lambda 
         augment = augmentation_layer(recipe.augment, seed=recipe.seed)
         total = len(setup.split.train)  # every worker's images: the views depend on the data, not the shard
         views = feature_views(recipe, total, augment)
+        mirror_first = recipe.augment.flip in ("horizontal", "horizontal_and_vertical")
         if ctx.verbose and views and recipe.frozen.feature_views is None:
             ctx.log(f"Stage 1 caches {views} augmented view(s) of each training image (frozen.feature_views: "
                     f"null = about {AUTO_VIEW_IMAGES} extractions for {total} images, at most "
-                    f"{MAX_AUTO_VIEWS}).")
-        train_x, train_rows, s1 = cached_features(extractor, cache, split.train.paths, views=views,
-                                                  augment=augment, augment_key=augmentation_key(recipe), **common)
+                    f"{MAX_AUTO_VIEWS})" + (", the first the mirror image." if mirror_first else "."))
+        train_x, train_rows, s1 = cached_features(extractor, cache, split.train.paths, views=views, augment=augment,
+                                                  augment_key=augmentation_key(recipe), mirror_first=mirror_first,
+                                                  **common)
         train_x, train_images = views_by_image(train_x, train_rows, s1.rows_per_view)
         train_y = np.asarray(split.train.labels)[train_images]
         if views and recipe.frozen.feature_views is None:
@@ -223,26 +225,13 @@ def _the_chiefs(ctx: TrainingContext, choice: bool) -> bool:
     return choice if ctx.cluster is None else bool(ctx.cluster.broadcast_number(float(choice)))
 
 
-class _Mirror:
-    """The horizontal mirror image, as a deterministic "augmentation" of the feature extractor."""
-
-    def __call__(self, pixels, training=True):
-        import tensorflow as tf
-
-        return tf.reverse(pixels, axis=[2])
-
-
-_MIRROR = _Mirror()
-
-
 def _measure_flip(ctx: TrainingContext, extractor, cache, common: dict, to_features) -> list:
     """Resolve `augment.flip: auto` on the training images (see decisions.py): the recipe gets the measured
     value, the context a line saying why. Returns [seconds, images] spent computing the mirrored view."""
     recipe, split = ctx.recipe, ctx.split
     if ctx.verbose:
         ctx.log("Measuring whether mirrored images help (augment.flip: auto).")
-    rows, index, stats = cached_features(extractor, cache, split.train.paths, views=1, augment=_MIRROR,
-                                         augment_key="mirror-horizontal", **common)
+    rows, index, stats = cached_features(extractor, cache, split.train.paths, views=1, mirror_first=True, **common)
     rows, images = views_by_image(rows, index, stats.rows_per_view)
     features, labels = _every_workers(ctx, to_features(rows), np.asarray(split.train.labels)[images])
     decision = decide_flip(features[:, 0], features[:, 1], labels, recipe.seed)
