@@ -26,8 +26,8 @@ from tltool.engine.fitting import (compile_model, features_dataset, fit_stage, l
 from tltool.engine.history import read_history
 from tltool.engine.progress import RunProgress
 from tltool.engine.setup import RunSetup, Runtime
-from tltool.models.transfer import (TransferModel, build_transfer_model, fine_tune_cut, reads_top_globally,
-                                    set_fine_tune_layers)
+from tltool.models.transfer import (TransferModel, build_transfer_model, center_head, fine_tune_cut,
+                                    reads_top_globally, set_fine_tune_layers)
 
 
 @dataclass
@@ -277,6 +277,7 @@ def run_stage1(ctx: TrainingContext, tm, features: StageFeatures | None, history
     recipe, n, bs = ctx.recipe, ctx.num_classes, ctx.recipe.data.batch_size
     callbacks = stage_callbacks(history_path, 1, recipe.frozen.early_stopping, backup_dir, extra_callbacks)
     if features is not None:
+        _center_the_head(ctx, tm, features)
         model = tm.head
         train = features_dataset(features.train_x, features.train_y, n, bs, True, recipe.seed)
         val = features_dataset(features.val_x, features.val_y, n, bs, False, None)
@@ -289,6 +290,13 @@ def run_stage1(ctx: TrainingContext, tm, features: StageFeatures | None, history
     ctx.compile(model, recipe.frozen)
     return fit_stage(model, train, val, recipe.frozen.epochs, callbacks, ctx.class_weight(), verbose=ctx.verbose,
                      cluster=ctx.cluster, batches=tuple(ctx.batches(r) for r in rows))
+
+
+def _center_the_head(ctx: TrainingContext, tm, features: StageFeatures) -> None:
+    """Centre the head's input on the plain training images' features (every worker's, so that all agree).
+    Heads on streamed images keep a zero centre: their features are never all at hand."""
+    plain, = _every_workers(ctx, features.train_x[:, 0] if features.train_x.ndim == 3 else features.train_x)
+    center_head(tm.head, plain)
 
 
 def run_stage2(ctx: TrainingContext, tm, cut: CutModels | None = None, features: StageFeatures | None = None,
@@ -391,6 +399,7 @@ def train_stages(ctx: TrainingContext, tm, features: StageFeatures | None = None
         t0 = start(2)
         if cut is not None and (features is None or features.train_acts is None):  # resumed after stage 1
             features = extract()
+            _center_the_head(ctx, tm, features)  # as stage 1 did (the same rows), or in its stead (no epochs)
         after_stage1 = tm.model.get_weights()
         with ctx.runtime.strategy.scope():
             fitted = run_stage2(ctx, tm, cut, features, history_path, backup(2), callbacks(2))

@@ -71,11 +71,21 @@ def build_transfer_model(spec: BackboneSpec, weights: ResolvedWeights, num_class
 
 
 def build_head(feature_size: int, num_classes: int, head_cfg: HeadConfig, seed: int | None = None):
-    """Dropout + optional hidden dense layers + a softmax over the new classes, on a feature vector."""
+    """Normalisation (`head.normalize`) + dropout + optional hidden dense layers + a softmax over the new classes,
+    on a feature vector."""
     import keras
 
     inputs = keras.Input((feature_size,), name="features")
     x = inputs
+    normalize = head_cfg.normalize and head_cfg.mode == "pooled"
+    if normalize:
+        # x - mean, as a frozen BatchNormalization (plain Keras, folded by every exporter) whose statistics
+        # `center_head` sets from the training features; then a length of sqrt(D): every feature about 1 in
+        # size, whatever the backbone's scale. (A head on streamed images keeps a zero centre.)
+        center = keras.layers.BatchNormalization(center=False, scale=False, name=HEAD_CENTER)
+        center.trainable = False
+        x = keras.layers.UnitNormalization(name="head_unit_length")(center(x, training=False))
+        x = keras.layers.Rescaling(float(np.sqrt(feature_size)), name="head_feature_scale")(x)
     for i, units in enumerate(head_cfg.dense):
         if head_cfg.dropout > 0:
             x = keras.layers.Dropout(head_cfg.dropout, seed=seed, name=f"head_dropout_{i}")(x)
@@ -83,8 +93,27 @@ def build_head(feature_size: int, num_classes: int, head_cfg: HeadConfig, seed: 
     if head_cfg.dropout > 0:
         x = keras.layers.Dropout(head_cfg.dropout, seed=seed, name="head_dropout")(x)
     # float32 output keeps the softmax and the loss stable under mixed precision.
-    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
+    # A normalised head's classifier starts from zero (every class equally likely): random initial weights add
+    # logits of pure noise, which a few epochs on a small dataset do not wash out (measured: README).
+    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions",
+                                 kernel_initializer="zeros" if normalize else "glorot_uniform")(x)
     return keras.Model(inputs, outputs, name="head")
+
+
+#: The head's layer that subtracts the training features' mean (see build_head, center_head).
+HEAD_CENTER = "head_center"
+
+
+def center_head(head, features: np.ndarray) -> None:
+    """Set the head's centre (when it normalises its input) to the mean of `features` [N, D]: the plain
+    training images' features, so that the centred features of those images average zero."""
+    try:
+        layer = head.get_layer(HEAD_CENTER)
+    except ValueError:  # a head that does not normalise (head.normalize: false, classic mode)
+        return
+    mean = np.asarray(features, np.float64).mean(axis=0)
+    # BatchNormalization in inference mode: (x - moving_mean) / sqrt(moving_variance + epsilon).
+    layer.set_weights([mean.astype(np.float32), np.full_like(mean, 1.0 - layer.epsilon, dtype=np.float32)])
 
 
 def reads_top_globally(head_cfg: HeadConfig) -> bool:
