@@ -73,10 +73,10 @@ class HeadConfig:
                              minimum=1, maximum=4)
     dense: list[int] = _f([], "Sizes of hidden dense layers between the features and the softmax.")
     dropout: float = _f(0.2, "Dropout rate before each dense layer of the head.", minimum=0.0, maximum=0.95)
-    normalize: bool = _f(True, "Centre the features on the training images' mean and scale each vector to a "
-                               "length of sqrt(its size) before the head's layers, and start the classifier from "
-                               "zero (pooled mode): the head learns at the same pace whatever the backbone's "
-                               "feature scale, and small datasets overfit less.")
+    normalize: bool = _f(True, "Centre the features on the training images' mean (when they are cached) and "
+                               "scale each vector to a length of sqrt(its size) before the head's layers, and "
+                               "start the classifier from zero (pooled mode): the head learns at the same pace "
+                               "whatever the backbone's feature scale, and small datasets overfit less.")
 
 
 @dataclass
