@@ -10,8 +10,9 @@ import yaml
 from click.testing import CliRunner
 
 import tltool
-from helpers import saved_model_accuracy, validation_paths
+from helpers import calibrated_backbone_weights, saved_model_accuracy, validation_paths
 from tltool.cli import main
+from tltool.engine.stages import build_model
 from tltool.errors import RecipeError, SearchFailedError
 from tltool.recipe import from_dict, load_recipe
 
@@ -149,24 +150,48 @@ def test_head_search_reports_resumes_and_overwrites(tmp_path, image_folder):
     assert len(fresh["trials"]) == 1
 
 
-def test_stage2_trials_share_one_activation_cache_at_the_deepest_cut(tmp_path, image_folder, monkeypatch):
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("TLTOOL_CACHE_DIR", str(cache))
-    space = {"fine_tune.unfreeze": {"choice": [1, 3]}, "head.dropout": {"choice": [0.0]}}
-    recipe = _recipe_file(tmp_path, space, algorithm="grid")
-    lines = []
-    summary = tltool.tune(recipe, data=image_folder, out=tmp_path / "out", verbose=1, max_trials=2,
-                          overrides=TINY + ["fine_tune.epochs=1", "fine_tune.early_stopping=0"],
-                          log=lambda message="", **_: lines.append(str(message))).summary
+def test_stage2_trials_share_one_activation_cache_and_one_backbone(tmp_path, image_folder, monkeypatch):
+    from tltool.engine import stages
+    from tltool.models import transfer
+    from tltool.tuning.search import TrialRunner
 
-    assert summary["trials_completed"] == 2
-    assert all(t["cached_activations"] is True for t in summary["trials"])
+    built = []
+    build = transfer._build_backbone
+    monkeypatch.setattr(transfer, "_build_backbone", lambda *a, **k: built.append(1) or build(*a, **k))
+    # Stage 2 always kept, at a learning rate that moves the backbone: a trial that started from the weights
+    # an earlier trial left would score differently.
+    monkeypatch.setattr(stages, "_keep_stage2_only_if_better", lambda *a, **k: None)
+    space = {"fine_tune.unfreeze": {"choice": [1, 3]}, "head.dense": {"choice": [8]}}
+    weights = calibrated_backbone_weights(tmp_path / "backbone.weights.h5", images=image_folder)
+    overrides = TINY + [f"backbone.weights={weights}", "head.layer=top", "head.grid=1", "fine_tune.epochs=1",
+                        "fine_tune.early_stopping=0", "fine_tune.learning_rate=0.01"]
+
+    def search(out, lines):
+        monkeypatch.setenv("TLTOOL_CACHE_DIR", str(out / "cache"))
+        built.clear()
+        summary = tltool.tune(_recipe_file(tmp_path, space, algorithm="grid"), data=image_folder, out=out,
+                              verbose=1, max_trials=2, overrides=overrides,
+                              log=lambda message="", **_: lines.append(str(message))).summary
+        assert summary["trials_completed"] == 2
+        assert all(t["cached_activations"] is True for t in summary["trials"])
+        return [(t["hyperparameters"], t["val_loss"]) for t in summary["trials"]], len(built)
+
+    lines = []
+    shared, shared_builds = search(tmp_path / "shared", lines)
     assert any("Stage-2 trials train on activations cached at" in line and "top 3 blocks" in line
                for line in lines)
     # One cache entry: the activations at the deepest cut (3 blocks), from which stage 1's features and
     # the 1-block trial's activations were computed; no image went through the backbone a second time.
+    cache = tmp_path / "shared" / "cache"
     assert len([entry for entry in cache.iterdir() if entry.is_dir()]) == 1
     assert sum("Computing features of" in line for line in lines) == 2  # train + val, once for all trials
+
+    # The same search with every trial building its own backbone: the same scores.
+    monkeypatch.setattr(TrialRunner, "_cut_trial_model", lambda self, setup, runtime: build_model(setup, runtime))
+    own, own_builds = search(tmp_path / "own", [])
+    assert shared_builds == 2 and own_builds == 3  # the search's features, then the cut trials' models
+    assert [values for values, _ in shared] == [values for values, _ in own]
+    assert [loss for _, loss in shared] == pytest.approx([loss for _, loss in own], rel=1e-5)
 
 
 def test_failed_trials_are_recorded_and_the_search_goes_on(tmp_path, image_folder):

@@ -56,18 +56,30 @@ def build_transfer_model(spec: BackboneSpec, weights: ResolvedWeights, num_class
         backbone = keras.Model(net.input, grid_pooling(feature_map(net, spec, head_cfg.layer), head_cfg.grid or 1,
                                                        head_cfg.pooling), name=net.name)
         backbone.trainable = False
-    feature_size = backbone.output_shape[-1]
+    return _assemble(backbone, preprocessing_layer(spec), weights.pretrained, f"tltool_{spec.name}", image_size,
+                     build_head(backbone.output_shape[-1], num_classes, head_cfg, seed=seed))
+
+
+def with_new_head(tm: TransferModel, num_classes: int, head_cfg: HeadConfig, seed: int | None = None) -> TransferModel:
+    """`tm`'s backbone (the same layers, at their current weights) under a fresh head: a search whose trials
+    share the backbone builds it once. `head_cfg` must read the backbone as `tm`'s head does."""
+    image_size = int(tm.model.input_shape[1])
+    head = build_head(tm.backbone.output_shape[-1], num_classes, head_cfg, seed=seed)
+    return _assemble(tm.backbone, tm.preprocess, tm.pretrained, tm.model.name, image_size, head)
+
+
+def _assemble(backbone, preprocess, pretrained: bool, model_name: str, image_size: int, head) -> TransferModel:
+    """pixels -> preprocess -> backbone -> head, and the feature extractor (pixels -> features)."""
+    import keras
 
     pixels = keras.Input((image_size, image_size, 3), name="pixels", dtype="float32")
-    preprocess = preprocessing_layer(spec)
     x = preprocess(pixels) if preprocess is not None else pixels
     # Pretrained BatchNorm statistics must survive fine-tuning: pin the backbone to inference mode. A
     # randomly initialised backbone has no statistics worth keeping, so its BatchNorm trains normally.
-    features = backbone(x, training=False) if weights.pretrained else backbone(x)
+    features = backbone(x, training=False) if pretrained else backbone(x)
     extractor = keras.Model(pixels, features, name="feature_extractor")
-    head = build_head(feature_size, num_classes, head_cfg, seed=seed)
-    model = keras.Model(pixels, head(features), name=f"tltool_{spec.name}")
-    return TransferModel(model, extractor, backbone, head, preprocess, weights.pretrained)
+    model = keras.Model(pixels, head(features), name=model_name)
+    return TransferModel(model, extractor, backbone, head, preprocess, pretrained)
 
 
 def build_head(feature_size: int, num_classes: int, head_cfg: HeadConfig, seed: int | None = None):
@@ -89,15 +101,24 @@ def build_head(feature_size: int, num_classes: int, head_cfg: HeadConfig, seed: 
     for i, units in enumerate(head_cfg.dense):
         if head_cfg.dropout > 0:
             x = keras.layers.Dropout(head_cfg.dropout, seed=seed, name=f"head_dropout_{i}")(x)
-        x = keras.layers.Dense(units, activation="relu", name=f"head_dense_{i}")(x)
+        x = keras.layers.Dense(units, activation="relu", kernel_initializer=_glorot(seed, i + 1),
+                               name=f"head_dense_{i}")(x)
     if head_cfg.dropout > 0:
         x = keras.layers.Dropout(head_cfg.dropout, seed=seed, name="head_dropout")(x)
     # float32 output keeps the softmax and the loss stable under mixed precision.
     # A normalised head's classifier starts from zero (every class equally likely): random initial weights add
     # logits of pure noise, which a few epochs on a small dataset do not wash out (measured: README).
     outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions",
-                                 kernel_initializer="zeros" if normalize else "glorot_uniform")(x)
+                                 kernel_initializer="zeros" if normalize else _glorot(seed, 0))(x)
     return keras.Model(inputs, outputs, name="head")
+
+
+def _glorot(seed: int | None, layer: int):
+    """The head's initial weights from the recipe's seed alone, not from what was drawn before (building a
+    backbone draws): a trial on a backbone built once (tune) starts where one that built its own would."""
+    import keras
+
+    return keras.initializers.GlorotUniform(seed=None if seed is None else seed + layer)
 
 
 #: The head's layer that subtracts the training features' mean (see build_head, center_head).
