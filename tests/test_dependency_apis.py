@@ -44,6 +44,19 @@ def test_gradient_registry_is_the_dict_that_trials_prune():
     assert isinstance(ops._gradient_registry._registry, dict)
 
 
+def test_a_layer_call_is_recorded_in_the_node_lists_that_tune_trims():
+    """tuning/search._KeptBackbone.reset trims `_inbound_nodes` / `_outbound_nodes` of a shared backbone."""
+    import keras
+
+    inputs = keras.Input((4,))
+    first = keras.layers.Dense(3)
+    x = first(inputs)
+    inbound, outbound = len(first._inbound_nodes), len(first._outbound_nodes)
+    keras.layers.Dense(2)(x)
+    first(keras.Input((4,)))
+    assert len(first._outbound_nodes) == outbound + 1 and len(first._inbound_nodes) == inbound + 1
+
+
 def test_keras_tuner_internals_of_the_distributed_search():
     """tuning/distributed.serve_oracle and commands/tune use these parts of `keras_tuner.src`."""
     import keras_tuner as kt

@@ -67,13 +67,23 @@ class _Trial:
     features: object = None
 
 
-@dataclass
 class _KeptBackbone:
     """The first cut trial's model, its backbone's pretrained weights and the strategy it was built under."""
 
-    tm: TransferModel
-    weights: list
-    strategy: object
+    def __init__(self, tm: TransferModel, strategy):
+        self.tm, self.strategy = tm, strategy
+        self.weights = tm.backbone.get_weights()
+        called = [op for op in (tm.backbone, tm.preprocess) if op is not None]
+        self._calls = [(op, len(op._inbound_nodes), len(op._outbound_nodes)) for op in called]
+
+    def reset(self) -> None:
+        """Back to the pretrained weights, and forget the calls later trials made: Keras records each call of
+        a layer in its node lists (tests/test_dependency_apis.py), which would keep every finished trial's
+        head and traced train steps alive (measured: about 7 MB a trial)."""
+        self.tm.backbone.set_weights(self.weights)
+        for op, inbound, outbound in self._calls:
+            del op._inbound_nodes[inbound:]
+            del op._outbound_nodes[outbound:]
 
 
 class TrialRunner:
@@ -208,9 +218,9 @@ class TrialRunner:
         kept = self._kept
         if kept is None or kept.strategy is not runtime.strategy:
             tm = build_model(setup, runtime)
-            self._kept = _KeptBackbone(tm, tm.backbone.get_weights(), runtime.strategy)
+            self._kept = _KeptBackbone(tm, runtime.strategy)
             return tm
-        kept.tm.backbone.set_weights(kept.weights)
+        kept.reset()
         with runtime.strategy.scope():
             return with_new_head(kept.tm, len(setup.classes), setup.recipe.head, seed=setup.recipe.seed)
 
