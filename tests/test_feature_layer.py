@@ -8,6 +8,7 @@ import yaml
 import tltool
 from helpers import calibrated_backbone_weights, tiny_values
 from tltool.engine.decisions import decide_layer
+from tltool.engine.features import FeatureCache
 from tltool.errors import BackboneError
 from tltool.models.transfer import grid_pooling
 
@@ -119,3 +120,29 @@ def test_features_read_at_another_layer_are_not_taken_from_the_cache(image_folde
     computed = {name: run.summary["timings"]["feature_images"] for name, run in runs.items()}
     assert computed["top"] > 0 and computed["again"] == 0  # the cache serves the same layer...
     assert computed["block"] == computed["top"]  # ...and not another one
+
+
+@pytest.mark.parametrize("stage2", [1, 0])
+def test_the_layer_measurement_pass_gives_stage1_its_plain_images(image_folder, tmp_path, stage2):
+    """On a first run the probe's pass is also stage 1's pass over the plain training images (the activations
+    at stage 2's cut, or with no stage 2 the features the head reads): each of them goes through the backbone
+    once, and stage 1 gets the rows a run that was given the layer computes itself."""
+    weights = calibrated_backbone_weights(tmp_path / "backbone.weights.h5", images=image_folder, size=64)
+    common = tiny_values(64) + [f"backbone.weights={weights}", f"fine_tune.epochs={stage2}"]
+    measured = tltool.finetune(data=image_folder, out=tmp_path / "measured", verbose=0, overrides=common + [
+        "head.layer=auto", "head.grid=null", f"train.cache_dir={tmp_path / 'measured-cache'}"])
+    head = yaml.safe_load((measured.run_dir / "recipe.yaml").read_text())["head"]
+    given = tltool.finetune(data=image_folder, out=tmp_path / "given", verbose=0, overrides=common + [
+        f"head.layer={head['layer']}", f"head.grid={head['grid']}", f"train.cache_dir={tmp_path / 'given-cache'}"])
+
+    computed = {run: result.summary["timings"]["feature_images"] for run, result in
+                (("measured", measured), ("given", given))}
+    assert computed["given"] - computed["measured"] == measured.summary["images"]["train"] > 0
+    entries = [entry for entry in (tmp_path / "given-cache").iterdir() if entry.is_dir()]
+    assert len(entries) == 1  # stage 1's (the activations at the cut with stage 2 on)
+    theirs = FeatureCache(entries[0], lock=False)
+    ours = FeatureCache(tmp_path / "measured-cache" / entries[0].name, lock=False)  # the same key
+    plain = [key for key in theirs.keys() if key.endswith("|")]  # view "": the plain images
+    assert len(plain) == computed["given"] and set(plain) <= set(ours.keys())
+    np.testing.assert_allclose(ours.get(plain).astype(np.float32), theirs.get(plain).astype(np.float32),
+                               rtol=2e-3, atol=2e-3)

@@ -254,20 +254,28 @@ def compute_features(extractor, paths: list[str], image_size: int, batch_size: i
     Returns (features float16 [N, D], ok bool [N]); rows of files that failed to decode are zero and
     `ok` is False for them (they are recorded in `skips`).
     """
+    outputs, oks = compute_outputs(extractor, paths, image_size, batch_size, skips, augment, jit_compile, progress)
+    return outputs[0], oks
+
+
+def compute_outputs(extractor, paths: list[str], image_size: int, batch_size: int, skips: SkipLog, augment=None,
+                    jit_compile: bool = False, progress=None) -> tuple[list[np.ndarray], np.ndarray]:
+    """`compute_features` for an extractor with one or several outputs: ([float16 [N, D_i] per output], ok)."""
     forward = _forward_fn(extractor, image_size, augment, jit_compile)
-    width = extractor.output_shape[-1]
-    feats = np.zeros((len(paths), width), np.float16)
+    outputs = [np.zeros((len(paths), int(out.shape[-1])), np.float16) for out in extractor.outputs]
     oks = np.zeros((len(paths),), bool)
     start = 0
     for pixels, ok in decoded_batches(paths, image_size, batch_size, skips):
         interrupts.check()
         n = len(pixels)
-        feats[start:start + n] = forward(pixels).numpy().astype(np.float16)
+        results = forward(pixels)
+        for out, result in zip(outputs, results if isinstance(results, (list, tuple)) else [results]):
+            out[start:start + n] = result.numpy().astype(np.float16)
         oks[start:start + n] = ok
         start += n
         if progress is not None:
             progress(start)
-    return feats, oks
+    return outputs, oks
 
 
 #: Images per cache shard while extracting: each shard is stored as soon as it is computed, so an
@@ -275,22 +283,23 @@ def compute_features(extractor, paths: list[str], image_size: int, batch_size: i
 SHARD_IMAGES = 1024
 
 
-def _compute_in_shards(extractor, cache: FeatureCache | None, paths: list[str], keys: list[str], image_size: int,
-                       batch_size: int, skips: SkipLog, augment, verbose: int, jit_compile: bool):
-    """`compute_features` of `paths`, stored in the cache shard by shard, under one progress bar.
-    Returns (features, ok)."""
-    feats, oks = [], []
+def compute_in_shards(extractor, cache: FeatureCache | None, paths: list[str], keys: list[str], image_size: int,
+                      batch_size: int, skips: SkipLog, augment=None, verbose: int = 1,
+                      jit_compile: bool = False) -> tuple[list[np.ndarray], np.ndarray]:
+    """`compute_outputs` of `paths`, the first output stored in the cache (under `keys`) shard by shard, under
+    one progress bar. Returns ([each output's rows, float16], ok)."""
+    outputs, oks = [], []
     update = progress_bar(len(paths), verbose)
     for start in range(0, len(paths), SHARD_IMAGES):
         chunk = slice(start, start + SHARD_IMAGES)
         progress = None if update is None else (lambda done, offset=start: update(offset + done))
-        f, ok = compute_features(extractor, paths[chunk], image_size, batch_size, skips, augment=augment,
-                                 jit_compile=jit_compile, progress=progress)
+        out, ok = compute_outputs(extractor, paths[chunk], image_size, batch_size, skips, augment=augment,
+                                  jit_compile=jit_compile, progress=progress)
         if cache is not None:
-            cache.add([k for k, good in zip(keys[chunk], ok) if good], f[ok])
-        feats.append(f)
+            cache.add([k for k, good in zip(keys[chunk], ok) if good], out[0][ok])
+        outputs.append(out)
         oks.append(ok)
-    return np.concatenate(feats), np.concatenate(oks)
+    return [np.concatenate(rows) for rows in zip(*outputs)], np.concatenate(oks)
 
 
 def progress_bar(total: int, verbose: int):
@@ -359,9 +368,9 @@ def cached_features(extractor, cache: FeatureCache | None, paths: list[str], ima
             if verbose:
                 log(f"Computing features of {what} ({len(paths) - len(missing)} already cached).")
             t0 = time.perf_counter()
-            feats, ok = _compute_in_shards(extractor, cache, [paths[i] for i in missing],
-                                           [keys[i] for i in missing], image_size, batch_size, skips,
-                                           view_augment, verbose, jit_compile)
+            (feats,), ok = compute_in_shards(extractor, cache, [paths[i] for i in missing],
+                                             [keys[i] for i in missing], image_size, batch_size, skips,
+                                             view_augment, verbose, jit_compile)
             stats.seconds += time.perf_counter() - t0
             stats.computed += len(missing)
         else:

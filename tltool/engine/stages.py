@@ -19,6 +19,7 @@ from tltool.data.folders import ImageFolder, balanced_class_weights
 from tltool.data.pipelines import augmentation_layer, image_dataset
 from tltool.engine.activations import CutModels, activation_megabytes, pooled_features, split_at_cut
 from tltool.engine.decisions import decide_flip, decide_views
+from tltool.engine.feature_layer import POOLED
 from tltool.engine.features import (FeatureCache, augmentation_key, cache_dir, cached_features, extractor_key,
                                    views_by_image)
 from tltool.engine.fitting import (compile_model, features_dataset, fit_stage, learning_rate_callback,
@@ -78,6 +79,9 @@ class TrainingContext:
     decisions: list = field(default_factory=list)
     #: the cached features (and activations) the stages trained on, for what is fitted after training
     features: "StageFeatures | None" = None
+    #: rows of the plain training images the layer measurement computed, for stage 1 (see feature_layer.py):
+    #: "pooled" or a stage-2 cut -> (the images' cache keys, rows)
+    probe_rows: dict = field(default_factory=dict)
     _shard: object = field(default=None, repr=False)
 
     @property
@@ -168,6 +172,7 @@ def _extract(ctx: TrainingContext, extractor, cut: str = "", to_features=lambda 
         setup.spec.name, weights_identity(setup), setup.image_size, setup.spec.preprocessing, recipe.head.mode,
         recipe.head.pooling, cut, reads=_reads(recipe.head))
     with FeatureCache(entry) as cache:  # locked against `cache clear` while in use
+        _add_probe_rows(ctx, cache, cut)
         common = dict(image_size=setup.image_size, batch_size=recipe.data.batch_size, skips=split.skips,
                       verbose=ctx.verbose, log=ctx.log, jit_compile=ctx.runtime.jit_compile)
         spent = [0.0, 0]
@@ -191,6 +196,19 @@ def _extract(ctx: TrainingContext, extractor, cut: str = "", to_features=lambda 
         val_x, val_rows, s2 = cached_features(extractor, cache, split.val.paths, **common)
         return (train_x, train_y, val_x, np.asarray(split.val.labels)[val_rows],
                 spent[0] + s1.seconds + s2.seconds, spent[1] + s1.computed + s2.computed)
+
+
+def _add_probe_rows(ctx: TrainingContext, cache: FeatureCache, cut: str) -> None:
+    """The plain training images' rows the layer measurement computed (the activations at `cut`, or with no
+    cut the features the head reads), added to `cache` so that they are not computed again."""
+    found = ctx.probe_rows.pop(cut or POOLED, None)
+    ctx.probe_rows.clear()  # the other cuts' rows are of no further use: free their memory
+    if found is None:
+        return
+    keys, rows = found
+    new = [i for i, key in enumerate(keys) if key not in cache]
+    if new:
+        cache.add([keys[i] for i in new], rows[new])
 
 
 def _reads(head) -> str:

@@ -12,7 +12,7 @@ BatchNorm layers use their pretrained statistics even when stage 2 unfreezes the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -255,7 +255,12 @@ def fine_tune_cut(backbone, spec: BackboneSpec, blocks: int) -> tuple[str | None
     with the top block."""
     ends = backbone_blocks(backbone, spec)
     blocks = min(blocks, len(ends))
-    return (ends[len(ends) - 1 - blocks] if blocks < len(ends) else None), blocks, len(ends)
+    return _cut_below_top(ends, blocks), blocks, len(ends)
+
+
+def _cut_below_top(ends: list[str], blocks: int) -> str | None:
+    """The block end under the top `blocks` of the blocks ending at `ends`, None when that is all of them."""
+    return ends[len(ends) - 1 - blocks] if blocks < len(ends) else None
 
 
 def set_fine_tune_layers(backbone, spec: BackboneSpec, blocks: int, freeze_batchnorm: bool = True) -> Unfrozen:
@@ -311,24 +316,42 @@ class LayerProbe:
     candidates: list  # (layer, grid) pairs, the top first
     spans: list       # each candidate's (start, end) in the model's output
     blocks: dict      # block-end layer -> its block number (1 = the first)
+    #: with `unfreeze` blocks given: each candidate layer's stage-2 cut (the layer whose activations stage 2
+    #: trains on when the head reads that layer), and a model computing the probe's features and, beside
+    #: them, the flattened activations at each of those cuts (in the order of `cut_layers`)
+    cuts: dict = field(default_factory=dict)
+    cut_layers: list = field(default_factory=list)
+    with_cuts: object = None
 
 
-def layer_probe(spec: BackboneSpec, weights: ResolvedWeights, image_size: int, head_cfg: HeadConfig) -> LayerProbe:
-    """The probe of the candidates `layer_candidates` finds for `head_cfg` (see LayerProbe)."""
+def layer_probe(spec: BackboneSpec, weights: ResolvedWeights, image_size: int, head_cfg: HeadConfig,
+                unfreeze: int | None = None) -> LayerProbe:
+    """The probe of the candidates `layer_candidates` finds for `head_cfg` (see LayerProbe); with `unfreeze`
+    (stage 2's blocks), also the model that keeps the activations at each candidate's stage-2 cut."""
     import keras
 
     net = _build_backbone(spec, weights, image_size)
     candidates = layer_candidates(net, spec, head_cfg)
     layers = list(dict.fromkeys(layer for layer, _ in candidates))
-    inner = keras.Model(net.input, [feature_map(net, spec, layer) for layer in layers], name="probe_maps")
+    block_ends = backbone_blocks(net, spec)
+    # As fine_tune_cut finds it on the backbone the head reads: the network truncated at the layer.
+    cuts = {layer: _cut_below_top(block_ends if layer == "top" else block_ends[:block_ends.index(layer) + 1],
+                                  unfreeze) for layer in layers} if unfreeze else {}
+    cut_layers = list(dict.fromkeys(cut for cut in cuts.values() if cut is not None))
+    inner = keras.Model(net.input, [feature_map(net, spec, layer) for layer in layers]
+                        + [net.get_layer(cut).output for cut in cut_layers], name="probe_maps")
     pixels = keras.Input((image_size, image_size, 3), name="pixels", dtype="float32")
     preprocess = preprocessing_layer(spec)
     maps = inner(preprocess(pixels) if preprocess is not None else pixels, training=False)
-    maps = dict(zip(layers, maps if isinstance(maps, (list, tuple)) else [maps]))
+    maps = list(maps) if isinstance(maps, (list, tuple)) else [maps]
+    at_cuts = [keras.layers.Flatten(name=f"at_cut_{i}")(m) for i, m in enumerate(maps[len(layers):])]
+    maps = dict(zip(layers, maps))
     pooled = [grid_pooling(maps[layer], grid, head_cfg.pooling, name=f"candidate_{i}")
               for i, (layer, grid) in enumerate(candidates)]
     ends = np.cumsum([int(p.shape[-1]) for p in pooled])
     features = keras.layers.Concatenate(name="candidates")(pooled) if len(pooled) > 1 else pooled[0]
     spans = [(int(a), int(b)) for a, b in zip([0, *ends[:-1]], ends)]
-    blocks = {name: i + 1 for i, name in enumerate(backbone_blocks(net, spec))}
-    return LayerProbe(keras.Model(pixels, features, name="layer_probe"), candidates, spans, blocks)
+    blocks = {name: i + 1 for i, name in enumerate(block_ends)}
+    with_cuts = keras.Model(pixels, [features, *at_cuts], name="layer_probe_and_cuts") if at_cuts else None
+    return LayerProbe(keras.Model(pixels, features, name="layer_probe"), candidates, spans, blocks, cuts,
+                      cut_layers, with_cuts)
