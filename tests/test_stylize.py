@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -104,7 +105,8 @@ def test_loss_weights_default_to_the_backbones(pictures, tmp_path):
     assert vgg.summary["loss_weights"] == {"content": 1e4, "style": 0.5, "tv": 30.0}
 
 
-def test_ctrl_c_keeps_the_image_so_far(pictures, tmp_path):
+@pytest.mark.parametrize("stop, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_keeps_the_image_so_far(pictures, tmp_path, stop, code):
     content, style = pictures
     out = tmp_path / "out"
     process = subprocess.Popen([sys.executable, "-m", "tltool", "stylize", str(content), str(style), "--weights",
@@ -116,10 +118,28 @@ def test_ctrl_c_keeps_the_image_so_far(pictures, tmp_path):
         assert process.poll() is None and time.monotonic() < deadline, seen
         seen += process.stdout.read(1)
     time.sleep(1.0)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     rest, _ = process.communicate(timeout=60)
-    assert process.returncode == 130, seen + rest
+    assert process.returncode == code, seen + rest
     assert "the image so far is in" in rest
     saved = json.loads((out / "stylize.json").read_text())
     assert saved["interrupted"] and saved["steps_done"] >= 1
     assert Image.open(out / "result.png").size == (64, 48)
+
+
+def test_ctrl_c_during_the_optimisation_waits_for_the_end_of_the_step():
+    """Ctrl-C raised wherever the main thread is can land in a finalizer of TensorFlow's, which drops it and
+    the run goes on: within ctrl_c_at_safe_points it is only recorded, and raised at the step's end."""
+    from tltool import interrupts
+
+    before = signal.getsignal(signal.SIGINT)
+    with interrupts.ctrl_c_at_safe_points():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)  # the handler has run: nothing was raised
+        with pytest.raises(KeyboardInterrupt):
+            interrupts.check()
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C does not wait
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is before
+    interrupts.check()  # nothing left recorded

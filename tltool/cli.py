@@ -537,7 +537,7 @@ def stylize(content, style, recipe, backbone, weights, size, steps, optimizer, c
         tltool stylize photo.jpg painting.jpg --recipe runs/painted/recipe.yaml
 
     Writes result.png (at the content's aspect ratio), sheet.png (content | style | result), loss.png,
-    stylize.json (settings, losses per step, timings) and recipe.yaml. Ctrl-C keeps the image so far.
+    stylize.json (settings, losses per step, timings) and recipe.yaml. Ctrl-C or SIGTERM keeps the image so far.
     """
     with interruptible(None, resume_hint=False):
         tltool.stylize(content, style, recipe, backbone=backbone, weights=weights, size=size, steps=steps,

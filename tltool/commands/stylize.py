@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tltool import outputs, rundir
+from tltool import interrupts, outputs, rundir
 from tltool.data.images import ImageReadError, decode
 from tltool.errors import DataError
 from tltool.files import atomic_save, atomic_write_json
@@ -92,6 +92,7 @@ def _run(cfg, recipe: Recipe, spec, resolved, content_img, style_img, shape, n_c
     bar = keras.utils.Progbar(cfg.steps, unit_name="step", verbose=verbose) if verbose else None
 
     def on_step(parts) -> None:
+        interrupts.check()  # Ctrl-C stops here, between steps (see ctrl_c_at_safe_points)
         history.append({"step": len(history), **{k: float(v) for k, v in parts.items()}})
         if bar is not None and len(history) > 1:
             bar.update(len(history) - 1, [("loss", history[-1]["loss"])])
@@ -101,19 +102,20 @@ def _run(cfg, recipe: Recipe, spec, resolved, content_img, style_img, shape, n_c
 
     run = _lbfgs if cfg.optimizer == "lbfgs" else _adam
     latest = {"image": start}  # the image after the last finished step: what Ctrl-C keeps
-    interrupted = False
+    stopped = None  # Ctrl-C or SIGTERM: the image so far is written, then the stop goes on
     try:
-        run(loss, start, cfg, on_step, latest)
-    except KeyboardInterrupt:
-        interrupted = True
+        with interrupts.ctrl_c_at_safe_points():
+            run(loss, start, cfg, on_step, latest)
+    except (KeyboardInterrupt, interrupts.Interrupted) as exc:
+        stopped = exc
     image = latest["image"]
     seconds = time.perf_counter() - t0
     summary = _summary(cfg, recipe, spec, resolved, weights, shape, history, seconds,
-                       time.perf_counter() - t_start, interrupted)
+                       time.perf_counter() - t_start, stopped is not None)
     result = _write(out, recipe, summary, content, style, image, history)
-    if interrupted:
+    if stopped is not None:
         say(f"\nInterrupted after {summary['steps_done']} step(s): the image so far is in {out / RESULT_FILE}.")
-        raise KeyboardInterrupt
+        raise stopped
     say(_done_line(summary, out))
     return StylizeResult(out, summary, result)
 
