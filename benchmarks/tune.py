@@ -1,8 +1,9 @@
 """Benchmark of `tltool tune`: N head trials against one plain frozen-stage fit, and memory across trials.
 
 Speed (default): in one run, on the same data,
-  1. the "guide recipe" frozen stage: backbone frozen inside the model, images through it every epoch,
-     E epochs (no early stopping), timed from building the model to the end of `fit`;
+  1. the guide recipe's frozen stage (vs_guide.py's faithful copy, in a process of its own): MobileNetV2
+     frozen inside the model, its flip and rotation layers, images through it every epoch, E epochs, `fit`
+     timed (validation on --val-data, else on a seeded fifth of --data);
   2. `tltool.tune` with N random-search trials of the default head space, E epochs each (no early
      stopping), timed as a whole: scanning the data, extracting features once (fresh feature cache),
      every trial, the reports.
@@ -24,7 +25,10 @@ Memory (--memory): one search of --memory-trials trials; peak RSS after the 5th 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import random
+import subprocess
 import resource
 import sys
 import tempfile
@@ -39,27 +43,43 @@ import tltool  # noqa: E402
 
 def _overrides(args, search: bool = False) -> list[str]:
     common = [f"backbone.name={args.backbone}", f"backbone.weights={args.weights}", "backbone.fallback=none",
-              f"data.image_size={args.image_size}", f"data.batch_size={args.batch_size}", f"seed={args.seed}"]
+              f"data.image_size={args.image_size}", f"seed={args.seed}"]
+    if args.batch_size:
+        common.append(f"data.batch_size={args.batch_size}")
     if search and args.stage2:
         return common
     return common + [f"frozen.epochs={args.epochs}", "frozen.early_stopping=0", "fine_tune.epochs=0"]
 
 
-def guide_fit(args) -> float:
-    """Seconds of one plain frozen-stage fit: frozen backbone inside the model, images every epoch."""
-    from tltool.engine.fitting import fit_stage, stage_callbacks
-    from tltool.engine.setup import prepare_run, resolve_recipe, start_runtime
-    from tltool.engine.stages import TrainingContext, build_model
+def guide_fit(args, tmp: Path) -> float:
+    """Seconds of one frozen fit of the guide recipe (vs_guide.py's copy, a process of its own): the frozen
+    backbone inside the model, images through it every epoch, `fit` timed as the guide's own log times it."""
+    val = Path(args.val_data) if args.val_data else None
+    train = Path(args.data)
+    if val is None:  # the guide needs a validation folder: a seeded 80/20 split of --data
+        train, val = split_folder(train, tmp / "guide-split", args.seed)
+    script = Path(__file__).with_name("vs_guide.py")
+    done = subprocess.run([sys.executable, str(script), "--run-guide", str(train), str(val), str(val),
+                           "--weights", str(args.weights), "--size", str(args.image_size), "--seed", str(args.seed),
+                           "--epochs", str(args.epochs), "--fine-tune-epochs", "0"],
+                          capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    if done.returncode != 0:
+        raise SystemExit(f"the guide recipe failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["stage1_s"]
 
-    setup = prepare_run(resolve_recipe(None, data=args.data, val_data=args.val_data, overrides=_overrides(args)))
-    t0 = time.perf_counter()
-    runtime = start_runtime(setup.recipe)
-    tm = build_model(setup, runtime)
-    ctx = TrainingContext(setup, runtime, verbose=0)
-    ctx.compile(tm.model, setup.recipe.frozen)
-    fit_stage(tm.model, ctx.images(setup.split.train, training=True), ctx.images(setup.split.val, training=False),
-              setup.recipe.frozen.epochs, stage_callbacks(None, 1, 0), verbose=0)
-    return time.perf_counter() - t0
+
+def split_folder(data: Path, dest: Path, seed: int) -> tuple[Path, Path]:
+    """Folders of symbolic links: 80% of each class of `data` for training, 20% for validation."""
+    rng = random.Random(seed)
+    for folder in sorted(p for p in data.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = sorted(f for f in folder.iterdir() if f.is_file())
+        rng.shuffle(files)
+        cut = max(1, len(files) // 5)
+        for part, chosen in (("val", files[:cut]), ("train", files[cut:])):
+            (dest / part / folder.name).mkdir(parents=True)
+            for f in chosen:
+                (dest / part / folder.name / f.name).symlink_to(f.resolve())
+    return dest / "train", dest / "val"
 
 
 def search(args, trials: int, out: Path, log=print) -> float:
@@ -87,7 +107,8 @@ def main() -> int:
     parser.add_argument("--backbone", default="mobilenet_v2")
     parser.add_argument("--weights", default="none", help="imagenet, none or a file (timings do not depend on it).")
     parser.add_argument("--image-size", type=int, default=96)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="tltool's batch size (default: the recipe's, 32, as the guide's).")
     parser.add_argument("--epochs", type=int, default=10, help="Epochs of the fit and of every trial.")
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--seed", type=int, default=42)
@@ -116,8 +137,9 @@ def main() -> int:
             print(f"current RSS after trial 5: {early_now:.0f} MB; after trial {last}: {late_now:.0f} MB")
             return 0 if late <= 1.10 * early else 1
 
-        fit_s = guide_fit(args)
-        print(f"guide recipe: frozen backbone inside the model, {args.epochs} epochs on images: {fit_s:.1f}s",
+        fit_s = guide_fit(args, Path(tmp))
+        print(f"guide recipe's frozen fit ({args.epochs} epochs, images through the frozen backbone every epoch, "
+              f"its flip and rotation layers included): {fit_s:.1f}s",
               flush=True)
         trial_lines = []
         tune_s = search(args, args.trials, Path(tmp) / "search",

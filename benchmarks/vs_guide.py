@@ -45,8 +45,10 @@ def guide_main(argv: list[str]) -> None:
     tr = keras.utils.image_dataset_from_directory(a.train, image_size=size, batch_size=32, seed=a.seed)
     va = keras.utils.image_dataset_from_directory(a.val, image_size=size, batch_size=32, shuffle=False,
                                                   class_names=tr.class_names)
-    base = keras.applications.MobileNetV2(input_shape=size + (3,), include_top=False, weights=None)
-    base.load_weights(a.weights)
+    base = keras.applications.MobileNetV2(input_shape=size + (3,), include_top=False,
+                                          weights="imagenet" if a.weights == "imagenet" else None)
+    if a.weights not in ("imagenet", "none"):  # "none": a random backbone, for timings only
+        base.load_weights(a.weights)
     base.trainable = False
     aug = keras.Sequential([keras.layers.RandomFlip("horizontal"), keras.layers.RandomRotation(0.1)])
     inp = keras.Input(size + (3,))
@@ -55,7 +57,9 @@ def guide_main(argv: list[str]) -> None:
     out = keras.layers.Dense(len(tr.class_names), activation="softmax")(keras.layers.Dropout(0.2)(x))
     m = keras.Model(inp, out)
     m.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    started = time.perf_counter()
     m.fit(tr.prefetch(2), validation_data=va, epochs=a.epochs, verbose=0)
+    stage1_s = time.perf_counter() - started
     if a.fine_tune_epochs:
         base.trainable = True
         for layer in base.layers[:100]:
@@ -65,7 +69,7 @@ def guide_main(argv: list[str]) -> None:
         m.fit(tr.prefetch(2), validation_data=va, epochs=a.fine_tune_epochs, verbose=0)
     te = keras.utils.image_dataset_from_directory(a.test, image_size=size, batch_size=32, shuffle=False,
                                                   class_names=tr.class_names)
-    print(json.dumps({"accuracy": float(m.evaluate(te, verbose=0)[1])}))
+    print(json.dumps({"accuracy": float(m.evaluate(te, verbose=0)[1]), "stage1_s": stage1_s}))
 
 
 def subsample(data: Path, per_class: int, seed: int, dest: Path) -> Path:

@@ -109,3 +109,25 @@ def test_mediapipe_metadata_builders_that_the_tflite_export_uses():
     assert {"content_type", "associated_files"} <= set(inspect.signature(md.TensorMd).parameters)
     assert {"name", "version", "description", "author", "licenses"} <= set(
         inspect.signature(md.GeneralMd).parameters)
+
+
+def test_a_stage_traces_its_train_step_once():
+    """engine/fitting.build_before_fit builds the loss's, metrics' and optimizer's variables with the private
+    `Model._symbolic_build` before `fit`; otherwise Keras creates them inside the first trace of the train
+    step, and TensorFlow traces the step a second time (a second or more of every short stage or trial)."""
+    from tltool.engine.fitting import compile_model, fit_stage
+
+    traces = []
+
+    class Counting(keras.Model):
+        def train_step(self, data):
+            traces.append(1)  # Python runs only while the step is traced
+            return super().train_step(data)
+
+    inputs = keras.Input((8,))
+    model = Counting(inputs, keras.layers.Dense(3, activation="softmax")(keras.layers.Dense(4)(inputs)))
+    compile_model(model, "adam", 1e-3, 0.1)
+    data = tf.data.Dataset.from_tensor_slices((np.zeros((40, 8), np.float32),
+                                               tf.one_hot(np.arange(40) % 3, 3))).batch(16)
+    fit_stage(model, data, data, 3, [], verbose=0)
+    assert len(traces) == 1
