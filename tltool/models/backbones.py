@@ -16,6 +16,7 @@ import hashlib
 import re
 import socket
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -126,12 +127,23 @@ _add("inception_v3", "InceptionV3", 299, 75, "tf", 2048, 2048, _INCEPTION)
 _add("densenet121", "DenseNet121", 224, 32, "torch", 1024, 1024, _DENSENET)
 
 
+_CUTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def graph_cuts(net) -> list[str]:
     """Names of the layers of a functional network whose output every later layer depends on alone.
 
     Read from the network's config (the public, serialised form of its graph): layer j's inputs come from
     layers listed before it, and a layer i is a cut when no layer after it takes an input from before it.
+    Kept per network (a functional graph does not change): serialising it costs 70 ms for MobileNetV2,
+    and a run or a search asks for the same network's cuts dozens of times.
     """
+    if net not in _CUTS:
+        _CUTS[net] = _graph_cuts(net)
+    return list(_CUTS[net])
+
+
+def _graph_cuts(net) -> list[str]:
     layers = net.get_config()["layers"]
     position = {layer["name"]: i for i, layer in enumerate(layers)}
     earliest = [min((position[name] for name in _inbound(layer)), default=i) for i, layer in enumerate(layers)]
