@@ -1,4 +1,4 @@
-"""Benchmark of `tltool tune`: N head trials against one plain frozen-stage fit, and memory across trials.
+"""Benchmark of `tltool tune`: N trials against one frozen fit of the guide recipe, and memory across trials.
 
 Speed (default): in one run, on the same data,
   1. the guide recipe's frozen stage (vs_guide.py's faithful copy, in a process of its own): MobileNetV2
@@ -28,8 +28,8 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import resource
+import subprocess
 import sys
 import tempfile
 import time

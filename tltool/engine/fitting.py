@@ -136,7 +136,7 @@ def build_before_fit(model, train_ds) -> None:
 
     With no distribution strategy, Keras creates them inside the first trace of the train step, and a
     tf.function whose first trace created variables traces a second time: every fit paid two traces of its
-    train step, as long as one to three seconds of a short stage or tune trial on a CPU. Built from the
+    train step, a second or more of a short stage or tune trial on a CPU. Built from the
     dataset's element spec, no batch is read. tests/test_dependency_apis.py fails if a Keras release
     drops the private `_symbolic_build` (this then does nothing, and fit traces twice as before).
     """
