@@ -25,11 +25,8 @@ Memory (--memory): one search of --memory-trials trials; peak RSS after the 5th 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import random
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,8 +34,10 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tltool  # noqa: E402
+import vs_guide  # noqa: E402  (its copy of the guide recipe)
 
 
 def _overrides(args, search: bool = False) -> list[str]:
@@ -54,32 +53,12 @@ def _overrides(args, search: bool = False) -> list[str]:
 def guide_fit(args, tmp: Path) -> float:
     """Seconds of one frozen fit of the guide recipe (vs_guide.py's copy, a process of its own): the frozen
     backbone inside the model, images through it every epoch, `fit` timed as the guide's own log times it."""
-    val = Path(args.val_data) if args.val_data else None
-    train = Path(args.data)
-    if val is None:  # the guide needs a validation folder: a seeded 80/20 split of --data
-        train, val = split_folder(train, tmp / "guide-split", args.seed)
-    script = Path(__file__).with_name("vs_guide.py")
-    done = subprocess.run([sys.executable, str(script), "--run-guide", str(train), str(val), str(val),
-                           "--weights", str(args.weights), "--size", str(args.image_size), "--seed", str(args.seed),
-                           "--epochs", str(args.epochs), "--fine-tune-epochs", "0"],
-                          capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    if done.returncode != 0:
-        raise SystemExit(f"the guide recipe failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])["stage1_s"]
-
-
-def split_folder(data: Path, dest: Path, seed: int) -> tuple[Path, Path]:
-    """Folders of symbolic links: 80% of each class of `data` for training, 20% for validation."""
-    rng = random.Random(seed)
-    for folder in sorted(p for p in data.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(f for f in folder.iterdir() if f.is_file())
-        rng.shuffle(files)
-        cut = max(1, len(files) // 5)
-        for part, chosen in (("val", files[:cut]), ("train", files[cut:])):
-            (dest / part / folder.name).mkdir(parents=True)
-            for f in chosen:
-                (dest / part / folder.name / f.name).symlink_to(f.resolve())
-    return dest / "train", dest / "val"
+    if args.val_data:
+        train, val = Path(args.data), Path(args.val_data)
+    else:  # the guide needs a validation folder
+        train, val = vs_guide.split(Path(args.data), args.seed, tmp / "guide-split")
+    printed, _ = vs_guide.guide_run(train, val, val, args.weights, args.image_size, args.seed, args.epochs, 0)
+    return printed["stage1_s"]
 
 
 def search(args, trials: int, out: Path, log=print) -> float:
@@ -138,9 +117,8 @@ def main() -> int:
             return 0 if late <= 1.10 * early else 1
 
         fit_s = guide_fit(args, Path(tmp))
-        print(f"guide recipe's frozen fit ({args.epochs} epochs, images through the frozen backbone every epoch, "
-              f"its flip and rotation layers included): {fit_s:.1f}s",
-              flush=True)
+        print(f"guide recipe's frozen fit ({args.epochs} epochs, images through the frozen backbone every "
+              f"epoch, its flip and rotation layers included): {fit_s:.1f}s", flush=True)
         trial_lines = []
         tune_s = search(args, args.trials, Path(tmp) / "search",
                         log=lambda message="", **k: trial_lines.append(str(message)))

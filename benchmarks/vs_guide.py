@@ -72,16 +72,35 @@ def guide_main(argv: list[str]) -> None:
     print(json.dumps({"accuracy": float(m.evaluate(te, verbose=0)[1]), "stage1_s": stage1_s}))
 
 
+def class_images(data: Path) -> list[tuple[str, list[Path]]]:
+    """Each class folder of `data` with its image files, in a fixed order."""
+    folders = sorted(p for p in data.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return [(f.name, sorted(i for i in f.rglob("*") if i.suffix.lower() in IMAGE_SUFFIXES)) for f in folders]
+
+
+def _link(files: list[Path], dest: Path) -> None:
+    dest.mkdir(parents=True)
+    for f in files:
+        (dest / f.name).symlink_to(f.resolve())
+
+
 def subsample(data: Path, per_class: int, seed: int, dest: Path) -> Path:
     """A folder of symbolic links to `per_class` images of each class of `data` (all when 0)."""
     rng = random.Random(seed)
-    for folder in sorted(p for p in data.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
-        chosen = rng.sample(files, min(per_class, len(files))) if per_class else files
-        (dest / folder.name).mkdir(parents=True)
-        for f in chosen:
-            (dest / folder.name / f.name).symlink_to(f.resolve())
+    for name, files in class_images(data):
+        _link(rng.sample(files, min(per_class, len(files))) if per_class else files, dest / name)
     return dest
+
+
+def split(data: Path, seed: int, dest: Path) -> tuple[Path, Path]:
+    """Folders of symbolic links: a seeded 80% of each class of `data` for training, 20% for validation."""
+    rng = random.Random(seed)
+    for name, files in class_images(data):
+        rng.shuffle(files)
+        cut = max(1, len(files) // 5)
+        _link(files[:cut], dest / "val" / name)
+        _link(files[cut:], dest / "train" / name)
+    return dest / "train", dest / "val"
 
 
 def timed(cmd: list[str], env: dict | None = None) -> tuple[float, str]:
@@ -94,11 +113,19 @@ def timed(cmd: list[str], env: dict | None = None) -> tuple[float, str]:
     return seconds, done.stdout
 
 
-def run_guide(train: Path, val: Path, test: Path, args, seed: int) -> tuple[float, float]:
+def guide_run(train: Path, val: Path, test: Path, weights, size: int, seed: int, epochs: int,
+              fine_tune_epochs: int) -> tuple[dict, float]:
+    """The guide recipe in a process of its own: what it printed (accuracy, stage1_s) and its seconds."""
     seconds, out = timed([sys.executable, __file__, "--run-guide", str(train), str(val), str(test),
-                          "--weights", str(args.weights), "--size", str(args.image_size), "--seed", str(seed),
-                          "--epochs", str(args.epochs), "--fine-tune-epochs", str(args.fine_tune_epochs)])
-    return json.loads(out.strip().splitlines()[-1])["accuracy"], seconds
+                          "--weights", str(weights), "--size", str(size), "--seed", str(seed),
+                          "--epochs", str(epochs), "--fine-tune-epochs", str(fine_tune_epochs)])
+    return json.loads(out.strip().splitlines()[-1]), seconds
+
+
+def run_guide(train: Path, val: Path, test: Path, args, seed: int) -> tuple[float, float]:
+    printed, seconds = guide_run(train, val, test, args.weights, args.image_size, seed, args.epochs,
+                                 args.fine_tune_epochs)
+    return printed["accuracy"], seconds
 
 
 def run_tltool(train: Path, val: Path, test: Path, args, seed: int, out: Path) -> tuple[float, float]:
