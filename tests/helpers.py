@@ -40,7 +40,7 @@ def tiny_values(size: int = 32) -> dict:
     """The same as `tiny_recipe_args`, as `overrides` for the Python API."""
     return ["backbone.weights=none", f"data.image_size={size}", "data.batch_size=8", "frozen.epochs=2",
             "fine_tune.epochs=1", "fine_tune.unfreeze=1", "frozen.feature_views=0", "augment.flip=horizontal",
-            "head.layer=top", "head.grid=1"]
+            "head.layer=top", "head.grid=1", "head.l2=0"]
 
 
 def calibrated_backbone_weights(path: Path, backbone: str = "mobilenet_v2", size: int = 32,

@@ -95,3 +95,17 @@ def test_activations_at_a_deeper_cut_give_those_at_a_shallower_one(image_folder,
     assert scale > 1e-3
     assert np.abs(bridged.reshape(6, -1).astype(np.float32) - direct).max() < 0.01 * scale  # float16 rounding
     keras.backend.clear_session()
+
+
+def test_stage2_on_cached_activations_trains_with_the_head_penalty(image_folder):
+    recipe = resolve_recipe(None, data=image_folder, overrides=tiny_values(32) + ["head.l2=0.5"])
+    setup = prepare_run(recipe)
+    runtime = start_runtime(recipe)
+    ctx = TrainingContext(setup, runtime, verbose=0)
+    tm = build_model(setup, runtime)
+    cut = activation_cut(ctx, tm)
+    run_stage2(ctx, tm, cut, cut_features(ctx, cut))
+    kernel = tm.head.get_layer("predictions").kernel
+    assert len(cut.trainable.losses) == 1
+    penalty = 0.5 * np.sum(np.asarray(kernel) ** 2)
+    np.testing.assert_allclose(float(cut.trainable.losses[0]), penalty, rtol=1e-5)

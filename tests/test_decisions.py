@@ -7,9 +7,10 @@ import yaml
 from PIL import Image
 
 import tltool
-from helpers import tiny_values
-from tltool.engine.decisions import (_in_row_space, cross_validated_accuracy, decide_flip, decide_views,
-                                    softmax_regression, stratified_folds)
+from helpers import calibrated_backbone_weights, tiny_values
+from tltool.engine.decisions import (L2_CANDIDATES, _in_row_space, cross_validated_accuracy, decide_flip,
+                                     decide_l2, decide_views, keras_l2, softmax_regression, softmax_regressions,
+                                     stratified_folds)
 
 
 def _two_classes(rng, n: int = 30, d: int = 16):
@@ -73,6 +74,59 @@ def test_wide_features_are_fitted_in_the_training_rows_span_with_the_same_predic
     np.testing.assert_allclose(small_held @ small_w + small_b, held @ w + b, atol=1e-4)
 
 
+def test_a_penalty_is_chosen_where_the_classes_are_noise_and_none_where_they_are_clear():
+    rng = np.random.default_rng(5)
+    # Many dimensions of noise, few images, labels only weakly tied to one of the dimensions: an unpenalised
+    # regression fits the noise and is confidently wrong on held-out images.
+    noisy_labels = np.repeat([0, 1], 30)
+    noisy = rng.normal(size=(60, 200)) + 0.3 * np.eye(200)[0] * (2 * noisy_labels[:, None] - 1)
+    chosen = decide_l2(noisy, None, noisy_labels, seed=0)
+    clear, clear_labels = _two_classes(rng)
+    views = clear[:, None] + rng.normal(0, 0.1, (len(clear), 2, clear.shape[1]))
+    none = decide_l2(clear, views, clear_labels, seed=0)
+
+    assert chosen.l2 > 0 and chosen.l2 == keras_l2(L2_CANDIDATES[-1], 200)
+    assert chosen.losses[chosen.l2] < chosen.losses[0] * 0.99
+    assert none.l2 == 0 and min(none.losses, key=none.losses.get) == 0
+    assert none.describe().startswith("head.l2: 0 (3-fold log loss on the training images ")
+    too_few = decide_l2(np.ones((4, 3)), None, np.array([0, 0, 1, 1]), seed=0)
+    assert too_few.describe().startswith("head.l2: 0 (auto:")
+
+
+def test_the_penalty_in_keras_units_penalises_the_normalised_head_as_the_regression_does():
+    from tltool.models.transfer import build_head, set_classifier_l2
+    from tltool.recipe import HeadConfig
+
+    # The head scales unit-length features to a length of sqrt(D), so the regression's weights w give the
+    # same logits as head weights w / sqrt(D); the penalty must be the same for both.
+    d, l2 = 64, 1e-3
+    rng = np.random.default_rng(6)
+    w, b = rng.normal(size=(d, 3)), rng.normal(size=3)
+    features = rng.normal(size=(5, d))
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    head = build_head(d, 3, HeadConfig())
+    head.get_layer("predictions").set_weights([(w / np.sqrt(d)).astype(np.float32), b.astype(np.float32)])
+    set_classifier_l2(head, keras_l2(l2, d))
+
+    logits = features @ w + b
+    expected = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(head(features.astype(np.float32))), expected, atol=1e-4)
+    assert np.isclose(float(sum(head.losses)), l2 / 2 * np.sum(w ** 2), rtol=1e-4)
+    set_classifier_l2(head, 0.0)
+    assert not head.losses
+
+
+def test_regressions_side_by_side_are_each_the_single_one():
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(50, 10))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    y = rng.integers(0, 3, 50)
+    for (w, b), l2 in zip(softmax_regressions(x, y, 3, (0.0, 1e-2, 1.0)), (0.0, 1e-2, 1.0)):
+        single_w, single_b = softmax_regression(x, y, 3, l2=l2)
+        np.testing.assert_allclose(w, single_w, atol=1e-6)
+        np.testing.assert_allclose(b, single_b, atol=1e-6)
+
+
 def _shapes(root, mirrored: bool, per_class: int = 12, size: int = 32):
     """Two classes that random backbone features tell apart easily: diagonal stripes running / and running \\
     (each other's mirror image, so a mirrored copy carries the other class's label), or two solid colours
@@ -122,3 +176,28 @@ def test_a_kept_flip_reuses_the_measured_mirror_images_as_the_first_view(tmp_pat
     # The plain images, their mirror images (measured, then view 1), view 2, the validation images: the
     # mirror images are not extracted a second time.
     assert result.summary["timings"]["feature_images"] == 3 * train + val
+
+
+def test_finetune_measures_the_head_penalty_and_trains_with_the_one_it_is_given(tmp_path):
+    data = _shapes(tmp_path / "coloured", False)
+    # A weights file: a random backbone's penalty is not measured.
+    weights = calibrated_backbone_weights(tmp_path / "vgg16.weights.h5", "vgg16")
+    common = tiny_values(32) + ["backbone.name=vgg16", f"backbone.weights={weights}", "fine_tune.epochs=0",
+                                "frozen.epochs=3"]
+    measured = tltool.finetune(data=data, out=tmp_path / "measured", verbose=0,
+                               overrides=common + ["head.l2=null"])
+    saved = (measured.run_dir / "recipe.yaml").read_text()
+    line = next(line for line in saved.splitlines() if line.startswith("# Measured: head.l2: "))
+    assert "3-fold log loss on the training images" in line
+    assert np.isclose(yaml.safe_load(saved)["head"]["l2"], float(line.split()[3]), rtol=0.01)
+
+    random = tltool.finetune(data=data, out=tmp_path / "random", verbose=0, overrides=tiny_values(32) + [
+        "backbone.name=vgg16", "fine_tune.epochs=0", "frozen.epochs=1", "head.l2=null"])
+    saved = (random.run_dir / "recipe.yaml").read_text()
+    assert "head.l2: 0 (auto: not measured on a random backbone" in saved
+
+    # The penalty reaches training: a huge one keeps the classifier's weights small, its answers unsure (with
+    # none, these easy classes end at a validation loss of about 0).
+    runs = {l2: tltool.finetune(data=data, out=tmp_path / f"l2-{l2}", verbose=0,
+                                overrides=common + [f"head.l2={l2}"]) for l2 in (0, 1000)}
+    assert runs[1000].summary["val_loss"] > runs[0].summary["val_loss"] + 0.3

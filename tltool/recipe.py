@@ -73,6 +73,10 @@ class HeadConfig:
                              minimum=1, maximum=4)
     dense: list[int] = _f([], "Sizes of hidden dense layers between the features and the softmax.")
     dropout: float = _f(0.2, "Dropout rate before each dense layer of the head.", minimum=0.0, maximum=0.95)
+    l2: Optional[float] = _f(None, "L2 penalty on the classifier's weights (the factor of keras.regularizers.L2; "
+                                   "0 = none). null: measured when stage 1 trains on cached features, by 3-fold "
+                                   "log loss on the training images (none unless a penalty is clearly better); "
+                                   "otherwise none.", minimum=0.0)
     normalize: bool = _f(True, "Centre the features on the training images' mean (when they are cached) and "
                                "scale each vector to a length of sqrt(its size) before the head's layers, and "
                                "start the classifier from zero (pooled mode): the head learns at the same pace "

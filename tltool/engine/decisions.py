@@ -16,6 +16,9 @@ an honest estimate, and costs seconds: a softmax regression on cached features t
   pooling grid that keeps the coarse layout (where a stroke is) better still. Each candidate's pooled features
   of the plain images are scored the same way; the top is kept unless another candidate is more accurate
   by more than the tolerance.
+- Head regularisation (`head.l2: null`): an L2 penalty on the classifier's weights makes a head trade
+  confidence for stability. Score a softmax regression with each candidate strength by its held-out log
+  loss and keep none unless a penalty is clearly better.
 """
 
 from __future__ import annotations
@@ -122,6 +125,51 @@ def decide_layer(features: np.ndarray, spans: list, candidates: list, labels: np
     return LayerDecision(*best, scores, blocks)
 
 
+#: The strengths of the head's L2 penalty the decision chooses among, in the units of `softmax_regression` (on
+#: unit-length features); 0 is none.
+L2_CANDIDATES = (0.0, 1e-4, 1e-3, 1e-2)
+#: A penalty is taken only when it lowers the cross-validated log loss by more than this fraction of none's.
+L2_MARGIN = 0.01
+
+
+def keras_l2(l2: float, width: int) -> float:
+    """The factor of `keras.regularizers.L2` on a normalised head's classifier (its input scaled to length
+    sqrt(width), see build_head) that equals strength `l2` on unit-length features: the logits w.(sqrt(D) u)
+    are (sqrt(D) w).u, whose penalty l2/2 |sqrt(D) w|^2 is (l2 D / 2) |w|^2."""
+    return l2 * width / 2
+
+
+@dataclass
+class L2Decision:
+    l2: float     # the factor of keras.regularizers.L2 on the head's classifier
+    losses: dict  # each candidate's factor -> cross-validated log loss; empty when not measured
+    why_not: str = ""
+
+    def describe(self) -> str:
+        if not self.losses:
+            return f"head.l2: 0 (auto: {self.why_not})"
+        shown = ", ".join(f"{loss:.3f} at {l2:.3g}" for l2, loss in self.losses.items())
+        return f"head.l2: {self.l2:.3g} ({FOLDS}-fold log loss on the training images {shown})"
+
+
+def decide_l2(plain: np.ndarray, views: np.ndarray | None, labels: np.ndarray, seed: int) -> L2Decision:
+    """How strongly to penalise the head's classifier weights: features of the plain training images [N, D]
+    and of the augmented views the head also trains on [N, V, D] (or None).
+
+    Scored by log loss, not accuracy: a penalty trades confidence for stability, which the held-out
+    accuracy of a few hundred images hardly sees (measured: README) and the log loss does."""
+    folds = stratified_folds(labels, FOLDS, seed)
+    if folds is None:
+        return L2Decision(0.0, {}, f"too few images of a class to measure: {FOLDS} needed")
+    losses = cross_validated_log_losses(plain, labels, folds, L2_CANDIDATES, extra=views)
+    best = int(np.argmin(losses))
+    if losses[best] > losses[0] * (1 - L2_MARGIN):
+        best = 0
+    width = plain.shape[1]
+    return L2Decision(keras_l2(L2_CANDIDATES[best], width),
+                      {keras_l2(l2, width): loss for l2, loss in zip(L2_CANDIDATES, losses)})
+
+
 def stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray | None:
     """A fold number per image, each class spread evenly over the folds; None when a class has fewer than k."""
     labels = np.asarray(labels)
@@ -139,6 +187,30 @@ def stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray | None
 def cross_validated_accuracy(x: np.ndarray, y: np.ndarray, folds: np.ndarray, extra: np.ndarray | None = None) -> float:
     """Mean held-out accuracy of a softmax regression over the folds; `extra` rows (one per image [N, D], or
     several [N, V, D], with the image's label) join the training folds only."""
+    scores = []
+    for tx, ty, hx, hy in _fold_sets(x, y, folds, extra):
+        w, b = softmax_regression(tx, ty, int(np.max(y)) + 1)
+        scores.append(float(np.mean(np.argmax(hx @ w + b, axis=1) == hy)))
+    return float(np.mean(scores))
+
+
+def cross_validated_log_losses(x: np.ndarray, y: np.ndarray, folds: np.ndarray, l2s,
+                               extra=None) -> list[float]:
+    """Mean held-out log loss of a softmax regression over the folds, for each L2 strength in `l2s` (the
+    units of `softmax_regression`); `extra` as in cross_validated_accuracy."""
+    losses = np.zeros(len(l2s))
+    for tx, ty, hx, hy in _fold_sets(x, y, folds, extra):
+        for i, (w, b) in enumerate(softmax_regressions(tx, ty, int(np.max(y)) + 1, l2s)):
+            logits = hx @ w + b
+            logits = logits - logits.max(axis=1, keepdims=True)
+            log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+            losses[i] += -float(np.mean(log_p[np.arange(len(hy)), hy]))
+    return list(losses / len(np.unique(folds)))
+
+
+def _fold_sets(x: np.ndarray, y: np.ndarray, folds: np.ndarray, extra: np.ndarray | None):
+    """(training rows, their labels, held-out rows, their labels) of each fold, every row centred on the
+    images' mean and of unit length (the head's own normalisation), in the training rows' span."""
     center = np.asarray(x, np.float64).mean(axis=0)  # features of a ReLU network share a large common part
     x, y = _normalised(x, center), np.asarray(y)
     copies = 1
@@ -147,8 +219,6 @@ def cross_validated_accuracy(x: np.ndarray, y: np.ndarray, folds: np.ndarray, ex
         copies = extra.shape[1] if extra.ndim == 3 else 1
         extra = _normalised(extra.reshape(len(x), copies, -1).reshape(len(x) * copies, -1), center)
         extra = extra.reshape(len(x), copies, -1)
-    classes = int(y.max()) + 1
-    scores = []
     for fold in np.unique(folds):
         train, held = folds != fold, folds == fold
         tx, ty, hx = x[train], y[train], x[held]
@@ -156,9 +226,7 @@ def cross_validated_accuracy(x: np.ndarray, y: np.ndarray, folds: np.ndarray, ex
             tx = np.concatenate([tx, extra[train].reshape(-1, tx.shape[1])])
             ty = np.concatenate([ty, np.repeat(y[train], copies)])
         tx, hx = _in_row_space(tx, hx)
-        w, b = softmax_regression(tx, ty, classes)
-        scores.append(float(np.mean(np.argmax(hx @ w + b, axis=1) == y[held])))
-    return float(np.mean(scores))
+        yield tx, ty, hx, y[held]
 
 
 def _in_row_space(train: np.ndarray, held: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -177,19 +245,28 @@ def softmax_regression(x: np.ndarray, y: np.ndarray, classes: int, l2: float = 1
                        learning_rate: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
     """Multinomial logistic regression by full-batch gradient descent (inputs of unit length: stable steps).
     In float32: the scores rank candidates, and float64 doubles the time for the same ranking."""
+    return softmax_regressions(x, y, classes, (l2,), steps, learning_rate)[0]
+
+
+def softmax_regressions(x: np.ndarray, y: np.ndarray, classes: int, l2s, steps: int = 300,
+                        learning_rate: float = 2.0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`softmax_regression` for each L2 strength in `l2s`, side by side: every step reads `x` once for all of
+    them (the cost of a step is reading `x`)."""
     x = np.asarray(x, np.float32)
     n, d = x.shape
-    w, b = np.zeros((d, classes), np.float32), np.zeros(classes, np.float32)
-    onehot = np.eye(classes, dtype=np.float32)[y]
+    k = len(l2s)
+    w, b = np.zeros((d, k * classes), np.float32), np.zeros((k, classes), np.float32)
+    decay = np.repeat(np.asarray(l2s, np.float32), classes)  # each column's strength
+    onehot = np.eye(classes, dtype=np.float32)[y][:, None, :]
     for _ in range(steps):
-        logits = x @ w + b
-        logits -= logits.max(axis=1, keepdims=True)
+        logits = (x @ w).reshape(n, k, classes) + b
+        logits -= logits.max(axis=2, keepdims=True)
         p = np.exp(logits)
-        p /= p.sum(axis=1, keepdims=True)
+        p /= p.sum(axis=2, keepdims=True)
         grad = (p - onehot) / n
-        w -= learning_rate * (x.T @ grad + l2 * w)
+        w -= learning_rate * (x.T @ grad.reshape(n, k * classes) + decay * w)
         b -= learning_rate * grad.sum(axis=0)
-    return w, b
+    return [(w[:, i * classes:(i + 1) * classes], b[i]) for i in range(k)]
 
 
 def _normalised(x: np.ndarray, center: np.ndarray) -> np.ndarray:

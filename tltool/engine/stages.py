@@ -18,7 +18,7 @@ from tltool import rundir
 from tltool.data.folders import ImageFolder, balanced_class_weights
 from tltool.data.pipelines import augmentation_layer, image_dataset
 from tltool.engine.activations import CutModels, activation_megabytes, pooled_features, split_at_cut
-from tltool.engine.decisions import decide_flip, decide_views
+from tltool.engine.decisions import L2Decision, decide_flip, decide_l2, decide_views
 from tltool.engine.feature_layer import POOLED
 from tltool.engine.features import (FeatureCache, augmentation_key, cache_dir, cached_features, extractor_key,
                                    views_by_image)
@@ -28,7 +28,7 @@ from tltool.engine.history import read_history
 from tltool.engine.progress import RunProgress
 from tltool.engine.setup import RunSetup, Runtime
 from tltool.models.transfer import (TransferModel, build_transfer_model, center_head, fine_tune_cut,
-                                    reads_top_globally, set_fine_tune_layers)
+                                    reads_top_globally, set_classifier_l2, set_fine_tune_layers)
 
 
 @dataclass
@@ -191,8 +191,13 @@ def _extract(ctx: TrainingContext, extractor, cut: str = "", to_features=lambda 
                                                   **common)
         train_x, train_images = views_by_image(train_x, train_rows, s1.rows_per_view)
         train_y = np.asarray(split.train.labels)[train_images]
-        if views and recipe.frozen.feature_views is None:
-            train_x = _measure_views(ctx, train_x, train_y, to_features)
+        measure_views = views and recipe.frozen.feature_views is None
+        if measure_views or recipe.head.l2 is None:
+            features = to_features(train_x)
+            if measure_views and not _measure_views(ctx, features, train_y):
+                train_x, features = train_x[:, :1], features[:, :1]
+            if recipe.head.l2 is None:
+                _measure_l2(ctx, features, train_y)
         val_x, val_rows, s2 = cached_features(extractor, cache, split.val.paths, **common)
         return (train_x, train_y, val_x, np.asarray(split.val.labels)[val_rows],
                 spent[0] + s1.seconds + s2.seconds, spent[1] + s1.computed + s2.computed)
@@ -216,18 +221,38 @@ def _reads(head) -> str:
     return "" if head.mode != "pooled" or reads_top_globally(head) else f"{head.layer}:{head.grid or 1}"
 
 
-def _measure_views(ctx: TrainingContext, rows: np.ndarray, labels: np.ndarray, to_features) -> np.ndarray:
-    """Resolve `frozen.feature_views: null` on the training images (see decisions.py): the recipe gets the
-    number kept (0 when the augmented views hurt), the context a line saying why. Returns the rows
-    [N, views, ...] to train on: all of them, or the plain images' alone."""
-    features, labels = _every_workers(ctx, to_features(rows), labels)
+def _measure_views(ctx: TrainingContext, features: np.ndarray, labels: np.ndarray) -> bool:
+    """Resolve `frozen.feature_views: null` on the training images' features [N, views, D] (see decisions.py):
+    the recipe gets the number kept (0 when the augmented views hurt), the context a line saying why.
+    Returns whether stage 1 trains on the views (else on the plain images' rows alone)."""
+    features, labels = _every_workers(ctx, features, labels)
     decision = decide_views(features[:, 0], features[:, 1:], labels, ctx.recipe.seed)
     keep = _the_chiefs(ctx, decision.keep)
     ctx.recipe.frozen.feature_views = decision.views if keep else 0
     ctx.decisions.append(decision.describe())
     if ctx.verbose:
         ctx.log(f"Measured {ctx.decisions[-1]}.")
-    return rows if keep else rows[:, :1]
+    return keep
+
+
+def _measure_l2(ctx: TrainingContext, features: np.ndarray, labels: np.ndarray) -> None:
+    """Resolve `head.l2: null` on the training images' features [N, views, D] that stage 1 trains on (see
+    decisions.py): the recipe gets the penalty, the context a line saying why."""
+    head = ctx.recipe.head
+    if not ctx.setup.pretrained:
+        decision = L2Decision(0.0, {}, "not measured on a random backbone, whose features say little of those "
+                                       "it will learn")
+    elif head.mode != "pooled" or not head.normalize or head.dense:
+        decision = L2Decision(0.0, {}, "not measured for a head with hidden layers or unnormalised features: the "
+                                       "measurement scores a linear classifier on normalised ones")
+    else:
+        features, labels = _every_workers(ctx, features, labels)
+        views = features[:, 1:] if features.shape[1] > 1 else None
+        decision = decide_l2(features[:, 0], views, labels, ctx.recipe.seed)
+    head.l2 = _the_chiefs(ctx, decision.l2)
+    ctx.decisions.append(decision.describe())
+    if ctx.verbose:
+        ctx.log(f"Measured {ctx.decisions[-1]}.")
 
 
 def _every_workers(ctx: TrainingContext, *arrays):
@@ -237,10 +262,10 @@ def _every_workers(ctx: TrainingContext, *arrays):
     return tuple(ctx.cluster.gather_rows(np.asarray(a)) for a in arrays)
 
 
-def _the_chiefs(ctx: TrainingContext, choice: bool) -> bool:
+def _the_chiefs(ctx: TrainingContext, choice):
     """The chief's `choice`, on every worker (the same data give the same choice; rounding across hosts
     may not, and workers that train different recipes never meet again)."""
-    return choice if ctx.cluster is None else bool(ctx.cluster.broadcast_number(float(choice)))
+    return choice if ctx.cluster is None else type(choice)(ctx.cluster.broadcast_number(float(choice)))
 
 
 def _measure_flip(ctx: TrainingContext, extractor, cache, common: dict, to_features) -> list:
@@ -305,6 +330,7 @@ def run_stage1(ctx: TrainingContext, tm, features: StageFeatures | None, history
         augment = augmentation_layer(recipe.augment, seed=recipe.seed)
         train, val = ctx.images(ctx.split.train, True, augment), ctx.images(ctx.split.val, False)
         rows = (len(ctx.split.train), len(ctx.split.val))
+    set_classifier_l2(tm.head, recipe.head.l2)
     ctx.compile(model, recipe.frozen)
     return fit_stage(model, train, val, recipe.frozen.epochs, callbacks, ctx.class_weight(), verbose=ctx.verbose,
                      cluster=ctx.cluster, batches=tuple(ctx.batches(r) for r in rows))
@@ -339,6 +365,7 @@ def run_stage2(ctx: TrainingContext, tm, cut: CutModels | None = None, features:
         model, augment = tm.model, augmentation_layer(recipe.augment, seed=recipe.seed)
         train, val = ctx.images(ctx.split.train, True, augment), ctx.images(ctx.split.val, False)
         rows = (len(ctx.split.train), len(ctx.split.val))
+    set_classifier_l2(tm.head, recipe.head.l2)
     ctx.compile(model, stage)
     try:
         return fit_stage(model, train, val, stage.epochs, callbacks, ctx.class_weight(), verbose=ctx.verbose,

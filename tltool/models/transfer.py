@@ -137,6 +137,17 @@ def center_head(head, features: np.ndarray) -> None:
     layer.set_weights([mean.astype(np.float32), np.full_like(mean, 1.0 - layer.epsilon, dtype=np.float32)])
 
 
+def set_classifier_l2(head, factor: float | None) -> None:
+    """Penalise the head's classifier weights with keras.regularizers.L2(`factor`) (none for 0 or None) from
+    the next compile on: set on the built layer, since the penalty is measured after the head is built."""
+    import keras
+
+    layer = head.get_layer("predictions")
+    regularizer = keras.regularizers.L2(factor) if factor else None
+    layer.kernel_regularizer = regularizer  # what the layer's config says
+    layer.kernel.regularizer = regularizer  # what the loss adds
+
+
 def reads_top_globally(head_cfg: HeadConfig) -> bool:
     """Whether the head reads the backbone's output pooled globally (as before `head.layer` existed): `auto`
     and a null grid not measured count as the top and 1."""

@@ -12,8 +12,8 @@ from tltool.recipe import Recipe, field_type, from_dict, hidden_layers, set_dott
 
 #: Keys a trial may change and still train on the search's precomputed features (with no stage 2).
 HEAD_KEYS = frozenset({
-    "head.dense", "head.dropout", "head.normalize", "frozen.epochs", "frozen.learning_rate", "frozen.optimizer",
-    "frozen.early_stopping", "train.label_smoothing", "train.class_weights", "data.batch_size",
+    "head.dense", "head.dropout", "head.l2", "head.normalize", "frozen.epochs", "frozen.learning_rate",
+    "frozen.optimizer", "frozen.early_stopping", "train.label_smoothing", "train.class_weights", "data.batch_size",
 })
 
 
