@@ -116,3 +116,19 @@ def test_frozen_stage_without_cache_still_trains(tmp_path, image_folder, flag):
                              overrides=tiny_values(32) + [f"frozen.{flag}", "fine_tune.epochs=0"])
     assert result.summary["timings"]["feature_images"] == 0
     assert result.summary["timings"]["stage1_s"] > 0
+
+
+def test_the_plain_images_and_every_view_share_one_traced_backbone(image_folder):
+    import keras
+
+    from tltool.data.pipelines import augmentation_layer
+    from tltool.engine.features import MIRROR, _FORWARD_FNS, compute_outputs
+    from tltool.recipe import AugmentConfig
+
+    net = keras.applications.MobileNetV2(input_shape=(32, 32, 3), include_top=False, weights=None, pooling="avg")
+    paths = sorted(str(p) for p in Path(image_folder).rglob("*.png"))[:6]
+    augment = augmentation_layer(AugmentConfig(flip="horizontal", rotation=0.1), seed=0)
+    for view in (None, MIRROR, augment, augment):
+        compute_outputs(net, paths, 32, 4, SkipLog(), augment=view)
+    forward, = _FORWARD_FNS[net].values()
+    assert forward.experimental_get_tracing_count() == 1  # a backbone trace costs about a second

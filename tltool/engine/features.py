@@ -224,27 +224,25 @@ class FeatureStats:
 _FORWARD_FNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _forward_fn(extractor, image_size: int, augment, jit_compile: bool):
-    """The compiled uint8 -> features function of `extractor`, traced once and reused across calls.
+def _forward_fn(extractor, image_size: int, jit_compile: bool):
+    """The compiled pixels -> features function of `extractor`, traced once and reused across calls.
 
-    Tracing a backbone costs seconds, as much as extracting a few hundred small images; one input
-    signature with a free batch size covers the smaller last batch too.
+    Tracing a backbone costs about a second, as much as extracting a hundred small images; one input
+    signature with a free batch size covers the smaller last batch too, and one function serves the plain
+    images and every augmented view (the augmentation runs before it).
     """
     import tensorflow as tf
 
     fns = _FORWARD_FNS.setdefault(extractor, {})
-    key = (image_size, id(augment), jit_compile)
+    key = (image_size, jit_compile)
     if key not in fns:
-        @tf.function(input_signature=[tf.TensorSpec((None, image_size, image_size, 3), tf.uint8)],
+        @tf.function(input_signature=[tf.TensorSpec((None, image_size, image_size, 3), tf.float32)],
                      jit_compile=jit_compile)
         def forward(pixels):
-            x = tf.cast(pixels, tf.float32)
-            if augment is not None:
-                x = augment(x, training=True)
-            return extractor(x, training=False)
+            return extractor(pixels, training=False)
 
-        fns[key] = (forward, augment)  # keeping `augment` alive keeps its id unique
-    return fns[key][0]
+        fns[key] = forward
+    return fns[key]
 
 
 def compute_features(extractor, paths: list[str], image_size: int, batch_size: int, skips: SkipLog,
@@ -261,14 +259,18 @@ def compute_features(extractor, paths: list[str], image_size: int, batch_size: i
 def compute_outputs(extractor, paths: list[str], image_size: int, batch_size: int, skips: SkipLog, augment=None,
                     jit_compile: bool = False, progress=None) -> tuple[list[np.ndarray], np.ndarray]:
     """`compute_features` for an extractor with one or several outputs: ([float16 [N, D_i] per output], ok)."""
-    forward = _forward_fn(extractor, image_size, augment, jit_compile)
+    import tensorflow as tf
+
+    forward = _forward_fn(extractor, image_size, jit_compile)
     outputs = [np.zeros((len(paths), int(out.shape[-1])), np.float16) for out in extractor.outputs]
     oks = np.zeros((len(paths),), bool)
     start = 0
     for pixels, ok in decoded_batches(paths, image_size, batch_size, skips):
         interrupts.check()
         n = len(pixels)
-        results = forward(pixels)
+        x = tf.cast(pixels, tf.float32)
+        # Eagerly: a few ops per batch, where a traced function per augmentation would trace the backbone again.
+        results = forward(x if augment is None else augment(x, training=True))
         for out, result in zip(outputs, results if isinstance(results, (list, tuple)) else [results]):
             out[start:start + n] = result.numpy().astype(np.float16)
         oks[start:start + n] = ok
