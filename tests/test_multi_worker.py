@@ -113,6 +113,8 @@ def test_two_workers_train_one_run_that_only_the_chief_writes(tmp_path, learnabl
     assert summary["strategy"] == "multi_worker" and summary["workers"] == 2
     # Calibration and the OOD bank were fitted on every worker's images, not the chief's shard alone.
     assert summary["trust"]["ood"]["training_images"] == 48
+    # The head's penalty was measured (on every worker's features: the gathering is a collective each joins).
+    assert "# Measured: head.l2: " in (chief_out / "recipe.yaml").read_text()
     stages = [(r["stage"], r["epoch"]) for r in read_history(chief_out / "history.csv")]
     assert stages[:20] == [(1, e) for e in range(1, 21)] and (2, 1) in stages
 
