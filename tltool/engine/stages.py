@@ -191,13 +191,18 @@ def _extract(ctx: TrainingContext, extractor, cut: str = "", to_features=lambda 
                                                   **common)
         train_x, train_images = views_by_image(train_x, train_rows, s1.rows_per_view)
         train_y = np.asarray(split.train.labels)[train_images]
+        why_not = _l2_not_measurable(ctx) if recipe.head.l2 is None else ""
+        if why_not:  # settled before any features are computed for it
+            _settle_l2(ctx, L2Decision(0.0, {}, why_not))
         measure_views = views and recipe.frozen.feature_views is None
         if measure_views or recipe.head.l2 is None:
-            features = to_features(train_x)
-            if measure_views and not _measure_views(ctx, features, train_y):
+            # Every worker's features, gathered once for all the decisions.
+            features, labels = _every_workers(ctx, to_features(train_x), train_y)
+            if measure_views and not _measure_views(ctx, features, labels):
                 train_x, features = train_x[:, :1], features[:, :1]
             if recipe.head.l2 is None:
-                _measure_l2(ctx, features, train_y)
+                views_x = features[:, 1:] if features.shape[1] > 1 else None
+                _settle_l2(ctx, decide_l2(features[:, 0], views_x, labels, recipe.seed))
         val_x, val_rows, s2 = cached_features(extractor, cache, split.val.paths, **common)
         return (train_x, train_y, val_x, np.asarray(split.val.labels)[val_rows],
                 spent[0] + s1.seconds + s2.seconds, spent[1] + s1.computed + s2.computed)
@@ -222,10 +227,9 @@ def _reads(head) -> str:
 
 
 def _measure_views(ctx: TrainingContext, features: np.ndarray, labels: np.ndarray) -> bool:
-    """Resolve `frozen.feature_views: null` on the training images' features [N, views, D] (see decisions.py):
-    the recipe gets the number kept (0 when the augmented views hurt), the context a line saying why.
-    Returns whether stage 1 trains on the views (else on the plain images' rows alone)."""
-    features, labels = _every_workers(ctx, features, labels)
+    """Resolve `frozen.feature_views: null` on every worker's training features [N, views, D] (see
+    decisions.py): the recipe gets the number kept (0 when the augmented views hurt), the context a line
+    saying why. Returns whether stage 1 trains on the views (else on the plain images' rows alone)."""
     decision = decide_views(features[:, 0], features[:, 1:], labels, ctx.recipe.seed)
     keep = _the_chiefs(ctx, decision.keep)
     ctx.recipe.frozen.feature_views = decision.views if keep else 0
@@ -235,21 +239,20 @@ def _measure_views(ctx: TrainingContext, features: np.ndarray, labels: np.ndarra
     return keep
 
 
-def _measure_l2(ctx: TrainingContext, features: np.ndarray, labels: np.ndarray) -> None:
-    """Resolve `head.l2: null` on the training images' features [N, views, D] that stage 1 trains on (see
-    decisions.py): the recipe gets the penalty, the context a line saying why."""
+def _l2_not_measurable(ctx: TrainingContext) -> str:
+    """Why `head.l2: null` cannot be measured for this run ("" when it can; see decisions.decide_l2)."""
     head = ctx.recipe.head
     if not ctx.setup.pretrained:
-        decision = L2Decision(0.0, {}, "not measured on a random backbone, whose features say little of those "
-                                       "it will learn")
-    elif head.mode != "pooled" or not head.normalize or head.dense:
-        decision = L2Decision(0.0, {}, "not measured for a head with hidden layers or unnormalised features: the "
-                                       "measurement scores a linear classifier on normalised ones")
-    else:
-        features, labels = _every_workers(ctx, features, labels)
-        views = features[:, 1:] if features.shape[1] > 1 else None
-        decision = decide_l2(features[:, 0], views, labels, ctx.recipe.seed)
-    head.l2 = _the_chiefs(ctx, decision.l2)
+        return "not measured on a random backbone, whose features say little of those it will learn"
+    if head.mode != "pooled" or not head.normalize or head.dense:
+        return ("not measured for a head with hidden layers or unnormalised features: the measurement scores "
+                "a linear classifier on normalised ones")
+    return ""
+
+
+def _settle_l2(ctx: TrainingContext, decision: L2Decision) -> None:
+    """Resolve `head.l2: null`: the recipe gets the chief's penalty, the context a line saying why."""
+    ctx.recipe.head.l2 = _the_chiefs(ctx, decision.l2)
     ctx.decisions.append(decision.describe())
     if ctx.verbose:
         ctx.log(f"Measured {ctx.decisions[-1]}.")
