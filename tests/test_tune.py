@@ -194,6 +194,24 @@ def test_stage2_trials_share_one_activation_cache_and_one_backbone(tmp_path, ima
     assert [loss for _, loss in shared] == pytest.approx([loss for _, loss in own], rel=1e-5)
 
 
+def test_a_search_measuring_the_layer_passes_the_plain_images_through_the_backbone_once(tmp_path, image_folder):
+    """The layer measurement's pass keeps the activations at the search's deepest cut (not the base recipe's
+    shallower one), and the search's features take them: the plain training images are computed once."""
+    space = {"fine_tune.unfreeze": {"choice": [1, 3]}}
+    weights = calibrated_backbone_weights(tmp_path / "backbone.weights.h5", images=image_folder)
+    overrides = TINY + [f"backbone.weights={weights}", "head.layer=auto", "head.grid=null",
+                        "fine_tune.epochs=1", "fine_tune.unfreeze=1", f"train.cache_dir={tmp_path / 'cache'}"]
+    lines = []
+    summary = tltool.tune(_recipe_file(tmp_path, space, algorithm="grid"), data=image_folder,
+                          out=tmp_path / "t", verbose=1, max_trials=1, overrides=overrides,
+                          log=lambda message="", **_: lines.append(str(message))).summary
+    assert summary["trials_completed"] == 1 and summary["trials"][0]["cached_activations"] is True
+    assert any("top 3 blocks" in line for line in lines)
+    computed = [line for line in lines if line.startswith("Computing features of")]
+    assert len(computed) == 2, computed  # the probe's pass over the training images, then the validation
+    assert "and the activations stage 2 would train on" in computed[0]
+
+
 def test_failed_trials_are_recorded_and_the_search_goes_on(tmp_path, image_folder):
     space = {"frozen.epochs": {"choice": [0, 2]},           # 0: the trial's recipe trains nothing
              "frozen.learning_rate": {"choice": [1e-3, 1e38]},  # 1e38: the loss diverges

@@ -76,24 +76,26 @@ def tune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=None
     # The chief only hands out trials: it needs neither data nor weights. Workers and a single process check
     # them before --overwrite wipes anything.
     setup = prepare_run(base) if role != "chief" else None
+    runner = TrialRunner(setup, space, verbose=verbose, log=say) if setup is not None else None
     # Every trial's model reads the backbone where the base recipe's does. In a distributed search the chief
     # has no images, and workers measuring each on their own might not agree: there it is the top.
     if role == "single":
-        choose_feature_layer(TrainingContext(setup, start_runtime(base), verbose, say))
+        ctx = TrainingContext(setup, start_runtime(base), verbose, say)
+        choose_feature_layer(ctx, unfreeze=runner.deepest_blocks)
+        runner.probe_rows = ctx.probe_rows  # its pass over the plain images serves the search's features
     elif base.head.mode == "pooled" and (base.head.layer == "auto" or base.head.grid is None):
         say(settle_unmeasured(base.head, "not measured in a distributed search") + ".")
     resuming, lock = _prepare_out(out, base, overwrite) if role != "worker" else (False, None)
     try:
-        return _tune_in(out, base, space, setup, role, resuming, verbose, say)
+        return _tune_in(out, base, space, setup, runner, role, resuming, say)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _tune_in(out: Path, base: Recipe, space: SearchSpace, setup, role: str, resuming: bool, verbose: int,
-             say) -> TuneResult:
+def _tune_in(out: Path, base: Recipe, space: SearchSpace, setup, runner: TrialRunner | None, role: str,
+             resuming: bool, say) -> TuneResult:
     """The search itself, in its claimed output folder."""
-    runner = TrialRunner(setup, space, verbose=verbose, log=say) if setup is not None else None
     if runner is not None:
         say(f"tltool tune: {base.tune.algorithm} search of {len(space.keys)} value(s) ({', '.join(space.keys)}), "
             f"up to {base.tune.max_trials} trials; {setup.spec.name} at {setup.image_size}px, "
@@ -122,6 +124,7 @@ def _precompute(runner: TrialRunner, space: SearchSpace, base: Recipe, say) -> N
         runner.features()
     elif runner.is_cut_trial(base):
         runner.deep_features()
+    runner.probe_rows = {}  # what neither used is of no use to trials that run in full
 
 
 def _search_recipe(recipe, flags: dict, search: dict, overrides) -> Recipe:

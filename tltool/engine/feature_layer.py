@@ -32,8 +32,10 @@ POOLED = "pooled"
 MAX_PROBE_IMAGES = 2000
 
 
-def choose_feature_layer(ctx) -> bool:
+def choose_feature_layer(ctx, unfreeze: int | None = None) -> bool:
     """Resolve `head.layer: auto` and `head.grid: null` in `ctx.recipe`, with a line in `ctx.decisions`.
+    `unfreeze`: the stage-2 blocks whose cut the probe's pass keeps activations at (default the recipe's
+    `fine_tune.unfreeze`; a search gives the most it may unfreeze, where its activation cache is).
     Returns whether it built a probe network to measure them (which draws from Keras's random generators)."""
     from tltool.models.transfer import layer_probe
 
@@ -51,8 +53,9 @@ def choose_feature_layer(ctx) -> bool:
     recipe = ctx.recipe
     stage2_cached = recipe.fine_tune.epochs > 0 and recipe.frozen.cache_features \
         and recipe.fine_tune.activation_budget_mb > 0
+    blocks = recipe.fine_tune.unfreeze if unfreeze is None else unfreeze
     probe = layer_probe(setup.spec, setup.weights, setup.image_size, head,
-                        unfreeze=recipe.fine_tune.unfreeze if stage2_cached else None)
+                        unfreeze=blocks if stage2_cached else None)
     if len(probe.candidates) == 1:
         head.layer, head.grid = probe.candidates[0]
         return True

@@ -103,7 +103,9 @@ class TrialRunner:
         self._splits = {self._split_key(self.base): base_setup.split}
         self._features = None
         most = space.largest("fine_tune.unfreeze") if space is not None else None
-        self._deepest_blocks = max(self.base.fine_tune.unfreeze, int(most or 0))
+        self.deepest_blocks = max(self.base.fine_tune.unfreeze, int(most or 0))
+        #: rows the layer measurement's pass computed (feature_layer.py), handed to the first extraction
+        self.probe_rows = {}
         self._deep = None        # StageFeatures at the deepest cut; False when stage 2 trials stream images
         self._at_cut = {}        # cut -> StageFeatures with the activations at that cut
         self._kept = None        # _KeptBackbone: the backbone every cut trial trains on
@@ -131,7 +133,7 @@ class TrialRunner:
     def is_cut_trial(self, recipe: Recipe) -> bool:
         """Whether the trial's stage 2 can train on the search's activations at the deepest cut."""
         return (recipe.fine_tune.epochs > 0 and recipe.fine_tune.activation_budget_mb > 0
-                and 0 < recipe.fine_tune.unfreeze <= self._deepest_blocks
+                and 0 < recipe.fine_tune.unfreeze <= self.deepest_blocks
                 and recipe.fine_tune.activation_budget_mb == self.base.fine_tune.activation_budget_mb
                 and self._shares_features(recipe))
 
@@ -150,11 +152,11 @@ class TrialRunner:
         images (the reason is in the log)."""
         if self._deep is None:
             def extract(ctx, tm):
-                cut = activation_cut(ctx, tm, blocks=self._deepest_blocks)
+                cut = activation_cut(ctx, tm, blocks=self.deepest_blocks)
                 if cut is None:
                     return False
                 self.log(f"Stage-2 trials train on activations cached at {cut.cut} (the top "
-                         f"{self._deepest_blocks} blocks, the most the search unfreezes).")
+                         f"{self.deepest_blocks} blocks, the most the search unfreezes).")
                 return cut_features(ctx, cut)
 
             self._deep = self._with_base_model(extract)
@@ -168,8 +170,10 @@ class TrialRunner:
         setup = self.setup_for(self.base)
         runtime = start_runtime(self.base)
         tm = build_model(setup, runtime)
+        ctx = TrainingContext(setup, runtime, self.verbose, self.log)
+        ctx.probe_rows, self.probe_rows = self.probe_rows, {}
         with runtime.strategy.scope():
-            found = compute(TrainingContext(setup, runtime, self.verbose, self.log), tm)
+            found = compute(ctx, tm)
         del tm
         gc.collect()
         return found
