@@ -101,6 +101,32 @@ def test_the_model_tflite_ops_and_numpy_compute_the_same_score():
     np.testing.assert_allclose(np.asarray(by_ops).ravel(), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_the_bank_is_saved_as_weights_only_and_survives_a_keras_round_trip(tmp_path):
+    """The bank lives in the weights file, not also in config.json as an initializer's value (a 2048-row
+    bank wrote, and every load parsed, tens of megabytes of JSON)."""
+    import json
+    import zipfile
+
+    import keras
+
+    from tltool.models.ood import build_ood_scorer
+
+    rng = np.random.default_rng(3)
+    sizes = {}
+    for rows in (4, 400):
+        bank = rng.normal(size=(rows, 64)).astype(np.float32)
+        bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+        path = tmp_path / f"scorer-{rows}.keras"
+        build_ood_scorer(bank, 0.5).save(path)
+        sizes[rows] = len(zipfile.ZipFile(path).read("config.json"))
+        probe = rng.normal(size=(5, 64)).astype(np.float32)
+        loaded = keras.saving.load_model(path)
+        np.testing.assert_allclose(np.asarray(loaded(probe)).ravel(), nearest_distance(bank, probe) / 0.5,
+                                   rtol=1e-5, atol=1e-6)
+        assert json.loads(zipfile.ZipFile(path).read("config.json"))  # still a plain Keras model
+    assert abs(sizes[400] - sizes[4]) < 100, sizes  # only the layer's width differs
+
+
 def test_auroc_and_the_claim_of_a_separation():
     assert auroc([1, 2, 3], [4, 5, 6]) == 1.0 and auroc([4, 5, 6], [1, 2, 3]) == 0.0
     assert auroc([1, 2], [2, 3]) == 0.875  # ties count half

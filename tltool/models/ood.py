@@ -33,13 +33,16 @@ def build_ood_scorer(bank: np.ndarray, threshold: float):
     features = keras.Input((width,), name="features")
     # float32 throughout, under mixed precision too: cosines near 1 need more than float16's 3 digits.
     unit = keras.layers.UnitNormalization(name="ood_unit_features", dtype="float32")(features)
-    similarity = keras.layers.Dense(rows, use_bias=False, trainable=False, dtype="float32", name="ood_bank",
-                                    kernel_initializer=keras.initializers.Constant(bank.T))(unit)
-    column = keras.layers.Reshape((rows, 1), dtype="float32")(similarity)
+    bank_layer = keras.layers.Dense(rows, use_bias=False, trainable=False, dtype="float32", name="ood_bank")
+    column = keras.layers.Reshape((rows, 1), dtype="float32")(bank_layer(unit))
     nearest = keras.layers.GlobalMaxPooling1D(name="ood_nearest", dtype="float32")(column)
-    score = keras.layers.Dense(1, trainable=False, dtype="float32", name="ood_distance",
-                               kernel_initializer=keras.initializers.Constant(-scale),
-                               bias_initializer=keras.initializers.Constant(scale))(nearest)
+    distance = keras.layers.Dense(1, trainable=False, dtype="float32", name="ood_distance")
+    score = distance(nearest)
+    # Set as weights, not given as Constant initializers: an initializer's value is also written into the
+    # model's config.json, where a bank of 2048 x 1280 features took 40 MB of JSON to write and to parse on
+    # every load of model.keras.
+    bank_layer.set_weights([bank.T])
+    distance.set_weights([np.full((1, 1), -scale, np.float32), np.full((1,), scale, np.float32)])
     return keras.Model(features, score, name="ood")
 
 
