@@ -39,7 +39,7 @@ def build_ood_scorer(bank: np.ndarray, threshold: float):
     distance = keras.layers.Dense(1, trainable=False, dtype="float32", name="ood_distance")
     score = distance(nearest)
     # Set as weights, not given as Constant initializers: an initializer's value is also written into the
-    # model's config.json, where a bank of 2048 x 1280 features took 40 MB of JSON to write and to parse on
+    # model's config.json, where a bank of 2048 x 1280 features took 58 MB of JSON to write and to parse on
     # every load of model.keras.
     bank_layer.set_weights([bank.T])
     distance.set_weights([np.full((1, 1), -scale, np.float32), np.full((1,), scale, np.float32)])
