@@ -8,9 +8,10 @@ from PIL import Image
 
 import tltool
 from helpers import calibrated_backbone_weights, tiny_values
+import tltool.engine.decisions as decisions
 from tltool.engine.decisions import (L2_CANDIDATES, _in_row_space, cross_validated_accuracy, decide_flip,
-                                     decide_l2, decide_views, keras_l2, softmax_regression, softmax_regressions,
-                                     stratified_folds)
+                                     decide_l2, decide_views, decision_sample, keras_l2, softmax_regression,
+                                     softmax_regressions, stratified_folds)
 
 
 def _two_classes(rng, n: int = 30, d: int = 16):
@@ -55,6 +56,30 @@ def test_too_few_images_keep_the_flip_unmeasured():
     decision = decide_flip(np.ones((4, 3)), np.ones((4, 3)), np.array([0, 0, 1, 1]), seed=0)
     assert decision.keep and decision.accuracy_without is None
     assert stratified_folds(np.array([0, 0, 1, 1]), 3, 0) is None
+
+
+def test_decisions_on_many_images_measure_a_sample_that_keeps_every_class(monkeypatch):
+    rng = np.random.default_rng(6)
+    plain, labels = _two_classes(rng, n=60)
+    labels[:4] = 2  # a rare class: 4 of 120 images
+    monkeypatch.setattr(decisions, "MAX_DECISION_IMAGES", 30)
+    rows_fitted = []
+    fit = decisions.softmax_regressions
+    monkeypatch.setattr(decisions, "softmax_regressions",
+                        lambda x, *a, **k: rows_fitted.append(len(x)) or fit(x, *a, **k))
+
+    flip = decide_flip(plain, plain + rng.normal(0, 0.1, plain.shape), labels, seed=0)
+    views = decide_views(plain, plain[:, None] + rng.normal(0, 0.1, (len(plain), 2, plain.shape[1])), labels, 0)
+    l2 = decide_l2(plain, None, labels, seed=0)
+
+    assert flip.accuracy_without is not None and views.accuracy_without is not None and l2.losses
+    chosen = decision_sample(labels, 0, 30)
+    assert np.bincount(labels[chosen]).tolist() == [14, 15, 3]  # the rare class keeps a fold's worth
+    # the training folds: two thirds of the 32 sampled images, each with at most two copies
+    assert 0 < max(rows_fitted) <= 32 * 3
+    for decision in (flip.describe("horizontal"), views.describe(), l2.describe()):
+        assert "on a sample of 32 of the 120 training images" in decision, decision
+    assert decision_sample(labels, 0, 120) is None
 
 
 def test_cross_validated_accuracy_scores_held_out_images_only():

@@ -1,7 +1,8 @@
 """Decisions a careful practitioner makes by looking at the data, made by measuring it on cached features.
 
 Each one is scored by k-fold cross-validation on the training images alone, so the validation figure stays
-an honest estimate, and costs seconds: a softmax regression on cached features trains in milliseconds.
+an honest estimate, and costs seconds: a softmax regression on cached features trains in milliseconds, and
+beyond MAX_DECISION_IMAGES training images a decision is measured on a sample of them.
 
 - Flip (`augment.flip: auto`): mirrored images are good augmentation for most photos and wrong for digits,
   text, many scans and any classes that are mirror images of each other. Train on the plain images with
@@ -28,6 +29,11 @@ from dataclasses import dataclass
 import numpy as np
 
 FOLDS = 3
+#: The most training images a decision is measured on; beyond that, a sample that keeps every class in
+#: its share (see `decision_sample`). A decision costs a softmax regression per fold and option, each step
+#: reading images x features x classes: on 3000 images of 100 classes the flip, views and L2 decisions took
+#: 66 s, and grow with the data, while ranking two options needs no more images than this.
+MAX_DECISION_IMAGES = 2000
 #: An augmentation (flip, views) is kept unless it lowers the cross-validated accuracy by more than this
 #: (noise on small data).
 TOLERANCE = 0.01
@@ -38,12 +44,13 @@ class FlipDecision:
     keep: bool
     accuracy_without: float | None  # cross-validated accuracy, plain images only
     accuracy_with: float | None     # the same, with the mirrored copies added to the training folds
+    measured_on: str = "the training images"
 
     def describe(self, mode: str) -> str:
         if self.accuracy_without is None:
             return f"augment.flip: {mode} (auto: too few images per class to measure; flip kept)"
         verdict = f"{mode} (kept)" if self.keep else "none (mirrored images hurt)"
-        return (f"augment.flip: {verdict}: {FOLDS}-fold accuracy on the training images "
+        return (f"augment.flip: {verdict}: {FOLDS}-fold accuracy on {self.measured_on} "
                 f"{self.accuracy_without:.3f} without, {self.accuracy_with:.3f} with mirrored copies")
 
 
@@ -53,35 +60,38 @@ class ViewsDecision:
     accuracy_without: float | None  # cross-validated accuracy, plain images only
     accuracy_with: float | None     # the same, with the augmented views added to the training folds
     views: int
+    measured_on: str = "the training images"
 
     def describe(self) -> str:
         if self.accuracy_without is None:
             return (f"frozen.feature_views: {self.views} (auto: too few images per class to measure whether "
                     f"they help; kept)")
         verdict = f"{self.views} (kept)" if self.keep else f"0 (the {self.views} augmented views hurt)"
-        return (f"frozen.feature_views: {verdict}: {FOLDS}-fold accuracy on the training images "
+        return (f"frozen.feature_views: {verdict}: {FOLDS}-fold accuracy on {self.measured_on} "
                 f"{self.accuracy_without:.3f} without, {self.accuracy_with:.3f} with augmented views")
 
 
 def decide_views(plain: np.ndarray, views: np.ndarray, labels: np.ndarray, seed: int) -> ViewsDecision:
     """Whether training on augmented views helps: features of the plain images [N, D] and of their views
     [N, V, D]."""
+    (plain, views), labels, measured_on = _sampled(labels, seed, plain, views)
     folds = stratified_folds(labels, FOLDS, seed)
     if folds is None:
         return ViewsDecision(True, None, None, views.shape[1])
     without = cross_validated_accuracy(plain, labels, folds)
     with_views = cross_validated_accuracy(plain, labels, folds, extra=views)
-    return ViewsDecision(with_views >= without - TOLERANCE, without, with_views, views.shape[1])
+    return ViewsDecision(with_views >= without - TOLERANCE, without, with_views, views.shape[1], measured_on)
 
 
 def decide_flip(plain: np.ndarray, mirrored: np.ndarray, labels: np.ndarray, seed: int) -> FlipDecision:
     """Whether training on mirrored copies helps: features of the plain and the mirrored training images."""
+    (plain, mirrored), labels, measured_on = _sampled(labels, seed, plain, mirrored)
     folds = stratified_folds(labels, FOLDS, seed)
     if folds is None:
         return FlipDecision(True, None, None)
     without = cross_validated_accuracy(plain, labels, folds)
     with_flip = cross_validated_accuracy(plain, labels, folds, extra=mirrored)
-    return FlipDecision(with_flip >= without - TOLERANCE, without, with_flip)
+    return FlipDecision(with_flip >= without - TOLERANCE, without, with_flip, measured_on)
 
 
 @dataclass
@@ -144,12 +154,13 @@ class L2Decision:
     l2: float     # the factor of keras.regularizers.L2 on the head's classifier
     losses: dict  # each candidate's factor -> cross-validated log loss; empty when not measured
     why_not: str = ""
+    measured_on: str = "the training images"
 
     def describe(self) -> str:
         if not self.losses:
             return f"head.l2: 0 (auto: {self.why_not})"
         shown = ", ".join(f"{loss:.3f} at {l2:.3g}" for l2, loss in self.losses.items())
-        return f"head.l2: {self.l2:.3g} ({FOLDS}-fold log loss on the training images {shown})"
+        return f"head.l2: {self.l2:.3g} ({FOLDS}-fold log loss on {self.measured_on} {shown})"
 
 
 def decide_l2(plain: np.ndarray, views: np.ndarray | None, labels: np.ndarray, seed: int) -> L2Decision:
@@ -158,6 +169,7 @@ def decide_l2(plain: np.ndarray, views: np.ndarray | None, labels: np.ndarray, s
 
     Scored by log loss, not accuracy: a penalty trades confidence for stability, which the held-out
     accuracy of a few hundred images hardly sees (measured: README) and the log loss does."""
+    (plain, views), labels, measured_on = _sampled(labels, seed, plain, views)
     folds = stratified_folds(labels, FOLDS, seed)
     if folds is None:
         return L2Decision(0.0, {}, f"too few images of a class to measure: {FOLDS} needed")
@@ -167,7 +179,35 @@ def decide_l2(plain: np.ndarray, views: np.ndarray | None, labels: np.ndarray, s
         best = 0
     width = plain.shape[1]
     return L2Decision(keras_l2(L2_CANDIDATES[best], width),
-                      {keras_l2(l2, width): loss for l2, loss in zip(L2_CANDIDATES, losses)})
+                      {keras_l2(l2, width): loss for l2, loss in zip(L2_CANDIDATES, losses)},
+                      measured_on=measured_on)
+
+
+def decision_sample(labels: np.ndarray, seed: int, limit: int | None = None) -> np.ndarray | None:
+    """Sorted indices of about `limit` (default MAX_DECISION_IMAGES) of the images, each class in its share
+    and with at least FOLDS images where it has them (a rare class is still measured); None when there are
+    no more than `limit`."""
+    labels = np.asarray(labels)
+    limit = MAX_DECISION_IMAGES if limit is None else limit
+    if len(labels) <= limit:
+        return None
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        take = max(min(len(members), FOLDS), round(len(members) * limit / len(labels)))
+        chosen.append(rng.choice(members, take, replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+def _sampled(labels: np.ndarray, seed: int, *rows):
+    """(`rows` and the labels of `decision_sample`'s images, and the words naming what was measured)."""
+    chosen = decision_sample(labels, seed)
+    if chosen is None:
+        return rows, np.asarray(labels), "the training images"
+    picked = [None if r is None else np.asarray(r)[chosen] for r in rows]
+    words = f"a sample of {len(chosen)} of the {len(labels)} training images"
+    return picked, np.asarray(labels)[chosen], words
 
 
 def stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray | None:

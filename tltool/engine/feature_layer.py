@@ -19,7 +19,8 @@ from contextlib import nullcontext
 
 import numpy as np
 
-from tltool.engine.decisions import LayerDecision, decide_layer
+from tltool.engine.decisions import (MAX_DECISION_IMAGES, LayerDecision, decide_layer,
+                                     decision_sample)
 from tltool.engine.activations import activation_megabytes
 from tltool.engine.features import (FeatureCache, cache_dir, cached_features, compute_in_shards, extractor_key,
                                     file_key, views_by_image)
@@ -27,9 +28,9 @@ from tltool.engine.features import (FeatureCache, cache_dir, cached_features, co
 #: The key in `ctx.probe_rows` of the chosen candidate's features (the others are stage-2 cuts).
 POOLED = "pooled"
 
-#: The most training images the choice is measured on (a uniform sample beyond that): enough to rank the
-#: candidates, and the pass costs one forward pass per image.
-MAX_PROBE_IMAGES = 2000
+#: The most training images the choice is measured on (a sample beyond that, as for every decision): enough
+#: to rank the candidates, and the probe's pass costs one forward pass per image.
+MAX_PROBE_IMAGES = MAX_DECISION_IMAGES
 
 
 def choose_feature_layer(ctx, unfreeze: int | None = None) -> bool:
@@ -91,12 +92,11 @@ def settle_unmeasured(head, why_not: str) -> str:
 
 
 def _sample(paths: list, labels: list, seed: int) -> tuple[list, np.ndarray]:
-    """At most MAX_PROBE_IMAGES of the images, drawn uniformly (each class keeps about its share)."""
+    """About MAX_PROBE_IMAGES of the images, each class in its share (`decisions.decision_sample`)."""
     labels = np.asarray(labels)
-    if len(paths) <= MAX_PROBE_IMAGES:
+    chosen = decision_sample(labels, seed, MAX_PROBE_IMAGES)
+    if chosen is None:
         return list(paths), labels
-    rng = np.random.default_rng(seed)
-    chosen = np.sort(rng.permutation(len(paths))[:MAX_PROBE_IMAGES])  # a uniform draw keeps the class shares
     return [paths[i] for i in chosen], labels[chosen]
 
 
