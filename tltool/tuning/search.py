@@ -68,11 +68,15 @@ class _Trial:
 
 
 class _KeptBackbone:
-    """The first cut trial's model, its backbone's pretrained weights and the strategy it was built under."""
+    """The model the search's activations were computed with, the pretrained weights of its backbone's layers
+    above `cut` (the deepest cut: no trial trains below it) and the strategy it was built under."""
 
-    def __init__(self, tm: TransferModel, strategy):
+    def __init__(self, tm: TransferModel, strategy, cut: str):
         self.tm, self.strategy = tm, strategy
-        self.weights = tm.backbone.get_weights()
+        layers = tm.backbone.layers
+        above = layers[[layer.name for layer in layers].index(cut) + 1:]  # the cut is a graph cut: all after it
+        self.variables = [v for layer in above for v in layer.weights]
+        self.weights = [v.numpy() for v in self.variables]
         called = [op for op in (tm.backbone, tm.preprocess) if op is not None]
         self._calls = [(op, len(op._inbound_nodes), len(op._outbound_nodes)) for op in called]
 
@@ -80,7 +84,8 @@ class _KeptBackbone:
         """Back to the pretrained weights, and forget the calls later trials made: Keras records each call of
         a layer in its node lists (tests/test_dependency_apis.py), which would keep every finished trial's
         head and traced train steps alive (measured: about 7 MB a trial)."""
-        self.tm.backbone.set_weights(self.weights)
+        for variable, value in zip(self.variables, self.weights):
+            variable.assign(value)
         for op, inbound, outbound in self._calls:
             del op._inbound_nodes[inbound:]
             del op._outbound_nodes[outbound:]
@@ -157,7 +162,10 @@ class TrialRunner:
                     return False
                 self.log(f"Stage-2 trials train on activations cached at {cut.cut} (the top "
                          f"{self.deepest_blocks} blocks, the most the search unfreezes).")
-                return cut_features(ctx, cut)
+                found = cut_features(ctx, cut)
+                # The backbone every cut trial trains on: built once for the whole search.
+                self._kept = _KeptBackbone(tm, ctx.runtime.strategy, cut.cut)
+                return found
 
             self._deep = self._with_base_model(extract)
             if self._deep:
@@ -215,15 +223,13 @@ class TrialRunner:
         return _Trial(tm, self._quiet(setup, runtime), self.features_at_cut(tm, setup))
 
     def _cut_trial_model(self, setup, runtime) -> TransferModel:
-        """A cut trial's model: the backbone the first cut trial built, back at its pretrained weights, under a
-        fresh head. Cut trials share the base recipe's backbone, and building it and loading its weights cost
-        more than a short trial's training (about 1.7 s of 5 for MobileNetV2). Another strategy builds anew:
-        variables belong to the strategy that made them."""
+        """A cut trial's model: the backbone the search's activations were computed with, back at its
+        pretrained weights, under a fresh head. Cut trials share the base recipe's backbone, and building it
+        and loading its weights cost more than a short trial's training (about 1.7 s of 5 for MobileNetV2).
+        Another strategy builds anew: variables belong to the strategy that made them."""
         kept = self._kept
         if kept is None or kept.strategy is not runtime.strategy:
-            tm = build_model(setup, runtime)
-            self._kept = _KeptBackbone(tm, runtime.strategy)
-            return tm
+            return build_model(setup, runtime)
         kept.reset()
         with runtime.strategy.scope():
             return with_new_head(kept.tm, len(setup.classes), setup.recipe.head, seed=setup.recipe.seed)
