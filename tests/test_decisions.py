@@ -3,6 +3,7 @@
 import re
 
 import numpy as np
+import pytest
 import yaml
 from PIL import Image
 
@@ -10,8 +11,9 @@ import tltool
 from helpers import calibrated_backbone_weights, tiny_values
 import tltool.engine.decisions as decisions
 from tltool.engine.decisions import (L2_CANDIDATES, _in_row_space, cross_validated_accuracy, decide_flip,
-                                     decide_l2, decide_views, decision_sample, keras_l2, softmax_regression,
-                                     softmax_regressions, stratified_folds)
+                                     decide_l2, decide_views, decision_sample, descent_schedule, keras_l2,
+                                     largest_curvature, softmax_regression, softmax_regressions,
+                                     stratified_folds)
 
 
 def _two_classes(rng, n: int = 30, d: int = 16):
@@ -80,6 +82,39 @@ def test_decisions_on_many_images_measure_a_sample_that_keeps_every_class(monkey
     for decision in (flip.describe("horizontal"), views.describe(), l2.describe()):
         assert "on a sample of 32 of the 120 training images" in decision, decision
     assert decision_sample(labels, 0, 120) is None
+
+
+def test_large_steps_on_spread_features_follow_the_300_small_steps_in_far_fewer():
+    rng = np.random.default_rng(7)
+    # Features as the decisions see them: centred on their mean, of unit length, spread over many directions.
+    centers = rng.normal(size=(5, 128))
+    labels = rng.integers(0, 5, 400)
+    x = centers[labels] * 0.05 + rng.normal(size=(400, 128)) * 0.1
+    x -= x.mean(axis=0)
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    train, held = x[:300], x[300:]
+
+    def small_steps(x, y, classes, steps=300, step=2.0):  # the fit as first measured
+        w, b = np.zeros((x.shape[1], classes), np.float32), np.zeros(classes, np.float32)
+        onehot = np.eye(classes, dtype=np.float32)[y]
+        for _ in range(steps):
+            logits = x @ w + b
+            p = np.exp(logits - logits.max(axis=1, keepdims=True))
+            grad = (p / p.sum(axis=1, keepdims=True) - onehot) / len(x)
+            w -= step * (x.T @ grad + 1e-4 * w)
+            b -= step * grad.sum(axis=0)
+        return w, b
+
+    def probabilities(w, b):
+        logits = held @ w + b
+        p = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return p / p.sum(axis=1, keepdims=True)
+
+    steps, step = descent_schedule(train)
+    assert steps <= 100 and steps * step == pytest.approx(600)
+    assert largest_curvature(train) == pytest.approx(np.linalg.eigvalsh(train.T @ train / 300)[-1], rel=0.05)
+    np.testing.assert_allclose(probabilities(*softmax_regression(train, labels[:300], 5)),
+                               probabilities(*small_steps(train, labels[:300], 5)), atol=0.01)
 
 
 def test_cross_validated_accuracy_scores_held_out_images_only():
