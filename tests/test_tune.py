@@ -150,7 +150,9 @@ def test_head_search_reports_resumes_and_overwrites(tmp_path, image_folder):
     assert len(fresh["trials"]) == 1
 
 
-def test_stage2_trials_share_one_activation_cache_and_one_backbone(tmp_path, image_folder, monkeypatch):
+def _searches_with_a_shared_and_with_own_backbones(tmp_path, image_folder, monkeypatch, overrides: list):
+    """The same two-trial stage-2 search twice: cut trials sharing one backbone, then each building its own.
+    Returns ([(values, val_loss)] and the backbones built, for each; the shared search's log lines)."""
     from tltool.engine import stages
     from tltool.models import transfer
     from tltool.tuning.search import TrialRunner
@@ -164,7 +166,7 @@ def test_stage2_trials_share_one_activation_cache_and_one_backbone(tmp_path, ima
     space = {"fine_tune.unfreeze": {"choice": [1, 3]}, "head.dense": {"choice": [8]}}
     weights = calibrated_backbone_weights(tmp_path / "backbone.weights.h5", images=image_folder)
     overrides = TINY + [f"backbone.weights={weights}", "head.layer=top", "head.grid=1", "fine_tune.epochs=1",
-                        "fine_tune.early_stopping=0", "fine_tune.learning_rate=0.01"]
+                        "fine_tune.early_stopping=0", "fine_tune.learning_rate=0.01"] + overrides
 
     def search(out, lines):
         monkeypatch.setenv("TLTOOL_CACHE_DIR", str(out / "cache"))
@@ -173,11 +175,20 @@ def test_stage2_trials_share_one_activation_cache_and_one_backbone(tmp_path, ima
                               verbose=1, max_trials=2, overrides=overrides,
                               log=lambda message="", **_: lines.append(str(message))).summary
         assert summary["trials_completed"] == 2
-        assert all(t["cached_activations"] is True for t in summary["trials"])
-        return [(t["hyperparameters"], t["val_loss"]) for t in summary["trials"]], len(built)
+        return [(t["hyperparameters"], t["val_loss"]) for t in summary["trials"]], len(built), summary
 
     lines = []
-    shared, shared_builds = search(tmp_path / "shared", lines)
+    shared, shared_builds, summary = search(tmp_path / "shared", lines)
+    # The same search with every trial building its own backbone.
+    monkeypatch.setattr(TrialRunner, "_cut_trial_model", lambda self, setup, runtime: build_model(setup, runtime))
+    own, own_builds, _ = search(tmp_path / "own", [])
+    return (shared, shared_builds), (own, own_builds), summary, lines
+
+
+def test_stage2_trials_share_one_activation_cache_and_one_backbone(tmp_path, image_folder, monkeypatch):
+    (shared, shared_builds), (own, own_builds), summary, lines = _searches_with_a_shared_and_with_own_backbones(
+        tmp_path, image_folder, monkeypatch, [])
+    assert all(t["cached_activations"] is True for t in summary["trials"])
     assert any("Stage-2 trials train on activations cached at" in line and "top 3 blocks" in line
                for line in lines)
     # One cache entry: the activations at the deepest cut (3 blocks), from which stage 1's features and
@@ -186,10 +197,22 @@ def test_stage2_trials_share_one_activation_cache_and_one_backbone(tmp_path, ima
     assert len([entry for entry in cache.iterdir() if entry.is_dir()]) == 1
     assert sum("Computing features of" in line for line in lines) == 2  # train + val, once for all trials
 
-    # The same search with every trial building its own backbone: the same scores.
-    monkeypatch.setattr(TrialRunner, "_cut_trial_model", lambda self, setup, runtime: build_model(setup, runtime))
-    own, own_builds = search(tmp_path / "own", [])
+    # Every trial building its own backbone: the same scores.
     assert shared_builds == 1 and own_builds == 3  # the search's features (and the cut trials' backbone)
+    assert [values for values, _ in shared] == [values for values, _ in own]
+    assert [loss for _, loss in shared] == pytest.approx([loss for _, loss in own], rel=1e-5)
+
+
+def test_stage2_trials_that_stream_images_share_one_backbone(tmp_path, image_folder, monkeypatch):
+    (shared, shared_builds), (own, own_builds), summary, lines = _searches_with_a_shared_and_with_own_backbones(
+        # Deterministic ops: streamed training is otherwise not repeatable to 1e-5 on CPU (measured: 4e-4
+        # apart between two searches that each built their own backbones).
+        tmp_path, image_folder, monkeypatch, ["fine_tune.activation_budget_mb=0.001", "train.deterministic=true"])
+    assert not any(t["cached_activations"] for t in summary["trials"])
+    assert any("Stage 2 will stream images" in line for line in lines)
+    # The search's features, then the first cut trial's backbone, kept for the second; the same scores as
+    # when every trial builds its own.
+    assert shared_builds == 2 and own_builds == 3
     assert [values for values, _ in shared] == [values for values, _ in own]
     assert [loss for _, loss in shared] == pytest.approx([loss for _, loss in own], rel=1e-5)
 

@@ -285,14 +285,20 @@ def set_fine_tune_layers(backbone, spec: BackboneSpec, blocks: int, freeze_batch
     import keras
 
     cut, blocks, total = fine_tune_cut(backbone, spec, blocks)
-    first = [layer.name for layer in backbone.layers].index(cut) + 1 if cut else 0
+    above = layers_above(backbone, cut)
     backbone.trainable = True
     trainable = 0
-    for i, layer in enumerate(backbone.layers):
+    for layer in backbone.layers:
         is_bn = isinstance(layer, keras.layers.BatchNormalization)
-        layer.trainable = i >= first and not (is_bn and freeze_batchnorm)
+        layer.trainable = layer in above and not (is_bn and freeze_batchnorm)
         trainable += int(layer.trainable and bool(layer.weights))
     return Unfrozen(blocks, total, cut, trainable)
+
+
+def layers_above(backbone, cut: str | None) -> list:
+    """The backbone's layers after `cut` (a graph cut: every one of them is above it), all for None."""
+    layers = backbone.layers
+    return layers[layers.index(backbone.get_layer(cut)) + 1:] if cut else list(layers)
 
 
 #: With `head.layer: auto`, the blocks tried besides the backbone's top: at these fractions of its depth.

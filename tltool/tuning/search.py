@@ -31,7 +31,7 @@ from tltool.engine.stages import (TrainingContext, activation_cut, build_model, 
 from tltool.errors import TltoolError
 from tltool.evaluation.metrics import accuracy, log_loss
 from tltool.files import atomic_write_text
-from tltool.models.transfer import TransferModel, build_head, fine_tune_cut, with_new_head
+from tltool.models.transfer import TransferModel, build_head, fine_tune_cut, layers_above, with_new_head
 from tltool.recipe import Recipe
 from tltool.tuning.distributed import guard_worker, serve_oracle
 from tltool.tuning.reports import fmt_value, last_line, trial_number
@@ -68,14 +68,13 @@ class _Trial:
 
 
 class _KeptBackbone:
-    """The model the search's activations were computed with, the pretrained weights of its backbone's layers
-    above `cut` (the deepest cut: no trial trains below it) and the strategy it was built under."""
+    """The cut trials' model (the one the search's activations were computed with, else the first cut
+    trial's), the pretrained weights of its backbone's layers above `cut` (the deepest cut: no trial trains
+    below it; None: the whole backbone) and the strategy it was built under."""
 
-    def __init__(self, tm: TransferModel, strategy, cut: str):
+    def __init__(self, tm: TransferModel, strategy, cut: str | None):
         self.tm, self.strategy = tm, strategy
-        layers = tm.backbone.layers
-        above = layers[[layer.name for layer in layers].index(cut) + 1:]  # the cut is a graph cut: all after it
-        self.variables = [v for layer in above for v in layer.weights]
+        self.variables = [v for layer in layers_above(tm.backbone, cut) for v in layer.weights]
         self.weights = [v.numpy() for v in self.variables]
         called = [op for op in (tm.backbone, tm.preprocess) if op is not None]
         self._calls = [(op, len(op._inbound_nodes), len(op._outbound_nodes)) for op in called]
@@ -223,13 +222,16 @@ class TrialRunner:
         return _Trial(tm, self._quiet(setup, runtime), self.features_at_cut(tm, setup))
 
     def _cut_trial_model(self, setup, runtime) -> TransferModel:
-        """A cut trial's model: the backbone the search's activations were computed with, back at its
-        pretrained weights, under a fresh head. Cut trials share the base recipe's backbone, and building it
-        and loading its weights cost more than a short trial's training (about 1.7 s of 5 for MobileNetV2).
-        Another strategy builds anew: variables belong to the strategy that made them."""
+        """A cut trial's model: the kept backbone (see `_KeptBackbone`), back at its pretrained weights, under a
+        fresh head. Cut trials share the base recipe's backbone, and building it and loading its weights cost
+        more than a short trial's training (about 1.7 s of 5 for MobileNetV2). Another strategy builds anew:
+        variables belong to the strategy that made them."""
         kept = self._kept
-        if kept is None or kept.strategy is not runtime.strategy:
-            return build_model(setup, runtime)
+        if kept is None or kept.strategy is not runtime.strategy:  # e.g. stage 2 streams: no activations
+            tm = build_model(setup, runtime)
+            cut, _, _ = fine_tune_cut(tm.backbone, setup.spec, self.deepest_blocks)
+            self._kept = _KeptBackbone(tm, runtime.strategy, cut)
+            return tm
         kept.reset()
         with runtime.strategy.scope():
             return with_new_head(kept.tm, len(setup.classes), setup.recipe.head, seed=setup.recipe.seed)
