@@ -15,6 +15,7 @@ from tltool.cli import main
 from tltool.engine.stages import build_model
 from tltool.errors import RecipeError, SearchFailedError
 from tltool.recipe import from_dict, load_recipe
+from tltool.tuning.search import hyperband_budget, make_oracle
 
 TINY = ["backbone.weights=none", "data.image_size=32", "data.batch_size=8", "frozen.epochs=2",
         "frozen.early_stopping=0", "fine_tune.epochs=0", "frozen.feature_views=0", "augment.flip=horizontal"]
@@ -310,3 +311,43 @@ def test_cli_tune_errors(tmp_path, image_folder, monkeypatch):
     monkeypatch.setenv("KERASTUNER_ORACLE_IP", "127.0.0.1")
     result = runner.invoke(main, ["tune", "--data", str(image_folder), *sets])
     assert result.exit_code == 2 and "KERASTUNER_ORACLE_PORT and KERASTUNER_TUNER_ID are not" in result.output
+
+
+# ------------------------------------------------------------------------------------------ Hyperband
+
+
+@pytest.mark.parametrize("max_trials, budget", [(1, 1), (3, 1), (4, 3), (12, 3), (13, 9), (20, 9), (40, 27)])
+def test_hyperband_budget_lets_the_first_bracket_finish_within_the_trials(max_trials, budget):
+    assert hyperband_budget(max_trials) == budget
+    # Keras Tuner's own count of the first bracket's trials (its rounds: factor**k, ..., 3, 1 trials).
+    oracle = make_oracle("hyperband", "val_accuracy", max_trials, 0, budget)
+    first = oracle._get_num_brackets() - 1
+    assert sum(oracle._get_size(first, r) for r in range(first + 1)) <= max_trials
+    assert oracle._get_epochs(first, first) == budget  # its last round trains the full epochs
+
+
+def test_hyperband_search_trains_its_best_early_trial_with_the_full_epochs(tmp_path, image_folder):
+    overrides = [o for o in TINY if not o.startswith("frozen.epochs")] + ["frozen.epochs=6"]
+    lines = []
+    result = tltool.tune(_recipe_file(tmp_path, HEAD_SPACE, algorithm="hyperband"), data=image_folder,
+                         out=tmp_path / "search", overrides=overrides, max_trials=4, verbose=1,
+                         log=lambda message="", **_: lines.append(str(message)))
+    trials = result.summary["trials"]
+    # A budget of 3: three trials at 2 of the 6 epochs, then the best of them again at all 6.
+    assert [t["epochs"] for t in trials] == [[2, 0], [2, 0], [2, 0], [6, 0]]
+    assert result.summary["best"]["trial_id"] == trials[3]["trial_id"]  # the only one trained in full
+    top = max(t["val_accuracy"] for t in trials[:3])
+    assert trials[3]["hyperparameters"] in [t["hyperparameters"] for t in trials[:3] if t["val_accuracy"] == top]
+    assert any(line.startswith("Trial 4/4") and ", 6+0 epochs)" in line for line in lines)
+    assert "trained longest, 6+0 epochs" in lines[-1]
+    assert next(csv.DictReader((tmp_path / "search" / "trials.csv").open()))["epochs"] == "2+0"
+
+
+def test_the_best_of_a_hyperband_search_is_one_of_its_longest_trials():
+    from tltool.tuning.reports import _trained_longest
+
+    early = {"trial_id": "0", "val_accuracy": 0.9, "budget_epochs": 3}  # a lucky score after a third of the epochs
+    full = {"trial_id": "1", "val_accuracy": 0.8, "budget_epochs": 9}
+    assert _trained_longest([early, full]) == [full]
+    plain = [{"trial_id": "0", "val_accuracy": 0.9}, {"trial_id": "1", "val_accuracy": 0.8}]  # not Hyperband
+    assert _trained_longest(plain) == plain

@@ -25,8 +25,8 @@ from tltool.engine.stages import TrainingContext
 from tltool.errors import RecipeError, RunDirError, SearchFailedError
 from tltool.recipe import Recipe, from_dict, load_recipe
 from tltool.tuning.distributed import distributed_role, oracle_address
-from tltool.tuning.reports import BEST_FILE, format_table, trial_number, write_reports
-from tltool.tuning.search import RecipeHyperModel, RecipeTuner, TrialRunner, make_oracle
+from tltool.tuning.reports import BEST_FILE, fmt_epochs, format_table, trial_number, write_reports
+from tltool.tuning.search import RecipeHyperModel, RecipeTuner, TrialRunner, hyperband_budget, make_oracle
 from tltool.tuning.space import SearchSpace, default_space
 
 SEARCH_DIR = "search"            # the Keras Tuner project inside --out
@@ -150,12 +150,15 @@ def _finished_trials(tuner) -> int:
 
 def _make_tuner(base: Recipe, space: SearchSpace, runner, out: Path, role: str, say) -> RecipeTuner:
     """The Keras Tuner tuner of the search (reloading its project in `out`, if any), with tltool's reports."""
-    budget = max(2, base.frozen.epochs, base.fine_tune.epochs)  # Hyperband's max_epochs
-    hypermodel = RecipeHyperModel(base, space, runner, budget if base.tune.algorithm == "hyperband" else None)
+    hyperband = base.tune.algorithm == "hyperband"
+    budget = hyperband_budget(base.tune.max_trials)
+    hypermodel = RecipeHyperModel(base, space, runner, budget if hyperband else None)
     oracle = make_oracle(base.tune.algorithm, base.tune.objective, base.tune.max_trials, base.seed, budget)
     with contextlib.redirect_stdout(io.StringIO()):  # Keras Tuner prints "Reloading Tuner from ..."
         tuner = RecipeTuner(oracle=oracle, hypermodel=hypermodel, directory=str(out), project_name=SEARCH_DIR,
                             overwrite=False, role=role, log=say)
+    if hyperband and role != "worker":  # a resumed search keeps the budget it started with (--max-trials may grow)
+        hypermodel.budget_epochs = tuner.oracle.max_epochs
     if role != "worker":
         tuner.oracle.after_end_trial = _reporter(out, base, space, role, say)
         tuner.oracle.verbose = 0  # Keras Tuner's own display would repeat (and clear) what tltool prints
@@ -258,6 +261,8 @@ def _search(tuner, out: Path, base: Recipe, space: SearchSpace, role: str, resum
                                 f"See {out / rundir.SUMMARY_FILE}.")
     best = summary["best"]
     name = summary["objective"]["name"]
-    say(f"Best: trial {trial_number(best['trial_id'])}, {name} {best[name]:.4f}. Train it with: "
+    trained = (f" (the best of the trials Hyperband trained longest, {fmt_epochs(best['epochs'])} epochs)"
+               if "epochs" in best else "")
+    say(f"Best: trial {trial_number(best['trial_id'])}, {name} {best[name]:.4f}{trained}. Train it with: "
         f"tltool finetune {out / BEST_FILE} --out runs/{base.name}-best")
     return TuneResult(out, summary, load_recipe(out / BEST_FILE))

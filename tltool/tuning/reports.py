@@ -48,11 +48,14 @@ def write_reports(out: Path, oracle, base: Recipe, space: SearchSpace, plot: boo
     direction = oracle.objective.direction
     records = trial_records(oracle, space)
     done = [r for r in records if r["status"] == "completed" and r[name] is not None]
+    _add_epochs(done, base, getattr(oracle, "max_epochs", None))
     best = None
     if done:
         pick = min if direction == "min" else max
-        top = pick(done, key=lambda r: r[name])
+        top = pick(_trained_longest(done), key=lambda r: r[name])
         best = {"trial_id": top["trial_id"], name: top[name], "hyperparameters": top["hyperparameters"]}
+        if "epochs" in top:
+            best["epochs"] = top["epochs"]
         best_recipe = trial_recipe(base, top["hyperparameters"])
         header = (f"# Best recipe of a tltool search: trial {top['trial_id']}, {name} {top[name]:.6g}.\n"
                   f"# Train it with: tltool finetune THIS_FILE --out NEW_DIR\n")
@@ -76,17 +79,34 @@ def write_reports(out: Path, oracle, base: Recipe, space: SearchSpace, plot: boo
     return summary
 
 
+def _add_epochs(records: list[dict], base: Recipe, budget: int | None) -> None:
+    """Each Hyperband trial's epochs [stage 1, stage 2], from its share of the budget (see trial_recipe)."""
+    for record in records:
+        if "budget_epochs" in record and budget:
+            recipe = trial_recipe(base, record["hyperparameters"], (record["budget_epochs"], budget))
+            record["epochs"] = [recipe.frozen.epochs, recipe.fine_tune.epochs]
+
+
+def _trained_longest(records: list[dict]) -> list[dict]:
+    """The trials given the most epochs: Hyperband's early rounds train for a fraction of them, and a score
+    after 3 of 30 epochs is no measure of what `finetune` of that recipe gives, so the best is one of these."""
+    most = max(r.get("budget_epochs", 0) for r in records)
+    return [r for r in records if r.get("budget_epochs", 0) == most]
+
+
 def _write_csv(path: Path, records: list[dict], space: SearchSpace, name: str) -> None:
     # `trial` is the number the terminal shows; `trial_id` Keras Tuner's (its folder search/trial_ID).
     columns = ["trial", "trial_id", "status", "worker", "seconds", name] + [m for m in ("val_accuracy", "val_loss")
                                                                      if m != name]
-    columns += space.keys + ["error"]
+    columns += (["epochs"] if any("epochs" in r for r in records) else []) + space.keys + ["error"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     for record in records:
         row = {k: record.get(k) for k in columns}
         row["trial"] = trial_number(record["trial_id"])
+        if "epochs" in record:
+            row["epochs"] = fmt_epochs(record["epochs"])
         for key in space.keys:
             value = record["hyperparameters"].get(key)
             row[key] = json.dumps(value) if isinstance(value, (list, dict)) else value
@@ -99,16 +119,25 @@ def format_table(summary: dict, limit: int = 10) -> str:
     name = summary["objective"]["name"]
     done = [r for r in summary["trials"] if r["status"] == "completed" and r.get(name) is not None]
     done.sort(key=lambda r: r[name], reverse=summary["objective"]["direction"] == "max")
-    lines = [f"{'trial':<6} {name:>12} {'seconds':>8} {'worker':<10} values", "-" * 72]
+    epochs = any("epochs" in r for r in done)  # Hyperband: trials of different lengths
+    lines = [f"{'trial':<6} {name:>12} {'seconds':>8} {'worker':<10} " + ("epochs " if epochs else "") + "values",
+             "-" * 72]
     for r in done[:limit]:
         values = ", ".join(f"{k}={fmt_value(v)}" for k, v in r["hyperparameters"].items())
         seconds = "-" if r["seconds"] is None else f"{r['seconds']:.1f}"
-        lines.append(f"{trial_number(r['trial_id']):<6} {r[name]:>12.4f} {seconds:>8} {str(r['worker'] or '-'):<10} {values}")
+        length = f"{fmt_epochs(r['epochs']) if 'epochs' in r else '-':<7}" if epochs else ""
+        lines.append(f"{trial_number(r['trial_id']):<6} {r[name]:>12.4f} {seconds:>8} {str(r['worker'] or '-'):<10} "
+                     f"{length}{values}")
     if len(done) > limit:
         lines.append(f"... and {len(done) - limit} more completed trial(s) in trials.csv")
     if summary["trials_failed"]:
         lines.append(f"{summary['trials_failed']} trial(s) failed; their errors are in summary.json.")
     return "\n".join(lines)
+
+
+def fmt_epochs(epochs: list[int]) -> str:
+    """[stage 1, stage 2] epochs as "30+5"."""
+    return f"{epochs[0]}+{epochs[1]}"
 
 
 def trial_number(trial_id) -> int:

@@ -34,7 +34,7 @@ from tltool.files import atomic_write_text
 from tltool.models.transfer import TransferModel, build_head, fine_tune_cut, layers_above, with_new_head
 from tltool.recipe import Recipe
 from tltool.tuning.distributed import guard_worker, serve_oracle
-from tltool.tuning.reports import fmt_value, last_line, trial_number
+from tltool.tuning.reports import fmt_epochs, fmt_value, last_line, trial_number
 from tltool.tuning.space import HEAD_KEYS, SearchSpace, stripped_recipe, trial_recipe
 
 
@@ -415,8 +415,30 @@ class _ResumableGrid:
         self._populate_next = [i for i in ids if i not in self._retry_queue]
 
 
+#: Hyperband's reduction factor: each round keeps a third of its trials and trains them 3 times longer.
+HYPERBAND_FACTOR = 3
+
+
+def hyperband_budget(max_trials: int, factor: int = HYPERBAND_FACTOR) -> int:
+    """Hyperband's `max_epochs` for a search of `max_trials`, in budget units: a trial given `b` of them trains
+    b / budget of each stage's epochs (see `trial_recipe`).
+
+    The budget is the largest power of `factor` whose first bracket fits in `max_trials`, so that the search
+    trains its best early trials with the full epochs. A budget of factor**k opens with a bracket of
+    factor**k trials at 1/factor**k of the epochs, keeps the best third of them for 3 times the epochs, and so
+    on down to one trial at the full epochs: (factor**(k+1) - 1) / (factor - 1) trials (20 trials: a budget of
+    9, a first bracket of 9 + 3 + 1 = 13). A budget sized from the epochs instead (30 epochs: a first bracket
+    of 52 trials) left every trial of a 20-trial search at 2 of 30 epochs, promoting none.
+    """
+    budget = 1
+    while (budget * factor ** 2 - 1) // (factor - 1) <= max_trials:  # the next power's first bracket fits
+        budget *= factor
+    return budget
+
+
 def make_oracle(algorithm: str, objective: str, max_trials: int, seed: int, budget_epochs: int):
-    """The Keras Tuner oracle of `algorithm`, recording workers and times, never stopping on failed trials."""
+    """The Keras Tuner oracle of `algorithm`, recording workers and times, never stopping on failed trials.
+    `budget_epochs` is Hyperband's `max_epochs` (see `hyperband_budget`)."""
     base_cls = getattr(kt.oracles, _ORACLES[algorithm])
     mixins = (_TrialLog, _ResumableGrid) if algorithm == "grid" else (_TrialLog,)
     cls = type(f"Tltool{base_cls.__name__}", (*mixins, base_cls), {})
@@ -425,7 +447,7 @@ def make_oracle(algorithm: str, objective: str, max_trials: int, seed: int, budg
     common = {"objective": kt.Objective(objective, direction), "seed": seed,
               "max_consecutive_failed_trials": 10 ** 9}
     if algorithm == "hyperband":
-        oracle = cls(max_epochs=budget_epochs, factor=3, **common)
+        oracle = cls(max_epochs=budget_epochs, factor=HYPERBAND_FACTOR, **common)
         oracle.max_trials = max_trials  # Hyperband sizes itself from max_epochs; cap it as asked
         return oracle
     return cls(max_trials=max_trials, **common)
@@ -482,6 +504,9 @@ class RecipeTuner(kt.Tuner):
         if trial.status == "COMPLETED" and self._results:
             how = ("on cached activations" if self._results.get("cached_activations")
                    else "on cached features" if self._results.get("cached_features") else "in full")
+            if "tuner/epochs" in trial.hyperparameters.values:  # Hyperband: say how long this round trains
+                recipe = self.hypermodel.recipe(trial.hyperparameters)
+                how += f", {fmt_epochs([recipe.frozen.epochs, recipe.fine_tune.epochs])} epochs"
             outcome = f"{name} {self._results[name]:.4f} ({how})"
         else:
             outcome = f"FAILED: {last_line(trial.message)}"
