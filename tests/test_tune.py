@@ -351,3 +351,14 @@ def test_the_best_of_a_hyperband_search_is_one_of_its_longest_trials():
     assert _trained_longest([early, full]) == [full]
     plain = [{"trial_id": "0", "val_accuracy": 0.9}, {"trial_id": "1", "val_accuracy": 0.8}]  # not Hyperband
     assert _trained_longest(plain) == plain
+
+
+def test_a_resumed_hyperband_search_keeps_the_budget_it_started_with(tmp_path, image_folder):
+    overrides = [o for o in TINY if not o.startswith("frozen.epochs")] + ["frozen.epochs=6"]
+    recipe, out = _recipe_file(tmp_path, HEAD_SPACE, algorithm="hyperband"), tmp_path / "search"
+    lines = []
+    for max_trials in (3, 4):  # a budget of 1 (every trial in full), then --max-trials 4, whose budget is 3
+        result = tltool.tune(recipe, data=image_folder, out=out, overrides=overrides, max_trials=max_trials,
+                             verbose=1, log=lambda message="", **_: lines.append(str(message)))
+    assert [t["epochs"] for t in result.summary["trials"]] == [[6, 0]] * 4
+    assert any(line.startswith("Trial 4/4") and ", 6+0 epochs)" in line for line in lines)  # as trained

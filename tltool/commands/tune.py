@@ -26,7 +26,8 @@ from tltool.errors import RecipeError, RunDirError, SearchFailedError
 from tltool.recipe import Recipe, from_dict, load_recipe
 from tltool.tuning.distributed import distributed_role, oracle_address
 from tltool.tuning.reports import BEST_FILE, fmt_epochs, format_table, trial_number, write_reports
-from tltool.tuning.search import RecipeHyperModel, RecipeTuner, TrialRunner, hyperband_budget, make_oracle
+from tltool.tuning.search import (UNLIMITED, RecipeHyperModel, RecipeTuner, TrialRunner, hyperband_budget,
+                                  make_oracle)
 from tltool.tuning.space import SearchSpace, default_space
 
 SEARCH_DIR = "search"            # the Keras Tuner project inside --out
@@ -159,6 +160,7 @@ def _make_tuner(base: Recipe, space: SearchSpace, runner, out: Path, role: str, 
                             overwrite=False, role=role, log=say)
     if hyperband and role != "worker":  # a resumed search keeps the budget it started with (--max-trials may grow)
         hypermodel.budget_epochs = tuner.oracle.max_epochs
+        tuner.oracle.hyperband_iterations = UNLIMITED  # searches saved by earlier versions stopped after one pass
     if role != "worker":
         tuner.oracle.after_end_trial = _reporter(out, base, space, role, say)
         tuner.oracle.verbose = 0  # Keras Tuner's own display would repeat (and clear) what tltool prints

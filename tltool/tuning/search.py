@@ -415,6 +415,8 @@ class _ResumableGrid:
         self._populate_next = [i for i in ids if i not in self._retry_queue]
 
 
+#: Hyperband's passes over its brackets: as many as `max_trials` asks for.
+UNLIMITED = 10 ** 9
 #: Hyperband's reduction factor: each round keeps a third of its trials and trains them 3 times longer.
 HYPERBAND_FACTOR = 3
 
@@ -447,7 +449,9 @@ def make_oracle(algorithm: str, objective: str, max_trials: int, seed: int, budg
     common = {"objective": kt.Objective(objective, direction), "seed": seed,
               "max_consecutive_failed_trials": 10 ** 9}
     if algorithm == "hyperband":
-        oracle = cls(max_epochs=budget_epochs, factor=HYPERBAND_FACTOR, **common)
+        # Brackets follow one another until max_trials: one pass over them may be shorter (a budget of 1 is
+        # a bracket of 1 trial), and Keras Tuner would end the search after it.
+        oracle = cls(max_epochs=budget_epochs, factor=HYPERBAND_FACTOR, hyperband_iterations=UNLIMITED, **common)
         oracle.max_trials = max_trials  # Hyperband sizes itself from max_epochs; cap it as asked
         return oracle
     return cls(max_trials=max_trials, **common)
