@@ -118,7 +118,9 @@ def format_table(summary: dict, limit: int = 10) -> str:
     """The best `limit` trials as a small text table, failed trials counted below it."""
     name = summary["objective"]["name"]
     done = [r for r in summary["trials"] if r["status"] == "completed" and r.get(name) is not None]
-    done.sort(key=lambda r: r[name], reverse=summary["objective"]["direction"] == "max")
+    # Best first; Hyperband's trials trained longest before the shorter ones (the best is one of them).
+    sign = 1 if summary["objective"]["direction"] == "max" else -1
+    done.sort(key=lambda r: (r.get("budget_epochs", 0), sign * r[name]), reverse=True)
     epochs = any("epochs" in r for r in done)  # Hyperband: trials of different lengths
     lines = [f"{'trial':<6} {name:>12} {'seconds':>8} {'worker':<10} " + ("epochs " if epochs else "") + "values",
              "-" * 72]
