@@ -362,3 +362,12 @@ def test_a_resumed_hyperband_search_keeps_the_budget_it_started_with(tmp_path, i
                              verbose=1, log=lambda message="", **_: lines.append(str(message)))
     assert [t["epochs"] for t in result.summary["trials"]] == [[6, 0]] * 4
     assert any(line.startswith("Trial 4/4") and ", 6+0 epochs)" in line for line in lines)  # as trained
+
+
+def test_accuracy_ties_go_to_the_lower_validation_loss():
+    from tltool.tuning.reports import _merit
+
+    records = [{"val_accuracy": 0.94, "val_loss": 0.20}, {"val_accuracy": 0.94, "val_loss": 0.15},
+               {"val_accuracy": 0.93, "val_loss": 0.10}]
+    assert max(records, key=_merit("val_accuracy", "max")) is records[1]
+    assert max(records, key=_merit("val_loss", "min")) is records[2]

@@ -51,8 +51,7 @@ def write_reports(out: Path, oracle, base: Recipe, space: SearchSpace, plot: boo
     _add_epochs(done, base, getattr(oracle, "max_epochs", None))
     best = None
     if done:
-        pick = min if direction == "min" else max
-        top = pick(_trained_longest(done), key=lambda r: r[name])
+        top = max(_trained_longest(done), key=_merit(name, direction))
         best = {"trial_id": top["trial_id"], name: top[name], "hyperparameters": top["hyperparameters"]}
         if "epochs" in top:
             best["epochs"] = top["epochs"]
@@ -87,6 +86,18 @@ def _add_epochs(records: list[dict], base: Recipe, budget: int | None) -> None:
             record["epochs"] = [recipe.frozen.epochs, recipe.fine_tune.epochs]
 
 
+def _merit(name: str, direction: str):
+    """A sort key of completed trials, better ones higher: the objective, then the other metric, for the ties
+    an accuracy over a small validation set makes (a few images decide it) to go to the lower loss."""
+    def key(record: dict) -> tuple:
+        sign = 1 if direction == "max" else -1
+        other = "val_loss" if name == "val_accuracy" else "val_accuracy" if name == "val_loss" else None
+        tie = record.get(other) if other else None
+        tie = 0.0 if tie is None else (-tie if other == "val_loss" else tie)
+        return sign * record[name], tie
+    return key
+
+
 def _trained_longest(records: list[dict]) -> list[dict]:
     """The trials given the most epochs: Hyperband's early rounds train for a fraction of them, and a score
     after 3 of 30 epochs is no measure of what `finetune` of that recipe gives, so the best is one of these."""
@@ -119,8 +130,8 @@ def format_table(summary: dict, limit: int = 10) -> str:
     name = summary["objective"]["name"]
     done = [r for r in summary["trials"] if r["status"] == "completed" and r.get(name) is not None]
     # Best first; Hyperband's trials trained longest before the shorter ones (the best is one of them).
-    sign = 1 if summary["objective"]["direction"] == "max" else -1
-    done.sort(key=lambda r: (r.get("budget_epochs", 0), sign * r[name]), reverse=True)
+    merit = _merit(name, summary["objective"]["direction"])
+    done.sort(key=lambda r: (r.get("budget_epochs", 0), merit(r)), reverse=True)
     epochs = any("epochs" in r for r in done)  # Hyperband: trials of different lengths
     lines = [f"{'trial':<6} {name:>12} {'seconds':>8} {'worker':<10} " + ("epochs " if epochs else "") + "values",
              "-" * 72]
