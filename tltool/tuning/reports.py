@@ -89,12 +89,12 @@ def _add_epochs(records: list[dict], base: Recipe, budget: int | None) -> None:
 def _merit(name: str, direction: str):
     """A sort key of completed trials, better ones higher: the objective, then the other metric, for the ties
     an accuracy over a small validation set makes (a few images decide it) to go to the lower loss."""
+    sign = 1 if direction == "max" else -1
+    other, other_sign = {"val_accuracy": ("val_loss", -1), "val_loss": ("val_accuracy", 1)}.get(name, (None, 0))
+
     def key(record: dict) -> tuple:
-        sign = 1 if direction == "max" else -1
-        other = "val_loss" if name == "val_accuracy" else "val_accuracy" if name == "val_loss" else None
         tie = record.get(other) if other else None
-        tie = 0.0 if tie is None else (-tie if other == "val_loss" else tie)
-        return sign * record[name], tie
+        return sign * record[name], 0.0 if tie is None else other_sign * tie
     return key
 
 
