@@ -415,7 +415,8 @@ class _ResumableGrid:
         self._populate_next = [i for i in ids if i not in self._retry_queue]
 
 
-#: Hyperband's passes over its brackets: as many as `max_trials` asks for.
+#: No limit, where Keras Tuner wants a number: Hyperband's passes over its brackets (max_trials ends the
+#: search), failed trials in a row.
 UNLIMITED = 10 ** 9
 #: Hyperband's reduction factor: each round keeps a third of its trials and trains them 3 times longer.
 HYPERBAND_FACTOR = 3
@@ -447,7 +448,7 @@ def make_oracle(algorithm: str, objective: str, max_trials: int, seed: int, budg
     direction = "min" if objective.endswith("loss") else "max"
     # A failed trial is recorded and the search goes on; Keras Tuner would stop after 3 in a row.
     common = {"objective": kt.Objective(objective, direction), "seed": seed,
-              "max_consecutive_failed_trials": 10 ** 9}
+              "max_consecutive_failed_trials": UNLIMITED}
     if algorithm == "hyperband":
         # Brackets follow one another until max_trials: one pass over them may be shorter (a budget of 1 is
         # a bracket of 1 trial), and Keras Tuner would end the search after it.
