@@ -132,3 +132,43 @@ def test_the_plain_images_and_every_view_share_one_traced_backbone(image_folder)
         compute_outputs(net, paths, 32, 4, SkipLog(), augment=view)
     forward, = _FORWARD_FNS[net].values()
     assert forward.experimental_get_tracing_count() == 1  # a backbone trace costs about a second
+
+
+def test_a_fit_on_cached_features_is_one_pass_per_epoch_with_new_views_from_one_iterator():
+    """Cached-feature datasets are repeated for `fit` (one iterator for the whole fit, not one per epoch),
+    and each epoch is still one pass: every image once, each with a view drawn anew."""
+    import keras
+    import tensorflow as tf
+
+    from tltool.engine.fitting import features_dataset, fit_stage, one_iterator_per_fit
+
+    rows, views, epochs = 10, 4, 3
+    # Row i, view v has the features (i, v): what the model sees tells which image and which view.
+    feats = np.array([[[i, v] for v in range(views)] for i in range(rows)], dtype=np.float16)
+    labels = np.arange(rows) % 2
+    train, val = features_dataset(feats, labels, 2, 4, True, 0), features_dataset(feats[:, 0], labels, 2, 4, False, None)
+    repeated_train, repeated_val, steps = one_iterator_per_fit(train, val)
+    assert steps == {"steps_per_epoch": 3, "validation_steps": 3}  # ceil(10 / 4): the last batch is short
+    assert int(repeated_train.cardinality()) == int(repeated_val.cardinality()) == tf.data.INFINITE_CARDINALITY
+
+    seen = []
+
+    class Record(keras.layers.Layer):
+        def call(self, x, training=None):
+            if training:
+                seen.append(keras.ops.convert_to_numpy(x))
+            return x
+
+    model = keras.Sequential([keras.Input((2,)), Record(), keras.layers.Dense(2, activation="softmax")])
+    model.compile("adam", "categorical_crossentropy", run_eagerly=True)
+    fitted = fit_stage(model, train, val, epochs, callbacks=[], verbose=0)
+    assert len(fitted.history["val_loss"]) == epochs
+    passes = np.concatenate(seen).reshape(epochs, rows, 2)
+    for one_pass in passes:
+        assert sorted(one_pass[:, 0].astype(int)) == list(range(rows))
+    by_image = [dict(zip(p[:, 0].astype(int), p[:, 1].astype(int))) for p in passes]
+    assert by_image[0] != by_image[1] != by_image[2]
+
+    # Images streamed from files (unreadable ones dropped: length unknown) are left to Keras's epochs.
+    streamed = train.filter(lambda x, y: True)
+    assert one_iterator_per_fit(streamed, val)[2] == {}
