@@ -371,3 +371,28 @@ def test_accuracy_ties_go_to_the_lower_validation_loss():
                {"val_accuracy": 0.93, "val_loss": 0.10}]
     assert max(records, key=_merit("val_accuracy", "max")) is records[1]
     assert max(records, key=_merit("val_loss", "min")) is records[2]
+
+
+def test_each_hyperband_trial_carries_the_budget_of_the_oracle_that_made_it(tmp_path):
+    """A worker of a distributed search sizes its own budget from its own --max-trials: the budget the trial
+    carries from the chief's oracle decides its epochs, in training and in the reports."""
+    from tltool.tuning.reports import trial_records
+    from tltool.tuning.search import RecipeHyperModel
+    from tltool.tuning.space import SearchSpace
+
+    space = SearchSpace(HEAD_SPACE)
+    base = from_dict({"frozen": {"epochs": 6}, "fine_tune": {"epochs": 3}})
+    oracle = make_oracle("hyperband", "val_accuracy", 4, 0, hyperband_budget(4))  # the chief's: a budget of 3
+    oracle._set_project_dir(str(tmp_path), "search")
+    hp = oracle.get_space()
+    space.declare(hp)
+    oracle.update_space(hp)
+    trial = oracle.create_trial("worker0")
+    worker = RecipeHyperModel(base, space, None, hyperband_budget(40))  # started with --max-trials 40: 27
+    recipe = worker.recipe(trial.hyperparameters)
+    assert [recipe.frozen.epochs, recipe.fine_tune.epochs] == [2, 1]  # a third of 6+3 (of 27: 1+1)
+
+    oracle.update_trial(trial.trial_id, {"val_accuracy": 0.5, "val_loss": 1.0})
+    trial.status = "COMPLETED"
+    oracle.end_trial(trial)
+    assert trial_records(oracle, space, base)[0]["epochs"] == [2, 1]

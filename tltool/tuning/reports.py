@@ -9,15 +9,16 @@ from pathlib import Path
 
 from tltool import rundir
 from tltool.recipe import Recipe
-from tltool.tuning.space import SearchSpace, trial_recipe
+from tltool.tuning.space import SearchSpace, trial_budget, trial_recipe
 
 BEST_FILE = "best.yaml"
 TRIALS_CSV = "trials.csv"
 TRIALS_PLOT = "trials.png"
 
 
-def trial_records(oracle, space: SearchSpace) -> list[dict]:
-    """One dict per trial, in trial order: id, values, metrics, status, worker, seconds, error."""
+def trial_records(oracle, space: SearchSpace, base: Recipe) -> list[dict]:
+    """One dict per trial, in trial order: id, values, metrics, status, worker, seconds, error; a Hyperband
+    trial's budget share and epochs."""
     name = oracle.objective.name
     records = []
     for trial_id in sorted(oracle.trials):
@@ -34,8 +35,12 @@ def trial_records(oracle, space: SearchSpace) -> list[dict]:
         for metric in ("cached_features", "cached_activations"):
             if metrics[metric] is not None and status == "completed":
                 record[metric] = bool(metrics[metric])
-        if "tuner/epochs" in trial.hyperparameters.values:
-            record["budget_epochs"] = int(trial.hyperparameters.values["tuner/epochs"])
+        budget = trial_budget(trial.hyperparameters.values, getattr(oracle, "max_epochs", None))
+        if budget is not None:  # Hyperband: the trial's share of the budget, and its epochs [stage 1, stage 2]
+            record["budget_epochs"] = budget[0]
+            if status == "completed":  # (a failed trial's values may not even make a recipe)
+                recipe = trial_recipe(base, record["hyperparameters"], budget)
+                record["epochs"] = [recipe.frozen.epochs, recipe.fine_tune.epochs]
         if status in ("failed", "invalid"):
             record["error"] = last_line(trial.message)
         records.append(record)
@@ -46,9 +51,8 @@ def write_reports(out: Path, oracle, base: Recipe, space: SearchSpace, plot: boo
     """summary.json, trials.csv and best.yaml (and trials.png if `plot`) from the oracle's trials."""
     name = oracle.objective.name
     direction = oracle.objective.direction
-    records = trial_records(oracle, space)
+    records = trial_records(oracle, space, base)
     done = [r for r in records if r["status"] == "completed" and r[name] is not None]
-    _add_epochs(done, base, getattr(oracle, "max_epochs", None))
     best = None
     if done:
         top = max(_trained_longest(done), key=_merit(name, direction))
@@ -76,14 +80,6 @@ def write_reports(out: Path, oracle, base: Recipe, space: SearchSpace, plot: boo
 
         rundir.atomic_write_bytes(out / TRIALS_PLOT, plots.trials(records, name, direction))
     return summary
-
-
-def _add_epochs(records: list[dict], base: Recipe, budget: int | None) -> None:
-    """Each Hyperband trial's epochs [stage 1, stage 2], from its share of the budget (see trial_recipe)."""
-    for record in records:
-        if "budget_epochs" in record and budget:
-            recipe = trial_recipe(base, record["hyperparameters"], (record["budget_epochs"], budget))
-            record["epochs"] = [recipe.frozen.epochs, recipe.fine_tune.epochs]
 
 
 def _merit(name: str, direction: str):

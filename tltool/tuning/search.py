@@ -35,7 +35,7 @@ from tltool.models.transfer import TransferModel, build_head, fine_tune_cut, lay
 from tltool.recipe import Recipe
 from tltool.tuning.distributed import guard_worker, serve_oracle
 from tltool.tuning.reports import fmt_epochs, fmt_value, last_line, trial_number
-from tltool.tuning.space import HEAD_KEYS, SearchSpace, stripped_recipe, trial_recipe
+from tltool.tuning.space import BUDGET_KEY, HEAD_KEYS, SearchSpace, stripped_recipe, trial_budget, trial_recipe
 
 
 def _durable_save_json(path, obj) -> str:
@@ -312,11 +312,8 @@ class RecipeHyperModel(kt.HyperModel):
         self.space.declare(hp)
 
     def recipe(self, hp) -> Recipe:
-        budget = None
-        if self.budget_epochs and "tuner/epochs" in hp.values:  # Hyperband's budget for this round
-            budget = (int(hp.values["tuner/epochs"]), self.budget_epochs)
         try:
-            return trial_recipe(self.base, self.space.values(hp.values), budget)
+            return trial_recipe(self.base, self.space.values(hp.values), trial_budget(hp.values, self.budget_epochs))
         except TltoolError as exc:
             raise kt.errors.FailedTrialError(str(exc)) from None
 
@@ -389,6 +386,17 @@ class _TrialLog:
         self.trial_log = state.get("tltool_trial_log", {})
 
 
+class _BudgetInTrials:
+    """HyperbandOracle mixin: every trial it makes carries the search's budget (see space.trial_budget), so
+    that the worker training it and the reports scale its epochs by the one budget of this oracle."""
+
+    def populate_space(self, trial_id):
+        found = super().populate_space(trial_id)
+        if found.get("status") == "RUNNING":
+            found["values"][BUDGET_KEY] = self.max_epochs
+        return found
+
+
 _ORACLES = {"random": "RandomSearchOracle", "bayesian": "BayesianOptimizationOracle", "grid": "GridSearchOracle",
             "hyperband": "HyperbandOracle"}
 
@@ -443,7 +451,7 @@ def make_oracle(algorithm: str, objective: str, max_trials: int, seed: int, budg
     """The Keras Tuner oracle of `algorithm`, recording workers and times, never stopping on failed trials.
     `budget_epochs` is Hyperband's `max_epochs` (see `hyperband_budget`)."""
     base_cls = getattr(kt.oracles, _ORACLES[algorithm])
-    mixins = (_TrialLog, _ResumableGrid) if algorithm == "grid" else (_TrialLog,)
+    mixins = (_TrialLog, *{"grid": (_ResumableGrid,), "hyperband": (_BudgetInTrials,)}.get(algorithm, ()))
     cls = type(f"Tltool{base_cls.__name__}", (*mixins, base_cls), {})
     direction = "min" if objective.endswith("loss") else "max"
     # A failed trial is recorded and the search goes on; Keras Tuner would stop after 3 in a row.

@@ -111,6 +111,24 @@ def _is_list_field(key: str) -> bool:
     return typing.get_origin(field_type(key)) is list
 
 
+#: Where a Hyperband trial's values hold the search's budget (its oracle's `max_epochs`), beside Keras Tuner's
+#: `tuner/epochs` (the trial's share of it): see `trial_budget`.
+BUDGET_KEY = "tltool/budget"
+
+
+def trial_budget(hp_values: dict, search_budget: int | None = None) -> tuple[int, int] | None:
+    """A Hyperband trial's (epochs, budget) for `trial_recipe`; None for a trial of another algorithm.
+
+    The budget is the one the trial carries, set by the oracle that made it: a worker of a distributed search
+    started with another --max-trials, or a resumed search whose --max-trials grew, would size another one.
+    `search_budget` serves trials of searches saved before trials carried it.
+    """
+    budget = hp_values.get(BUDGET_KEY, search_budget)
+    if "tuner/epochs" not in hp_values or not budget:
+        return None
+    return int(hp_values["tuner/epochs"]), int(budget)
+
+
 def trial_recipe(base: Recipe, values: dict, budget: tuple[int, int] | None = None) -> Recipe:
     """The base recipe with a trial's values set; `budget` (epochs, max_epochs) scales both stages' epochs."""
     tree = base.to_dict()
