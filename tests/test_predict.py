@@ -124,6 +124,24 @@ def test_cli_predict_errors(models, tmp_path):
     assert result.exit_code == 2 and "Pass at most one of --json and --csv" in result.stderr
 
 
+def test_damaged_exports_get_one_line_saying_to_export_again(models, tmp_path):
+    import shutil
+
+    (tmp_path / "junk.onnx").write_bytes(b"not a model" * 100)
+    (tmp_path / "junk.tflite").write_bytes(b"not a model" * 100)
+    junk_pb = tmp_path / "junk-savedmodel"
+    shutil.copytree(models["savedmodel"], junk_pb)
+    (junk_pb / "1" / "saved_model.pb").write_bytes(b"not a model" * 100)
+    no_variables = tmp_path / "savedmodel-without-variables"
+    shutil.copytree(models["savedmodel"], no_variables)
+    shutil.rmtree(no_variables / "1" / "variables")
+    for model in ("junk.onnx", "junk.tflite", "junk-savedmodel", "savedmodel-without-variables"):
+        result = CliRunner().invoke(main, ["predict", str(tmp_path / model), str(models["images"])])
+        assert result.exit_code == 2, (model, result.output)
+        assert "is not a readable" in result.stderr and "Traceback" not in result.stderr, (model, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, (model, result.stderr)
+
+
 def test_tta_averages_each_image_with_its_mirror_and_is_refused_for_unmirrored_runs(models, tmp_path):
     plain = tltool.load_predictor(models["tflite"])
     averaged = tltool.mirror_tta(plain, models["tflite"])

@@ -113,7 +113,10 @@ class SavedModelPredictor(Predictor):
     def __init__(self, path: Path):
         import tensorflow as tf
 
-        self.loaded = tf.saved_model.load(str(path))
+        try:
+            self.loaded = tf.saved_model.load(str(path))
+        except Exception as exc:  # noqa: BLE001 - OSError (a corrupt saved_model.pb), NotFoundError (variables/) ...
+            raise _unreadable(path, "SavedModel", exc) from None
         self.signatures = self.loaded.signatures
         if "serving_pixels" not in self.signatures:
             raise RunDirError(f"The SavedModel at {path} has no `serving_pixels` signature: it was not written "
@@ -180,7 +183,10 @@ class OnnxPredictor(Predictor):
     def __init__(self, path: Path):
         import onnxruntime
 
-        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's own errors (InvalidProtobuf, Fail ...)
+            raise _unreadable(path, "ONNX model", exc) from None
         meta = json.loads(self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY, "{}"))
         self._input = self.session.get_inputs()[0].name
         names = [o.name for o in self.session.get_outputs()]
@@ -339,6 +345,13 @@ def tflite_runtime() -> str:
         import tensorflow as tf
 
         return f"tensorflow {tf.__version__} (tf.lite)"
+
+
+def _unreadable(path: Path, kind: str, exc: Exception) -> RunDirError:
+    """The error for an exported model its runtime cannot load (damaged, cut short, partly deleted)."""
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    return RunDirError(f"{path} is not a readable {kind} ({type(exc).__name__}: {reason}). Export the run again "
+                       f"with `tltool export`.")
 
 
 def _tflite_interpreter(path: Path):
