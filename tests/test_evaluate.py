@@ -222,3 +222,16 @@ def test_cli_evaluate_errors(tmp_path, image_folder):
     assert no_data.exit_code == 2 and "Missing option '--data'" in no_data.output
     bad_k = runner.invoke(main, ["evaluate", str(tmp_path), "--data", str(image_folder), "--top-k", "0"])
     assert bad_k.exit_code == 2 and "--top-k" in bad_k.output
+
+
+def test_evaluate_force_keeps_the_last_report_when_the_new_evaluation_cannot_run(swapped_run, image_folder, tmp_path):
+    """--force replaces an evaluation only once the new one can run: a bad --ood-data, or a model without an
+    OOD score to measure, is refused before the old report is touched."""
+    out = tmp_path / "eval"
+    tltool.evaluate(swapped_run, image_folder, out=out)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with pytest.raises(DataError, match="is not a folder"):
+        tltool.evaluate(swapped_run, image_folder, out=out, force=True, ood_data=tmp_path / "missing")
+    with pytest.raises(DataError, match="has no out-of-distribution score"):  # colour_run's model has none
+        tltool.evaluate(swapped_run, image_folder, out=out, force=True, ood_data=image_folder)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before

@@ -9,8 +9,8 @@ from tltool import outputs, rundir
 from tltool.data.folders import SkipLog, scan_folder
 from tltool.errors import DataError
 from tltool.evaluation.report import write_report
-from tltool.evaluation.sets import (add_calibration, evaluate_folder, evaluate_ood_folder, measure_robustness,
-                                    sanity_probes)
+from tltool.evaluation.sets import (add_calibration, check_ood_folder, evaluate_folder, evaluate_ood_folder,
+                                    measure_robustness, sanity_probes)
 from tltool.exporting.predictors import load_predictor, mirror_tta
 
 
@@ -53,6 +53,8 @@ def evaluate(model, data, out=None, top_k: int = 5, force: bool = False, tta: bo
     folder = scan_folder(data, skips, classes=predictor.labels, role="evaluation")
     data_name = Path(folder.root).resolve().name or "data"
     out = Path(out) if out is not None else (run_dir if run_dir is not None else Path.cwd()) / f"eval-{data_name}"
+    if ood_data is not None:
+        check_ood_folder(predictor, ood_data)
     folders = [f for f in (data, ood_data) if f is not None]
     model_files = [model] if isinstance(model, (str, Path)) else []  # what --out must never replace
     with outputs.claim_output_dir(out, "evaluation", force=force, inputs=[*model_files, *folders], data=folders):

@@ -99,15 +99,21 @@ class OodSet:
         return accepted + rejected
 
 
-def evaluate_ood_folder(predictor, folder: Path, inside: EvalSet, skips) -> OodSet:
-    """Score every image under `folder` (no classes needed) and measure the separation from `inside`."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise DataError(f"--ood-data {root} is not a folder. Pass a folder of images from other domains.")
+def check_ood_folder(predictor, folder: Path) -> None:
+    """Raise DataError unless `folder` is a folder and the model has an OOD score to measure on it: checked
+    before the output folder is claimed, so that `--force` does not empty it for an evaluation that cannot run."""
+    if not Path(folder).is_dir():
+        raise DataError(f"--ood-data {folder} is not a folder. Pass a folder of images from other domains.")
     if not getattr(predictor, "has_ood", False):
         raise DataError(f"{getattr(predictor, 'source', 'The model')} has no out-of-distribution score (it was "
                         f"trained or exported before tltool had one, or with trust.ood: false). Train it again "
                         f"with `tltool finetune` to measure --ood-data.")
+
+
+def evaluate_ood_folder(predictor, folder: Path, inside: EvalSet, skips) -> OodSet:
+    """Score every image under `folder` (no classes needed) and measure the separation from `inside`."""
+    root = Path(folder)
+    check_ood_folder(predictor, root)
     paths = [str(p) for p in image_files(root)]
     scores, kept = predict_images(predictor, paths, skips)
     if len(kept) == 0:
