@@ -90,6 +90,20 @@ def test_cache_is_float16_memory_mapped_and_ignores_half_written_shards(tmp_path
     assert isinstance(again._array(shard.stem), np.memmap)
 
 
+def test_a_damaged_shard_is_recomputed_not_a_crash(tmp_path, image_folder):
+    """Shards are written atomically, but a disk or a copy can still damage one afterwards: its rows are
+    computed again, as for an unreadable index, instead of the run failing while reading them."""
+    first = tltool.finetune(data=image_folder, out=tmp_path / "a", verbose=0, overrides=tiny_values(32))
+    assert first.summary["timings"]["feature_images"] == 24
+    shards = sorted(Path(os.environ["TLTOOL_CACHE_DIR"]).rglob("*.npy"))
+    assert shards
+    for shard, damage in zip(shards, [lambda b: b[:100], lambda b: b[:-2], lambda b: b"junk" * 40] * len(shards)):
+        shard.write_bytes(damage(shard.read_bytes()))
+    again = tltool.finetune(data=image_folder, out=tmp_path / "b", verbose=0, overrides=tiny_values(32))
+    assert again.summary["timings"]["feature_images"] == 24
+    assert again.summary["val_accuracy"] == first.summary["val_accuracy"]
+
+
 def test_unreadable_files_are_left_out_of_the_features(tmp_path, image_folder):
     import shutil
 

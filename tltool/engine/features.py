@@ -118,6 +118,8 @@ class FeatureCache:
                 keys = json.loads(index_file.read_text())
             except (OSError, ValueError):
                 continue  # an unreadable index is ignored: its rows are recomputed
+            if _shard_rows(self.root / f"{shard}.npy") != len(keys):
+                continue  # a damaged array (cut short, overwritten): ignored too
             for row, key in enumerate(keys):
                 self._index[key] = (shard, row)
 
@@ -193,6 +195,26 @@ class FeatureCache:
             orphan = leftover.name.startswith(".") or not leftover.with_suffix(".json").is_file()
             if orphan and leftover.stat().st_mtime < cutoff:
                 leftover.unlink(missing_ok=True)
+
+
+def _shard_rows(path: Path) -> int | None:
+    """How many rows the shard's array holds, from its .npy header, if the file is whole; else None.
+
+    Shards are written atomically, so a damaged one was damaged afterwards (a disk or a copy gone wrong);
+    reading it would fail in the middle of a run. Reads the header only.
+    """
+    try:
+        with open(path, "rb") as f:
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}[np.lib.format.read_magic(f)]
+            shape, _, dtype = read_header(f)
+            data_start = f.tell()
+        size = path.stat().st_size
+    except (OSError, ValueError, KeyError):  # KeyError: a format version np.save does not write for us
+        return None
+    if len(shape) != 2 or size != data_start + int(np.prod(shape)) * dtype.itemsize:
+        return None
+    return int(shape[0])
 
 
 def open_entry(root: Path):
