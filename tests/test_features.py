@@ -186,3 +186,18 @@ def test_a_fit_on_cached_features_is_one_pass_per_epoch_with_new_views_from_one_
     # Images streamed from files (unreadable ones dropped: length unknown) are left to Keras's epochs.
     streamed = train.filter(lambda x, y: True)
     assert one_iterator_per_fit(streamed, val)[2] == {}
+
+
+def test_features_alike_for_every_image_are_called_out(tmp_path, image_folder):
+    """A random backbone (weights: none) gives every image the same stored features: the run says the model
+    cannot learn and what to use instead. A backbone whose features differ does not get the warning."""
+    import warnings
+
+    with pytest.warns(UserWarning, match=r"same features, so the model cannot learn.*weights: none.*--weights imagenet"):
+        tltool.finetune(data=image_folder, out=tmp_path / "random", verbose=0, overrides=tiny_values(32))
+    weights = calibrated_backbone_weights(tmp_path / "backbone.weights.h5", images=image_folder)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tltool.finetune(data=image_folder, out=tmp_path / "calibrated", verbose=0,
+                        overrides=tiny_values(32) + [f"backbone.weights={weights}"])
+    assert not [w for w in caught if "same features" in str(w.message)]

@@ -9,6 +9,7 @@ run's `RunProgress` lists as done.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -191,6 +192,7 @@ def _extract(ctx: TrainingContext, extractor, cut: str = "", to_features=lambda 
                                                   **common)
         train_x, train_images = views_by_image(train_x, train_rows, s1.rows_per_view)
         train_y = np.asarray(split.train.labels)[train_images]
+        _warn_if_all_alike(setup, train_x[:, 0])
         why_not = _l2_not_measurable(ctx) if recipe.head.l2 is None else ""
         if why_not:  # settled before any features are computed for it
             _settle_l2(ctx, L2Decision(0.0, {}, why_not))
@@ -206,6 +208,19 @@ def _extract(ctx: TrainingContext, extractor, cut: str = "", to_features=lambda 
         val_x, val_rows, s2 = cached_features(extractor, cache, split.val.paths, **common)
         return (train_x, train_y, val_x, np.asarray(split.val.labels)[val_rows],
                 spent[0] + s1.seconds + s2.seconds, spent[1] + s1.computed + s2.computed)
+
+
+def _warn_if_all_alike(setup: RunSetup, rows: np.ndarray) -> None:
+    """Say so when the backbone gives every training image the same (stored) features: no head can learn
+    from them. A random backbone does this (`weights: none`: its features shrink to about 1e-12 through
+    its BatchNorm layers, zero once stored as float16)."""
+    if len(rows) < 2 or not np.all(rows == rows[:1]):
+        return
+    why = (" Its weights are random (weights: none), and an untrained backbone's features vanish."
+           if not setup.pretrained else "")
+    warnings.warn(f"The backbone gives every training image the same features, so the model cannot learn to "
+                  f"tell the classes apart.{why} Train with pretrained weights: --weights imagenet, or a "
+                  f"weights file.", UserWarning, stacklevel=2)
 
 
 def _add_probe_rows(ctx: TrainingContext, cache: FeatureCache, cut: str) -> None:
