@@ -107,3 +107,27 @@ def test_group_by_keeps_groups_together(tmp_path):
 def test_balanced_class_weights():
     weights = balanced_class_weights([0, 0, 0, 1], 2)
     assert weights == {0: pytest.approx(4 / 6), 1: pytest.approx(2.0)}
+
+
+def test_held_out_folders_holding_training_images_are_refused_or_flagged(tmp_path, image_folder):
+    """Validation (or test) images that are training images measure memory: the training folder itself is
+    refused with what to do, a folder sharing some of them gets a warning with the count."""
+    from tltool.engine.setup import load_split_data
+    from tltool.recipe import from_dict
+
+    def split(**data):
+        return load_split_data(from_dict({"data": {"train": str(image_folder), **data}}))
+
+    with pytest.raises(DataError, match=r"--val-data .* holds training images only.*leave --val-data out"):
+        split(val=str(image_folder))
+    with pytest.raises(DataError, match=r"--test-data .* holds training images only"):
+        split(test=str(image_folder))
+    mixed = make_image_folder(tmp_path / "val", per_class=2)
+    for klass in ("red", "blue"):  # one training image linked into two of the classes
+        (mixed / klass / "shared.png").symlink_to(sorted((image_folder / klass).iterdir())[0])
+    with pytest.warns(UserWarning, match=r"2 of the 8 validation images are training images too"):
+        split(val=str(mixed))
+    shutil.rmtree(mixed / "red")
+    shutil.rmtree(mixed / "blue")
+    clean = split(val=str(mixed))  # no warning, no error: nothing shared
+    assert len(clean.val.paths) == 2

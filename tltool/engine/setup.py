@@ -7,6 +7,7 @@ the rules behind them live in one place.
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,7 +137,28 @@ def load_split_data(recipe: Recipe, skips: SkipLog | None = None) -> SplitData:
                           f". Their accuracy goes unmeasured; add images or pass --val-data DIR.", UserWarning,
                           stacklevel=2)
     test = scan_folder(recipe.data.test, skips, classes=full.classes, role="test") if recipe.data.test else None
+    for held_out, role, flag in ((val if recipe.data.val else None, "validation", "--val-data"),
+                                 (test, "test", "--test-data")):
+        if held_out is not None:
+            _check_held_out(full, held_out, role, flag)
     return SplitData(train, val, test, skips)
+
+
+def _check_held_out(train: ImageFolder, held_out: ImageFolder, role: str, flag: str) -> None:
+    """Refuse a validation or test folder that holds the training images themselves (their accuracy measures
+    memory, and the out-of-distribution threshold fitted on them would be 0); warn when some are shared.
+    Files are compared by their real path; `tltool data check` also finds copies and near-duplicates."""
+    training = {os.path.realpath(p) for p in train.paths}
+    shared = [p for p in held_out.paths if os.path.realpath(p) in training]
+    if not shared:
+        return
+    if len(shared) == len(held_out.paths):
+        instead = ", or leave --val-data out to split some off" if role == "validation" else ""
+        raise DataError(f"{flag} {held_out.root} holds training images only: their accuracy would measure "
+                        f"memory, not how the model does on new images. Pass a folder of other images{instead}.")
+    warnings.warn(f"{len(shared)} of the {len(held_out.paths)} {role} images are training images too (e.g. "
+                  f"{shared[0]}): their accuracy measures memory. Keep each image in one folder; `tltool data "
+                  f"check` also finds copies and near-duplicates.", UserWarning, stacklevel=3)
 
 
 def prepare_run(recipe: Recipe, *, weights: bool = True, data: bool = True, split: SplitData | None = None,
