@@ -313,6 +313,17 @@ def test_cli_tune_errors(tmp_path, image_folder, monkeypatch):
     assert result.exit_code == 2 and "KERASTUNER_ORACLE_PORT and KERASTUNER_TUNER_ID are not" in result.output
 
 
+
+def test_ctrl_c_in_a_search_says_how_to_continue(monkeypatch, image_folder):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tltool, "tune", interrupted)
+    result = CliRunner().invoke(main, ["tune", "--data", str(image_folder)])
+    assert result.exit_code == 130
+    assert "Interrupted. Finished trials are kept; run the same command again" in result.stderr
+
+
 # ------------------------------------------------------------------------------------------ Hyperband
 
 

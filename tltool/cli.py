@@ -93,17 +93,15 @@ def _restart_after_lost_worker(exc) -> None:
 
 
 @contextlib.contextmanager
-def interruptible(out, resume_hint: bool):
-    """Ctrl-C or SIGTERM: stop cleanly, say what was kept and how to continue, exit 130 (143 for SIGTERM)."""
+def interruptible(hint: str = "", sigterm: bool = True):
+    """Ctrl-C (and with `sigterm`, SIGTERM at the work's next safe point): stop cleanly, say what was kept and
+    how to continue (`hint`), exit 130 (143 for SIGTERM)."""
     try:
-        with tltool.sigterm_at_safe_points():
+        with tltool.sigterm_at_safe_points() if sigterm else contextlib.nullcontext():
             yield
     except (KeyboardInterrupt, tltool.Interrupted) as exc:
         code = 143 if isinstance(exc, tltool.Interrupted) else 130
-        where = f" --out {out}" if out else " --out RUN_DIR (the run directory printed at the start)"
-        hint = (f" Progress up to the last finished epoch is saved; continue with: tltool finetune --resume{where}"
-                if resume_hint else "")
-        click.echo(f"\nInterrupted.{hint}", err=True)
+        click.echo(f"\nInterrupted.{' ' + hint if hint else ''}", err=True)
         sys.exit(code)
 
 
@@ -186,7 +184,9 @@ def finetune(recipe, data, val_data, test_data, backbone, weights, image_size, b
     """
     if resume and force:
         raise click.UsageError("--resume and --force contradict each other: --force would delete the run.")
-    with interruptible(out, resume_hint=True):
+    where = f" --out {out}" if out else " --out RUN_DIR (the run directory printed at the start)"
+    with interruptible(f"Progress up to the last finished epoch is saved; continue with: tltool finetune --resume"
+                       f"{where}"):
         result = tltool.finetune(recipe, data=data, val_data=val_data, test_data=test_data, backbone=backbone,
                                  weights=weights, image_size=image_size, epochs=epochs,
                                  fine_tune_epochs=fine_tune_epochs, batch_size=batch_size, seed=seed, out=out,
@@ -224,10 +224,13 @@ def tune(recipe, data, val_data, test_data, backbone, weights, image_size, batch
     Distributed: set KERASTUNER_ORACLE_IP, KERASTUNER_ORACLE_PORT and KERASTUNER_TUNER_ID (chief on one
     machine, worker0, worker1, ... on the others) and run the same command everywhere.
     """
-    tltool.tune(recipe, data=data, val_data=val_data, test_data=test_data, backbone=backbone, weights=weights,
-                image_size=image_size, batch_size=batch_size, seed=seed, algorithm=algorithm,
-                max_trials=max_trials, objective=objective, out=out, overwrite=overwrite, overrides=overrides,
-                verbose=0 if quiet else 1, log=echo)
+    # SIGTERM keeps its default (a search's chief waits on the network, with no safe point to stop at).
+    with interruptible("Finished trials are kept; run the same command again (without --overwrite) to continue "
+                       "the search.", sigterm=False):
+        tltool.tune(recipe, data=data, val_data=val_data, test_data=test_data, backbone=backbone, weights=weights,
+                    image_size=image_size, batch_size=batch_size, seed=seed, algorithm=algorithm,
+                    max_trials=max_trials, objective=objective, out=out, overwrite=overwrite, overrides=overrides,
+                    verbose=0 if quiet else 1, log=echo)
 
 
 @main.command()
@@ -539,7 +542,7 @@ def stylize(content, style, recipe, backbone, weights, size, steps, optimizer, c
     Writes result.png (at the content's aspect ratio), sheet.png (content | style | result), loss.png,
     stylize.json (settings, losses per step, timings) and recipe.yaml. Ctrl-C or SIGTERM keeps the image so far.
     """
-    with interruptible(None, resume_hint=False):
+    with interruptible():
         tltool.stylize(content, style, recipe, backbone=backbone, weights=weights, size=size, steps=steps,
                        optimizer=optimizer, content_weight=content_weight, style_weight=style_weight,
                        tv_weight=tv_weight, init=init, seed=seed, out=out, force=force, overrides=overrides,
