@@ -254,7 +254,17 @@ def test_cli_export_errors(run_dir, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     result = runner.invoke(main, ["export", str(empty), "--format", "tflite"])
+    assert result.exit_code == 2 and "is not a tltool run directory (it has no recipe.yaml)" in result.output
+    assert "--resume" not in result.output  # nothing there to resume
+    (empty / "recipe.yaml").write_text((run_dir / "recipe.yaml").read_text())  # a run that never finished
+    result = runner.invoke(main, ["export", str(empty), "--format", "tflite"])
     assert result.exit_code == 2 and "has no model.keras: it is not a finished tltool run" in result.output
+    assert "tltool finetune --resume" in result.output
+    exported = tmp_path / "exported"  # an export folder (a .keras export also holds model.keras and labels)
+    exported.mkdir()
+    (exported / "export.json").write_text("{}")
+    result = runner.invoke(main, ["export", str(exported), "--format", "tflite"])
+    assert result.exit_code == 2 and "is an export, not a run directory" in result.output
 
 
 def test_export_without_format_uses_the_recipe_defaults(run_dir, tmp_path):

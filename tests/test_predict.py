@@ -129,16 +129,20 @@ def test_damaged_exports_get_one_line_saying_to_export_again(models, tmp_path):
 
     (tmp_path / "junk.onnx").write_bytes(b"not a model" * 100)
     (tmp_path / "junk.tflite").write_bytes(b"not a model" * 100)
+    (tmp_path / "junk-keras").mkdir()
+    (tmp_path / "junk-keras" / "model.keras").write_bytes(b"not a model" * 100)
+    (tmp_path / "junk-keras" / "labels.txt").write_text((models["run"] / "labels.txt").read_text())
     junk_pb = tmp_path / "junk-savedmodel"
     shutil.copytree(models["savedmodel"], junk_pb)
     (junk_pb / "1" / "saved_model.pb").write_bytes(b"not a model" * 100)
     no_variables = tmp_path / "savedmodel-without-variables"
     shutil.copytree(models["savedmodel"], no_variables)
     shutil.rmtree(no_variables / "1" / "variables")
-    for model in ("junk.onnx", "junk.tflite", "junk-savedmodel", "savedmodel-without-variables"):
+    for model in ("junk.onnx", "junk.tflite", "junk-keras/model.keras", "junk-savedmodel", "savedmodel-without-variables"):
         result = CliRunner().invoke(main, ["predict", str(tmp_path / model), str(models["images"])])
         assert result.exit_code == 2, (model, result.output)
-        assert "is not a readable" in result.stderr and "Traceback" not in result.stderr, (model, result.stderr)
+        assert "not a readable" in result.stderr or "not a Keras model file" in result.stderr, (model, result.stderr)
+        assert "Traceback" not in result.stderr and "File not found" not in result.stderr, (model, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1, (model, result.stderr)
 
 

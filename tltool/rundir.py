@@ -53,6 +53,9 @@ def require_run_dir(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunDirError(f"Run directory not found: {run_dir}. Pass the --out folder of a `tltool finetune` run.")
+    if not (run_dir / RECIPE_FILE).is_file():  # not a run at all: --resume would not help
+        raise RunDirError(f"{run_dir} is not a tltool run directory (it has no {RECIPE_FILE}). Pass the --out "
+                          f"folder of a `tltool finetune` run.")
     for name in (MODEL_FILE, LABELS_FILE):
         if not (run_dir / name).is_file():
             raise RunDirError(f"{run_dir} has no {name}: it is not a finished tltool run. "

@@ -35,7 +35,7 @@ import numpy as np
 from tltool import outputs, rundir
 from tltool.data.manifest import manifest_split, read_manifest
 from tltool.engine.setup import RunSetup, prepare_run
-from tltool.errors import ExportError, ExportOptionError
+from tltool.errors import ExportError, ExportOptionError, RunDirError
 from tltool.exporting import checks, mediapipe_check, tflite
 from tltool.exporting.metadata import model_metadata
 from tltool.exporting.tflite_metadata import ModelInfo
@@ -72,6 +72,9 @@ def export(run_dir, format: str, quantize: str = "none", out=None, force: bool =
         ExportError: the conversion failed, or the export is outside tolerance (nothing is left behind).
     """
     _check_options(format, quantize)
+    if (Path(run_dir) / EXPORT_FILE).is_file():
+        raise RunDirError(f"{run_dir} is an export, not a run directory: export from the run it came from "
+                          f"(`tltool export RUN --format ...`).")
     run_dir = rundir.require_run_dir(Path(run_dir))
     recipe = load_recipe(run_dir / rundir.RECIPE_FILE)
     out = _export_folder(run_dir, recipe, format, quantize, out, force)

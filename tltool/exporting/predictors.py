@@ -80,8 +80,15 @@ class KerasPredictor(Predictor):
 
     @classmethod
     def from_file(cls, model_file: Path, labels: list[str]) -> "KerasPredictor":
+        import zipfile
+
         import keras
 
+        if Path(model_file).suffix == ".keras" and Path(model_file).is_file() and not zipfile.is_zipfile(model_file):
+            # Keras would say "File not found" of a file that is there.
+            raise RunDirError(f"Cannot load {model_file}: it is not a Keras model file (a .keras file is a zip "
+                              f"archive; this one is damaged or something else). Train the run again with "
+                              f"`tltool finetune`, or export it again.")
         try:
             model = keras.models.load_model(model_file, compile=False, safe_mode=True)
         except Exception as exc:  # Keras raises ValueError, OSError, zipfile errors ... for a damaged file
