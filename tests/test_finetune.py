@@ -139,6 +139,11 @@ def test_weights_file_of_another_network_is_a_clear_error(tmp_path, image_folder
                                        "--out", str(tmp_path / "out"), *tiny_recipe_args()[2:]])
     assert result.exit_code == 2
     assert "does not fit mobilenet_v2 without its top" in result.output
+    # Nothing trained, nothing kept: the command runs again in the same folder without --force.
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [".tltool"]
+    again = CliRunner().invoke(main, ["finetune", "--data", str(image_folder), "--out", str(tmp_path / "out"),
+                                      *tiny_recipe_args()])
+    assert again.exit_code == 0, again.output
 
 
 def test_classic_head_swaps_only_the_last_layer(tmp_path, image_folder):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tltool import outputs, rundir
-from tltool.data.manifest import check_same_data, manifest_split, read_manifest, write_manifest
+from tltool.data.manifest import MANIFEST_FILE, check_same_data, manifest_split, read_manifest, write_manifest
 from tltool.engine.cluster import Cluster, Role, role_from_environment, split_fingerprint
 from tltool.engine.feature_layer import choose_feature_layer, settle_unmeasured
 from tltool.engine.progress import CHECKPOINTS_DIR, RunProgress, check_resumable
@@ -115,12 +115,17 @@ def _train_in(run_dir: Path, setup: RunSetup, resume: bool, say, verbose: int, t
         _layer_of_a_resumed_run(run_dir, recipe)
     else:
         _record_start(run_dir, setup)  # first: a run killed from here on can be resumed
-    if choose_feature_layer(ctx):  # the model's shape depends on it: measured before it is built
-        save_recipe(recipe, run_dir / rundir.RECIPE_FILE, ctx.decisions)
-        # The probe network drew from Keras's seeded generators: start afresh, so that the run is the one its
-        # recipe.yaml (which records the layer) repeats.
-        ctx.runtime = runtime = start_runtime(recipe, cluster)
-    tm = build_model(setup, runtime)
+    try:
+        if choose_feature_layer(ctx):  # the model's shape depends on it: measured before it is built
+            save_recipe(recipe, run_dir / rundir.RECIPE_FILE, ctx.decisions)
+            # The probe network drew from Keras's seeded generators: start afresh, so that the run is the one
+            # its recipe.yaml (which records the layer) repeats.
+            ctx.runtime = runtime = start_runtime(recipe, cluster)
+        tm = build_model(setup, runtime)
+    except TltoolError:
+        if not resume:  # e.g. a weights file that does not fit: nothing trained, and a resume would fail alike
+            _forget_start(run_dir)
+        raise
     progress = _start_or_resume(run_dir, tm, resume, say)
     timings = train_stages(ctx, tm, progress=progress, run_dir=run_dir, tensorboard=tensorboard)
     if ctx.decisions:  # values the run measured: recorded, so that a repeat or a resume takes them as given
@@ -285,6 +290,12 @@ def _record_start(run_dir: Path, setup: RunSetup) -> None:
     write_manifest(run_dir, setup.split)
     save_recipe(setup.recipe, run_dir / rundir.RECIPE_FILE)
     rundir.write_labels(run_dir, setup.classes)
+
+
+def _forget_start(run_dir: Path) -> None:
+    """Remove what `_record_start` wrote, so that the same command can run again in the same folder."""
+    for name in (MANIFEST_FILE, rundir.RECIPE_FILE, rundir.LABELS_FILE):
+        (run_dir / name).unlink(missing_ok=True)
 
 
 def _layer_of_a_resumed_run(run_dir: Path, recipe) -> None:
