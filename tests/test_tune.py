@@ -407,3 +407,27 @@ def test_each_hyperband_trial_carries_the_budget_of_the_oracle_that_made_it(tmp_
     trial.status = "COMPLETED"
     oracle.end_trial(trial)
     assert trial_records(oracle, space, base)[0]["epochs"] == [2, 1]
+
+
+def test_a_fall_back_to_random_weights_is_said_once_per_search(tmp_path, image_folder, monkeypatch):
+    """Offline, with `backbone.fallback: none`, the search says once that it trains from random weights,
+    not once more for every trial."""
+    import urllib.error
+    import warnings
+
+    import keras
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+    monkeypatch.setattr("keras.src.utils.file_utils.get_file", offline)
+    overrides = [o for o in TINY if not o.startswith("backbone.weights")] + ["backbone.weights=imagenet",
+                                                                            "backbone.fallback=none"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = tltool.tune(_recipe_file(tmp_path, HEAD_SPACE, algorithm="random"), data=image_folder,
+                             out=tmp_path / "search", overrides=overrides, max_trials=3, verbose=0)
+    assert result.summary["trials_completed"] == 3
+    assert len([w for w in caught if "training from RANDOM initialisation" in str(w.message)]) == 1

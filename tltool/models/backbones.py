@@ -289,11 +289,15 @@ def resolve_weights(spec: BackboneSpec, weights: str, fallback: str | None = Non
             raise
         import warnings
 
-        warnings.warn(f"ImageNet weights for {spec.name} cannot be had here (offline?): training from RANDOM "
+        warnings.warn(f"{FALLBACK_WARNING} {spec.name} cannot be had here (offline?): training from RANDOM "
                       f"initialisation instead, as the recipe's `backbone.fallback: none` allows. Accuracy "
                       f"will be far below a pretrained model's.", UserWarning, stacklevel=2)
         return ResolvedWeights("none", None, "random", fell_back=True)
     return ResolvedWeights("imagenet", None, f"imagenet:{spec.constructor}:{'top' if classic else 'notop'}")
+
+
+#: How the warning of a fall back to random weights starts (a search says it once, not at every trial).
+FALLBACK_WARNING = "ImageNet weights for"
 
 
 def _ensure_imagenet_cached(spec: BackboneSpec, classic: bool, size: int) -> None:

@@ -17,6 +17,7 @@ import gc
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass
 
 import keras
@@ -31,6 +32,7 @@ from tltool.engine.stages import (TrainingContext, activation_cut, build_model, 
 from tltool.errors import TltoolError
 from tltool.evaluation.metrics import accuracy, log_loss
 from tltool.files import atomic_write_text
+from tltool.models.backbones import FALLBACK_WARNING
 from tltool.models.transfer import TransferModel, build_head, fine_tune_cut, layers_above, with_new_head
 from tltool.recipe import Recipe
 from tltool.tuning.distributed import guard_worker, serve_oracle
@@ -123,7 +125,10 @@ class TrialRunner:
     def setup_for(self, recipe: Recipe, weights: bool = True):
         """The trial's run set up, reusing the split of any earlier trial with the same data settings."""
         key = self._split_key(recipe)
-        setup = prepare_run(recipe, weights=weights, split=self._splits.get(key))
+        with warnings.catch_warnings():
+            # A fall back to random weights was said by the search's own setup (`base_setup`), once.
+            warnings.filterwarnings("ignore", message=FALLBACK_WARNING, category=UserWarning)
+            setup = prepare_run(recipe, weights=weights, split=self._splits.get(key))
         self._splits[key] = setup.split
         return setup
 
