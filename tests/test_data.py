@@ -131,3 +131,12 @@ def test_held_out_folders_holding_training_images_are_refused_or_flagged(tmp_pat
     shutil.rmtree(mixed / "blue")
     clean = split(val=str(mixed))  # no warning, no error: nothing shared
     assert len(clean.val.paths) == 2
+
+
+def test_a_class_named_like_predicts_unknown_label_is_flagged(tmp_path):
+    from tltool.engine.setup import load_split_data
+    from tltool.recipe import from_dict
+
+    data = make_image_folder(tmp_path / "data", classes=("unknown", "red"), per_class=4)
+    with pytest.warns(UserWarning, match=r"A class is named 'unknown'.*reason"):
+        load_split_data(from_dict({"data": {"train": str(data)}}))

@@ -8,8 +8,8 @@ import numpy as np
 
 from tltool.data.images import ImageReadError, is_image_name, load_image
 from tltool.exporting.predictors import Predictor, load_predictor, mirror_tta
+from tltool.models.ood import UNKNOWN_LABEL
 
-UNKNOWN_LABEL = "unknown"
 OUT_OF_DISTRIBUTION = "out_of_distribution"  # the model's OOD score is above 1 (see models/ood.py)
 LOW_CONFIDENCE = "low_confidence"            # the top probability is below --threshold
 

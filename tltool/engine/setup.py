@@ -16,6 +16,7 @@ from typing import Callable
 from tltool.data.folders import ImageFolder, SkipLog, check_folder, scan_folder, stratified_split
 from tltool.errors import DataError, RecipeError
 from tltool.models.backbones import BackboneSpec, ResolvedWeights, check_image_size, get_backbone_spec, resolve_weights
+from tltool.models.ood import UNKNOWN_LABEL
 from tltool.recipe import Recipe, load_recipe
 
 
@@ -121,6 +122,10 @@ def load_split_data(recipe: Recipe, skips: SkipLog | None = None) -> SplitData:
     require_training_data(recipe)
     skips = skips if skips is not None else SkipLog()
     full = scan_folder(recipe.data.train, skips, role="training")
+    if UNKNOWN_LABEL in full.classes:
+        warnings.warn(f"A class is named {UNKNOWN_LABEL!r}, the label `tltool predict` gives images unlike the "
+                      f"training images: tell the two apart by its `reason` field (empty for the class), or "
+                      f"rename the class folder.", UserWarning, stacklevel=2)
     if recipe.data.val:
         train = full
         val = scan_folder(recipe.data.val, skips, classes=full.classes, role="validation")

@@ -21,6 +21,8 @@ PROBABILITIES = "probabilities"
 OOD_SCORE = "ood_score"
 #: `ood_score` above this means out of distribution (the threshold is folded into the score)
 UNKNOWN_ABOVE = 1.0
+#: What `predict` calls an image out of distribution (or below --threshold)
+UNKNOWN_LABEL = "unknown"
 
 
 def build_ood_scorer(bank: np.ndarray, threshold: float):
