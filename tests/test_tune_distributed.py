@@ -90,7 +90,7 @@ def test_a_lost_worker_a_duplicate_id_and_a_wrong_token_do_not_stall_the_search(
     port = _free_port()
     # Trials of a few seconds (no early stopping), so that a worker killed just after one trial is inside the next.
     command = [sys.executable, "-m", "tltool", "tune", str(recipe), "--data", str(image_folder), "--weights", "none",
-               "--image-size", "32", "--batch-size", "8", "--set", "frozen.epochs=250",
+               "--image-size", "32", "--batch-size", "8", "--set", "frozen.epochs=600",
                "--set", "frozen.early_stopping=0", "--set", "fine_tune.epochs=0",
                "--set", "frozen.feature_views=0", "--set", "augment.flip=horizontal", "--max-trials", "5",
                "--out", str(out)]
@@ -136,3 +136,30 @@ def test_a_lost_worker_a_duplicate_id_and_a_wrong_token_do_not_stall_the_search(
     assert codes["duplicate"] != 0 and "KERASTUNER_TUNER_ID=worker0 is in use" in logs["duplicate"].read_text()
     for name in ("stranger", "duplicate"):
         assert "Traceback" not in logs[name].read_text()
+
+
+def test_a_worker_with_nothing_left_to_run_waits_while_another_trial_may_come_back(tmp_path):
+    """Keras Tuner tells a worker to stop once every trial is handed out; if another worker is then lost,
+    its trial goes back in the queue with nobody left to run it. The chief's oracle tells idle workers to
+    wait while other trials are out, and hands them the requeued one."""
+    from tltool.tuning.guarded_oracle import _drop_worker, _end_lost_trial
+    from tltool.tuning.search import make_oracle
+    from tltool.tuning.space import SearchSpace
+
+    oracle = make_oracle("random", "val_accuracy", 2, 0, 1)
+    oracle._set_project_dir(str(tmp_path), "search")
+    hp = oracle.get_space()
+    SearchSpace({"head.dropout": {"choice": [0.0, 0.1, 0.2, 0.3]}}).declare(hp)
+    oracle.update_space(hp)
+    first, second = oracle.create_trial("worker0"), oracle.create_trial("worker1")
+    oracle.update_trial(first.trial_id, {"val_accuracy": 0.5})
+    first.status = "COMPLETED"
+    oracle.end_trial(first)
+    assert oracle.create_trial("worker0").status == "IDLE"  # worker1's trial is still out
+    _end_lost_trial(oracle, _drop_worker(oracle, "worker1"), requeue=True, message="lost")
+    again = oracle.create_trial("worker0")
+    assert again.status == "RUNNING" and again.trial_id == second.trial_id
+    oracle.update_trial(again.trial_id, {"val_accuracy": 0.6})
+    again.status = "COMPLETED"
+    oracle.end_trial(again)
+    assert oracle.create_trial("worker0").status == "STOPPED"  # nothing out any more: the search is over

@@ -98,8 +98,22 @@ def distributed_role() -> str:
     return "chief" if "chief" in os.environ["KERASTUNER_TUNER_ID"] else "worker"
 
 
+#: A worker told to wait (an IDLE trial) asks again after this many seconds; Keras Tuner asks at once.
+IDLE_PAUSE_S = 1.0
+
+
 def guard_worker(client, tuner_id: str) -> None:
-    """Make a worker's Keras Tuner OracleClient a guarded one (see tltool.tuning.guarded_oracle)."""
+    """Make a worker's Keras Tuner OracleClient a guarded one (see tltool.tuning.guarded_oracle) that pauses
+    before asking again when told to wait."""
     from tltool.tuning.guarded_oracle import guard_client
 
     guard_client(client, tuner_id)
+    create_trial = client.create_trial
+
+    def create_trial_pausing_when_idle(asking_id):
+        trial = create_trial(asking_id)
+        if trial.status == "IDLE":
+            time.sleep(IDLE_PAUSE_S)
+        return trial
+
+    client.create_trial = create_trial_pausing_when_idle

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import keras
 import keras_tuner as kt
+from keras_tuner.src.engine.oracle import synchronized
 import numpy as np
 
 from tltool.engine.fitting import compile_model
@@ -365,13 +366,22 @@ class _TrialLog:
         self.trial_log: dict[str, dict] = {}
         self.after_end_trial = None
 
+    @synchronized  # with the chief's thread that requeues a lost worker's trial
     def create_trial(self, tuner_id):
+        if self._others_may_hand_back(tuner_id):
+            # All trials are handed out, but another worker's may come back (the chief requeues the trial of
+            # a worker it loses): this one waits for it instead of leaving (see guard_worker for the pause).
+            return kt.engine.trial.Trial(self.get_space(), status="IDLE")
         trial = super().create_trial(tuner_id)
         if trial.status == "RUNNING":
             entry = self.trial_log.get(trial.trial_id)
             if entry is None or "seconds" in entry:  # new, or a crashed trial sent for another run
                 self.trial_log[trial.trial_id] = {"worker": tuner_id, "start": time.time()}
         return trial
+
+    def _others_may_hand_back(self, tuner_id) -> bool:
+        return (bool(self.max_trials) and len(self.trials) >= self.max_trials and not self._retry_queue
+                and tuner_id not in self.ongoing_trials and bool(self.ongoing_trials))
 
     def end_trial(self, trial):
         entry = self.trial_log.get(trial.trial_id)
