@@ -356,7 +356,8 @@ def _first_line(exc) -> str:
 
 
 class _TrialLog:
-    """Oracle mixin: which tuner ran each trial and for how long, saved with the oracle's state.
+    """Oracle mixin: which tuner ran each trial and for how long, saved with the oracle's state; and a worker
+    with no trial left to start waits while other workers' trials are out (`_others_may_hand_back`).
 
     Lives in the oracle because in a distributed search only the chief's oracle sees every trial.
     """
