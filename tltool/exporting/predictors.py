@@ -373,7 +373,7 @@ def _tflite_interpreter(path: Path):
         try:
             return Interpreter(model_path=str(path))
         except ValueError as exc:
-            raise RunDirError(f"{path} is not a readable TFLite model: {str(exc)[:120]}") from None
+            raise _unreadable(path, "TFLite model", exc) from None
 
 
 def _quantize(pixels: np.ndarray, detail: dict) -> np.ndarray:
