@@ -173,3 +173,16 @@ def test_tta_averages_each_image_with_its_mirror_and_is_refused_for_unmirrored_r
     refused = CliRunner().invoke(main, ["predict", str(unmirrored), str(models["images"]), "--tta"])
     assert refused.exit_code != 0 and "trained without mirrored images (augment.flip: none" in refused.output
     assert "Traceback" not in refused.output
+
+    # Its exports carry the flip too (TFLite and ONNX in the file's metadata, every format in export.json):
+    # a .tflite file moved away from its folder, or a SavedModel, is refused as well.
+    tltool.export(unmirrored, "tflite")
+    tltool.export(unmirrored, "savedmodel")
+    moved = tmp_path / "elsewhere" / "model.tflite"
+    moved.parent.mkdir()
+    shutil.copyfile(unmirrored / "export" / "tflite" / "model.tflite", moved)
+    for exported in (moved, unmirrored / "export" / "savedmodel", unmirrored / "export" / "savedmodel" / "1"):
+        refused = CliRunner().invoke(main, ["predict", str(exported), str(models["images"]), "--tta"])
+        assert refused.exit_code != 0 and "(augment.flip: none)" in refused.output, (exported, refused.output)
+    # The mirrored run's exports are averaged.
+    assert tltool.predict_files(models["savedmodel"], [models["images"]], tta=True)[0]["error"] is None

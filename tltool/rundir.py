@@ -26,6 +26,7 @@ LABELS_FILE = "labels.txt"
 RECIPE_FILE = "recipe.yaml"
 HISTORY_FILE = "history.csv"
 SUMMARY_FILE = "summary.json"
+EXPORT_FILE = "export.json"  # in an export folder: what `tltool export` measured and recorded
 
 
 def atomic_save_model(model, path: Path) -> None:

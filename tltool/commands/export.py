@@ -46,7 +46,7 @@ from tltool.recipe import load_recipe
 
 FORMATS = ("savedmodel", "keras", "tflite", "onnx")
 QUANTIZATIONS = ("none", "dynamic", "float16", "int8")
-EXPORT_FILE = "export.json"
+EXPORT_FILE = rundir.EXPORT_FILE
 SAVEDMODEL_VERSION = "1"
 TFLITE_FILE = "model.tflite"
 ONNX_FILE = "model.onnx"
@@ -90,7 +90,7 @@ def export(run_dir, format: str, quantize: str = "none", out=None, force: bool =
         artifact, report, extra = writer(keras_predictor, setup, quantize, tmp, check, tol)
         result = {"format": format, "quantize": quantize, "path": str(out), **_size(artifact, extra), **report,
                   "n_images": len(check.paths), "image_size": keras_predictor.image_size,
-                  "num_classes": len(keras_predictor.labels), **extra,
+                  "num_classes": len(keras_predictor.labels), "augment_flip": recipe.augment.flip, **extra,
                   "tolerance": {k: v for k, v in asdict(tol).items() if v is not None},
                   "seconds": round(time.perf_counter() - t_start, 2)}
         checks.check_tolerance(result, tol)
@@ -252,7 +252,7 @@ def _tflite_artifact(keras_predictor, setup, quantize, tmp: Path, check: _CheckI
         _, representative, _ = checks.load_images(train.paths, train.labels, size, checks.REPRESENTATIVE_IMAGES,
                                                   setup.recipe.seed)
     candidates, float32_size = tflite.convert(keras_predictor.model, size, quantize, representative,
-                                              model_metadata(labels, size, quantize), _model_info(setup, keras_predictor))
+                                              model_metadata(labels, size, quantize, setup.recipe.augment.flip), _model_info(setup, keras_predictor))
     report, tried = checks.first_accurate(candidates, artifact, lambda: check.against(load_predictor(tmp)), tol)
     extra: dict = {} if float32_size is None else {"float32_size_bytes": float32_size}
     if candidates[0].int8_weights:
@@ -284,7 +284,8 @@ def _onnx_artifact(keras_predictor, setup, quantize, tmp: Path, check: _CheckIma
     from tltool.exporting.onnx_export import write_onnx
 
     artifact = tmp / ONNX_FILE
-    write_onnx(keras_predictor.model, keras_predictor.image_size, keras_predictor.labels, artifact)
+    write_onnx(keras_predictor.model, keras_predictor.image_size, keras_predictor.labels, artifact,
+               setup.recipe.augment.flip)
     rundir.write_labels(tmp, keras_predictor.labels)
     return artifact, check.against(load_predictor(tmp)), {}
 

@@ -1,4 +1,5 @@
-"""The `tltool` metadata entry that travels inside exported files: labels, input size, quantization.
+"""The `tltool` metadata entry that travels inside exported files: labels, input size, quantization, and the
+flip the model was trained with (so that `--tta` can refuse to mirror images for a model that never saw any).
 
 One JSON object under one key, written into a .tflite flatbuffer's named metadata and an .onnx model's
 `metadata_props`, and read back by `load_predictor`.
@@ -17,11 +18,11 @@ from tltool.errors import RunDirError
 METADATA_KEY = "tltool"
 
 
-def model_metadata(labels: list[str], size: int, quantize: str) -> dict:
+def model_metadata(labels: list[str], size: int, quantize: str, augment_flip: str) -> dict:
     from tltool import __version__
 
     return {"labels": labels, "image_size": size, "input": "RGB pixels 0..255, NHWC", "quantize": quantize,
-            "tltool_version": __version__}
+            "augment_flip": augment_flip, "tltool_version": __version__}
 
 
 def embed_tflite_metadata(data: bytes, meta: dict, extra: dict[str, bytes] | None = None) -> bytes:

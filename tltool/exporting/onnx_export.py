@@ -11,7 +11,7 @@ from tltool.errors import ExportError
 from tltool.exporting.metadata import METADATA_KEY, model_metadata
 
 
-def write_onnx(model, size: int, labels: list[str], path: Path) -> None:
+def write_onnx(model, size: int, labels: list[str], path: Path, augment_flip: str) -> None:
     import warnings
 
     import onnx
@@ -33,5 +33,5 @@ def write_onnx(model, size: int, labels: list[str], path: Path) -> None:
     proto = onnx.load(str(path))
     entry = proto.metadata_props.add()
     entry.key = METADATA_KEY
-    entry.value = json.dumps(model_metadata(labels, size, "none"))
+    entry.value = json.dumps(model_metadata(labels, size, "none", augment_flip))
     rundir.atomic_write_bytes(path, proto.SerializeToString())

@@ -28,6 +28,7 @@ class Predictor:
 
     format = "?"
     has_ood = False  # the model outputs `ood_score` (every model tltool trained since it existed)
+    trained_flip: str | None = None  # the recipe's `augment.flip` it trained with, where recorded (`mirror_tta`)
 
     def __init__(self, source: Path, labels: list[str], image_size: int):
         self.source = Path(source)
@@ -156,6 +157,7 @@ class TFLitePredictor(Predictor):
         size = _checked_metadata(path, labels, meta.get("image_size"), int(details["shape"][1]), width)
         super().__init__(path, labels, size)
         self.quantize = meta.get("quantize", "none")
+        self.trained_flip = meta.get("augment_flip")
         # A float input declared as normalised, (pixel - mean) / std (Model Maker's files); tltool's take
         # plain pixels (mean 0, std 1).
         self._norm = (standard.norm_mean, standard.norm_std) if standard and standard.norm_mean else None
@@ -205,6 +207,7 @@ class OnnxPredictor(Predictor):
         size = _checked_metadata(path, labels, meta.get("image_size"), model_size if isinstance(model_size, int)
                                  else None, width if isinstance(width, int) else None)
         super().__init__(path, labels, size)
+        self.trained_flip = meta.get("augment_flip")
 
     def _predict_batch(self, pixels):
         out = self.session.run(self._outputs, {self._input: pixels.astype(np.float32)})
@@ -234,29 +237,37 @@ class MirrorAveraged(Predictor):
 
 
 def mirror_tta(predictor: Predictor, model=None) -> MirrorAveraged:
-    """`predictor` with test-time mirroring, refused for a run whose recipe says it never saw mirrored images
-    (digits, text, scans: `augment.flip` measured or set to none or vertical). `model`: where it was loaded from."""
-    flip = _trained_flip(model)
+    """`predictor` with test-time mirroring, refused for a model whose training never saw mirrored images
+    (digits, text, scans: `augment.flip` measured or set to none or vertical), as its run's recipe or its
+    export's metadata records. `model`: where it was loaded from, for a predictor made in memory."""
+    flip = predictor.trained_flip or _recorded_flip(model)
     if flip is not None and "horizontal" not in flip:
-        raise RunDirError(f"--tta mirrors each image, but {model} was trained without mirrored images "
-                          f"(augment.flip: {flip} in its {rundir.RECIPE_FILE}): mirrored copies would mislead it. "
-                          f"Leave out --tta.")
+        raise RunDirError(f"--tta mirrors each image, but {model or predictor.source} was trained without mirrored "
+                          f"images (augment.flip: {flip}): mirrored copies would mislead it. Leave out --tta.")
     return MirrorAveraged(predictor)
 
 
-def _trained_flip(model) -> str | None:
-    """The `augment.flip` a run directory's recipe trained with, or None when `model` is not a run."""
+def _recorded_flip(model) -> str | None:
+    """The `augment.flip` recorded next to a model: its run directory's recipe, or its export folder's
+    export.json (a SavedModel's version folder, or a file, is looked up in the folder above). None if neither."""
     if model is None or isinstance(model, Predictor):
-        return None
-    recipe_file = Path(model) / rundir.RECIPE_FILE
-    if not recipe_file.is_file():
         return None
     import yaml
 
-    try:
-        return str(((yaml.safe_load(recipe_file.read_text()) or {}).get("augment") or {}).get("flip", "auto"))
-    except (OSError, yaml.YAMLError, AttributeError):
-        return None
+    model = Path(model)
+    folders = [model] if model.is_dir() else []
+    folders.append(model.parent)
+    for folder in folders:
+        recipe_file, export_file = folder / rundir.RECIPE_FILE, folder / rundir.EXPORT_FILE
+        try:
+            if recipe_file.is_file():
+                return str(((yaml.safe_load(recipe_file.read_text()) or {}).get("augment") or {}).get("flip", "auto"))
+            if export_file.is_file():
+                flip = json.loads(export_file.read_text()).get("augment_flip")
+                return None if flip is None else str(flip)
+        except (OSError, ValueError, AttributeError, yaml.YAMLError):  # unreadable: nothing recorded
+            return None
+    return None
 
 
 def load_predictor(path) -> Predictor:
