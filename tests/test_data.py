@@ -25,13 +25,15 @@ def test_unreadable_file_is_skipped_with_its_reason(tmp_path):
     root = make_image_folder(tmp_path / "d", per_class=3)
     (root / "red" / "broken.jpg").write_bytes(b"this is not a jpeg")
     (root / "red" / "empty.png").write_bytes(b"")
+    (root / "red" / "moved.jpg").symlink_to(tmp_path / "no-longer-here.jpg")  # a dangling link
     from tltool.data.folders import SkipLog
 
     skips = SkipLog()
     folder = scan_folder(root, skips)
     assert len(folder) == 9
     reasons = {entry["path"].rsplit("/", 1)[-1]: entry["reason"] for entry in skips.as_list()}
-    assert reasons == {"broken.jpg": "not an image (unrecognised content)", "empty.png": "empty file (0 bytes)"}
+    assert reasons == {"broken.jpg": "not an image (unrecognised content)", "empty.png": "empty file (0 bytes)",
+                       "moved.jpg": "file not found (a dangling link, or deleted while reading)"}
 
 
 def test_missing_folder_and_single_class_are_clear_errors(tmp_path):

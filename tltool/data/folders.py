@@ -72,9 +72,17 @@ class ImageFolder:
 
 
 def image_files(folder: Path) -> list[Path]:
-    """The image-named files under a class folder (sub-folders included), hidden files and folders left out."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_name(p)
+    """The image-named files under a class folder (sub-folders included), hidden files and folders left out.
+
+    A dangling link is listed too: it fails its header check and is reported as skipped with the reason,
+    instead of vanishing from the data without a word (`data check` counts it broken as well).
+    """
+    return sorted(p for p in folder.rglob("*") if (p.is_file() or _dangling(p)) and is_image_name(p)
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def _dangling(path: Path) -> bool:
+    return path.is_symlink() and not path.exists()
 
 
 def check_folder(root: Path, role: str = "training") -> None:

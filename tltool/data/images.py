@@ -34,6 +34,7 @@ UNSUPPORTED_EXTENSIONS = frozenset({".heic", ".heif", ".avif", ".jxl", ".svg", "
 
 # Transparent pixels are shown on white, as image viewers and browsers do.
 _BACKGROUND = (255, 255, 255)
+FILE_NOT_FOUND = "file not found (a dangling link, or deleted while reading)"
 
 
 
@@ -187,7 +188,7 @@ def decode(source, size: int | None = None, facts: dict | None = None) -> Image.
     except Image.UnidentifiedImageError:
         raise _unidentified(data if data is not None else source) from None
     except FileNotFoundError:
-        raise ImageReadError("file not found (a dangling link, or deleted while reading)", "unreadable") from None
+        raise ImageReadError(FILE_NOT_FOUND, "unreadable") from None
     except PermissionError:
         raise ImageReadError("permission denied", "unreadable") from None
     except (OSError, SyntaxError, EOFError) as exc:
@@ -250,6 +251,8 @@ def probe(path: str | Path) -> None:
         raise _unidentified(path) from None
     except PermissionError:
         raise ImageReadError("permission denied", "unreadable") from None
+    except FileNotFoundError:
+        raise ImageReadError(FILE_NOT_FOUND, "unreadable") from None
     except (OSError, SyntaxError, EOFError) as exc:
         raise _damaged(exc) from None
     except Exception as exc:
