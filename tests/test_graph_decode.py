@@ -34,6 +34,21 @@ def test_jpeg_orientation_matches_pillow(tmp_path, orientation):
     assert np.abs(in_graph - pillow).mean() < 4, orientation
 
 
+@pytest.mark.parametrize("width, height", [(640, 480), (300, 1000), (2000, 1500)])
+def test_large_jpegs_are_decoded_at_the_reduced_scale_pillow_drafts(tmp_path, width, height):
+    """Pillow decodes a JPEG at 1/2, 1/4 or 1/8 scale when the target is that much smaller; a full-size
+    decode resized in one step differs by several levels on average, and by up to ~100 at edges."""
+    import tensorflow as tf
+
+    path = tmp_path / f"{width}x{height}.jpg"
+    rng = np.random.default_rng(0)
+    detail = rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)  # blocks of 8: sharp edges
+    Image.fromarray(np.kron(detail, np.ones((8, 8, 1), np.uint8))).save(path, quality=90)
+    in_graph = decode_like_pillow(tf.constant(path.read_bytes()), 64).numpy().astype(int)
+    difference = np.abs(in_graph - load_image(path, 64).astype(int))
+    assert difference.mean() < 0.5 and difference.max() <= 3, (difference.mean(), difference.max())
+
+
 def test_files_without_exif_or_with_odd_headers_read_as_upright(tmp_path):
     import tensorflow as tf
 

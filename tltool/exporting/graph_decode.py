@@ -27,8 +27,7 @@ def decode_like_pillow(encoded, size: int):
     import tensorflow as tf
 
     def jpeg():
-        image = tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE")
-        return apply_orientation(image, exif_orientation(encoded))
+        return apply_orientation(decode_jpeg_draft(encoded, size), exif_orientation(encoded))
 
     def png():
         rgba = tf.cast(tf.io.decode_png(encoded, channels=4), tf.float32)
@@ -47,6 +46,24 @@ def decode_like_pillow(encoded, size: int):
         image = tf.case([(tf.io.is_jpeg(encoded), jpeg), (is_png, png)], default=other)
     image = tf.image.resize(image, (size, size), method="bilinear", antialias=True)
     return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def decode_jpeg_draft(encoded, size: int):
+    """A JPEG decoded at the reduced scale Pillow's draft mode picks for a `size` x `size` target.
+
+    libjpeg can scale by 1/2, 1/4 or 1/8 while decoding (in the DCT domain, hence fast). Pillow's
+    `draft` takes the largest of these that keeps both sides at least `size`, and `load_image` uses it;
+    a full-size decode resized in one step gives visibly different pixels (a mean difference of about 2
+    levels on 500x375 photos at 160 px, up to 98 on an edge), hence the same choice here.
+    """
+    import tensorflow as tf
+
+    shape = tf.image.extract_jpeg_shape(encoded)
+    scale = tf.minimum(shape[0] // size, shape[1] // size)
+    branch = tf.where(scale >= 8, 3, tf.where(scale >= 4, 2, tf.where(scale >= 2, 1, 0)))
+    return tf.switch_case(branch, [lambda ratio=ratio: tf.io.decode_jpeg(encoded, channels=3, ratio=ratio,
+                                                                         dct_method="INTEGER_ACCURATE")
+                                   for ratio in (1, 2, 4, 8)])
 
 
 def declared_pixels(encoded):
