@@ -60,7 +60,7 @@ def test_the_filter_passes_real_errors_on_even_when_the_process_aborts():
     assert "port.cc" not in done.stderr and "cuInit" not in done.stderr
 
 
-def test_a_finetune_prints_tltools_lines_epoch_bars_and_one_skip_count(tmp_path):
+def test_a_finetune_prints_tltools_lines_one_line_per_epoch_and_one_skip_count(tmp_path):
     data = make_image_folder(tmp_path / "data", per_class=6)
     write_broken_files(tmp_path / "broken")
     (data / "red" / "empty.jpg").write_bytes(b"")                                   # found by the scan
@@ -72,10 +72,13 @@ def test_a_finetune_prints_tltools_lines_epoch_bars_and_one_skip_count(tmp_path)
     assert not NATIVE_LINE.search(done.stderr + done.stdout), done.stderr
     assert "Skipping 2 unreadable file(s)" in done.stdout
     assert "3 unreadable file(s) skipped (1 of them found only while decoding)" in done.stdout
-    lines = [line for line in done.stdout.replace("\r", "\n").splitlines() if line.strip()]
+    # Written to a pipe (a log), progress is one plain line per epoch and per extraction: no bars redrawn
+    # with carriage returns, no colour codes.
+    assert "\r" not in done.stdout and "\x1b[" not in done.stdout, done.stdout
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
     assert lines[-1].startswith("Next: tltool export ")
     # Every line is Keras's epoch progress or one of tltool's sentences (not "WARNING:absl:..." and the like).
-    keras_progress = re.compile(r"^(Epoch \d+/\d+|\s*\d+/(\d+|Unknown)\b|\x1b\[)")
+    keras_progress = re.compile(r"^(Epoch \d+/\d+|\s*\d+/(\d+|Unknown) - \d+s)")
     tltool_sentence = re.compile(r"^(tltool: |[A-Z][a-z])")
     for line in lines:
         assert keras_progress.match(line) or tltool_sentence.match(line.rstrip()), line

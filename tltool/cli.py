@@ -113,6 +113,15 @@ def echo(message: str = "") -> None:
     click.echo(message)
 
 
+def progress_verbosity(quiet: bool) -> int:
+    """Keras's verbosity for a command's progress: live bars on a terminal; written to a file or a pipe (a log,
+    CI), one line per epoch and per extraction (2), since bars would fill it with carriage returns and
+    colour codes."""
+    if quiet:
+        return 0
+    return 1 if sys.stdout.isatty() else 2
+
+
 # Click rewraps help paragraphs; a paragraph that starts with "\b" keeps its line breaks (example commands).
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "TLTOOL"})
 @click.version_option(tltool.__version__, prog_name="tltool")
@@ -191,7 +200,7 @@ def finetune(recipe, data, val_data, test_data, backbone, weights, image_size, b
                                  weights=weights, image_size=image_size, epochs=epochs,
                                  fine_tune_epochs=fine_tune_epochs, batch_size=batch_size, seed=seed, out=out,
                                  overrides=overrides, force=force, resume=resume, deterministic=deterministic,
-                                 strategy=strategy, verbose=0 if quiet else 1, log=echo, tensorboard=tensorboard)
+                                 strategy=strategy, verbose=progress_verbosity(quiet), log=echo, tensorboard=tensorboard)
     if result.run_dir is None:  # a multi-worker run's worker: the chief reports the run
         return
     if quiet:  # the one line a quiet run still owes its user
@@ -230,7 +239,7 @@ def tune(recipe, data, val_data, test_data, backbone, weights, image_size, batch
         tltool.tune(recipe, data=data, val_data=val_data, test_data=test_data, backbone=backbone, weights=weights,
                     image_size=image_size, batch_size=batch_size, seed=seed, algorithm=algorithm,
                     max_trials=max_trials, objective=objective, out=out, overwrite=overwrite, overrides=overrides,
-                    verbose=0 if quiet else 1, log=echo)
+                    verbose=progress_verbosity(quiet), log=echo)
 
 
 @main.command()
@@ -546,7 +555,7 @@ def stylize(content, style, recipe, backbone, weights, size, steps, optimizer, c
         tltool.stylize(content, style, recipe, backbone=backbone, weights=weights, size=size, steps=steps,
                        optimizer=optimizer, content_weight=content_weight, style_weight=style_weight,
                        tv_weight=tv_weight, init=init, seed=seed, out=out, force=force, overrides=overrides,
-                       verbose=0 if quiet else 1, log=echo)
+                       verbose=progress_verbosity(quiet), log=echo)
 
 
 def _answer(row: dict) -> str:

@@ -51,7 +51,7 @@ def finetune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=
             of its recipe.yaml (no other recipe argument may be given).
         deterministic: deterministic ops, so the same seed gives the same metrics (`train.deterministic`).
         strategy: `default` or `mirrored` (all visible GPUs); default the recipe's `train.strategy`.
-        verbose: 0 silent, 1 progress bars and messages.
+        verbose: 0 silent, 1 progress bars and messages, 2 the same with one line per epoch (for logs).
         log: where messages go.
         tensorboard: also log both stages for TensorBoard under RUN/tb/stage1 and RUN/tb/stage2.
 

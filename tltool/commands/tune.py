@@ -58,7 +58,7 @@ def tune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=None
         out: output folder; default runs/NAME-tune. Re-running with the same folder resumes the search.
         overwrite: delete what `out` holds and start afresh.
         overrides: `dotted.key=value` strings, as `--set`.
-        verbose: 0 silent, 1 progress.
+        verbose: 0 silent, 1 progress bars, 2 one line per epoch (for logs).
         log: where messages go.
 
     Returns:
