@@ -241,7 +241,7 @@ def mirror_tta(predictor: Predictor, model=None) -> MirrorAveraged:
     (digits, text, scans: `augment.flip` measured or set to none or vertical), as its run's recipe or its
     export's metadata records. `model`: where it was loaded from, for a predictor made in memory."""
     flip = predictor.trained_flip or _recorded_flip(model)
-    if flip is not None and "horizontal" not in flip:
+    if flip not in (None, "auto") and "horizontal" not in flip:  # `auto` left unresolved trains with the flip
         raise RunDirError(f"--tta mirrors each image, but {model or predictor.source} was trained without mirrored "
                           f"images (augment.flip: {flip}): mirrored copies would mislead it. Leave out --tta.")
     return MirrorAveraged(predictor)
