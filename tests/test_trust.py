@@ -12,7 +12,7 @@ from PIL import Image
 import tltool
 from tltool import rundir
 from tltool.cli import main
-from tltool.engine.trust import (fit_ood, fit_temperature, fold_temperature, nearest_distance,
+from tltool.engine.trust import (fit_ood, fit_temperature, fold_temperature, nearer_blank, nearest_distance,
                                  negative_log_likelihood, softmax_with_temperature)
 from tltool.errors import DataError
 from tltool.evaluation.metrics import auroc, ood_metrics
@@ -86,19 +86,70 @@ def test_large_training_sets_are_summarised_by_centroids_per_class():
     assert (nearest_distance(fit.bank, rng.normal(size=(100, 32))) > fit.threshold).mean() >= 0.95
 
 
-def test_the_model_tflite_ops_and_numpy_compute_the_same_score():
-    from tltool.models.ood import build_ood_scorer, tflite_friendly_score
+@pytest.mark.parametrize("with_blanks", [False, True])
+def test_the_model_tflite_ops_and_numpy_compute_the_same_score(with_blanks):
+    from tltool.models.ood import BLANK_CAP, BLANK_GATE, build_ood_scorer, tflite_friendly_score
 
     rng = np.random.default_rng(2)
-    centres = rng.normal(size=(2, 16))
-    train, train_y = clusters(rng, 50, centres)
-    fit = fit_ood(train, train_y, clusters(rng, 40, centres)[0], keep_rate=0.9, bank_size=2048)
-    probe = np.concatenate([clusters(rng, 10, centres)[0], rng.normal(size=(10, 16))]).astype(np.float32)
+    train, train_y, val, blank_features = relu_like_features(rng, 50, 40, 3)
+    fit = fit_ood(train, train_y, val, keep_rate=0.9, bank_size=2048,
+                  blank_features=blank_features if with_blanks else None)
+    probe = np.concatenate([relu_like_features(rng, 10, 1)[0], rng.normal(size=(10, 64)),
+                            blank_features + 0.01 * rng.normal(size=(3, 64))]).astype(np.float32)
     expected = nearest_distance(fit.bank, probe) / fit.threshold
-    scorer = build_ood_scorer(fit.bank, fit.threshold)
-    np.testing.assert_allclose(np.asarray(scorer(probe)).ravel(), expected, rtol=1e-5, atol=1e-6)
-    by_ops = tflite_friendly_score(probe, fit.bank.T, 1.0 / fit.threshold)
-    np.testing.assert_allclose(np.asarray(by_ops).ravel(), expected, rtol=1e-5, atol=1e-6)
+    if with_blanks:
+        assert len(fit.blanks) == 3 and (expected[-3:] < 1).all()  # the distance alone calls them typical
+        unit = probe / np.linalg.norm(probe, axis=1, keepdims=True)
+        margin = (unit @ fit.blanks.T).max(1) - (unit @ fit.bank.T).max(1)
+        expected = np.maximum(expected, np.clip(1 + BLANK_GATE * margin, 0, BLANK_CAP))
+        assert (expected[-3:] > 1).all()
+    scorer = build_ood_scorer(fit.bank, fit.threshold, fit.blanks)
+    np.testing.assert_allclose(np.asarray(scorer(probe)).ravel(), expected, rtol=1e-5, atol=1e-5)
+    by_ops = tflite_friendly_score(probe, fit.bank.T, 1.0 / fit.threshold,
+                                   None if fit.blanks is None else fit.blanks.T)
+    np.testing.assert_allclose(np.asarray(by_ops).ravel(), expected, rtol=1e-5, atol=1e-5)
+
+
+def relu_like_features(rng, n_train=120, n_val=100, n_blanks=4):
+    """(train, train labels, val, blank features) shaped like a ReLU backbone's features: a component every
+    image shares, a class part and the image's own; a flat field has the shared part alone, which a
+    distance calls typical."""
+    def directions(n):
+        v = rng.normal(size=(n, 64))
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    common = np.eye(64)[0]
+    centres = directions(3) * np.sqrt(0.2)
+
+    def images(n):
+        labels = rng.integers(0, 3, n)
+        return common + centres[labels] + directions(n) * np.sqrt(0.2), labels
+
+    (train, train_y), (val, _) = images(n_train), images(n_val)
+    return train, train_y, val, common + 0.05 * directions(n_blanks)
+
+
+def test_flat_fields_are_unknown_unless_the_training_data_has_images_like_them():
+    """A blank frame that a distance calls typical is still rejected; a flat field that two training images
+    are nearer to than to any other training image (a class of empty pages) is not, and a lone stray
+    placeholder does not count."""
+    rng = np.random.default_rng(5)
+    train, train_y, val, blank_features = relu_like_features(rng)
+    fit = fit_ood(train, train_y, val, keep_rate=0.95, bank_size=2048, blank_features=blank_features)
+    assert len(fit.blanks) == 4 and fit.val_kept >= 0.95 and fit.val_nearer_blank == 0
+    assert (nearest_distance(fit.bank, blank_features) < fit.threshold).all()  # the distance misses them
+    assert nearer_blank(fit.bank, fit.blanks, blank_features).all()            # the flat fields do not
+
+    def near(row, n):
+        return row + 0.01 * rng.normal(size=(n, 64)) / 8
+
+    lone = fit_ood(np.concatenate([train, near(blank_features[0], 1)]), np.append(train_y, 0), val, 0.95, 2048,
+                   blank_features=blank_features)                               # one stray placeholder
+    assert len(lone.blanks) == 4
+    known = fit_ood(np.concatenate([train, near(blank_features[0], 3)]), np.append(train_y, [0, 0, 0]), val,
+                    0.95, 2048, blank_features=blank_features)                  # a few: blanks are known data
+    assert len(known.blanks) == 3
+    assert not nearer_blank(known.bank, known.blanks, blank_features[:1]).any()
 
 
 def test_the_bank_is_saved_as_weights_only_and_survives_a_keras_round_trip(tmp_path):

@@ -258,7 +258,7 @@ def inference_model(tm, trust: Trust):
     """The model a run saves: `tm.model` (probabilities), with the OOD score as a second output when fitted."""
     if trust.ood is None:
         return tm.model
-    return with_ood_output(tm, build_ood_scorer(trust.ood.bank, trust.ood.threshold))
+    return with_ood_output(tm, build_ood_scorer(trust.ood.bank, trust.ood.threshold, trust.ood.blanks))
 
 
 def _resumable_run(out, recipe, other_args: dict) -> Path:

@@ -13,6 +13,12 @@ of stage 2 run through the trained top blocks), never on the test images:
   (so quantized exports represent them), and its cost is one matrix product, where Mahalanobis needs a
   D x D precision matrix whose terms cancel at magnitudes of 1e4. Large training sets are summarised by
   spherical k-means centroids per class, so the bank (and the exported model) stays `trust.ood_bank` rows.
+- **Images with nothing in them**: flat fields (greys, pure colours) and pixel noise (`blank_images`) go
+  through the trained model too, and an image nearer to one of them than to any training image is out of
+  distribution as well (see `models/ood.py`): distances alone called blank frames typical. One of them is
+  left out when at least `BLANK_DATA_IMAGES` training images lie nearer to it than to any other training
+  image: such data has images like it (a class of empty pages, of grainy textures), so it is not unknown
+  there. A lone stray placeholder (an "image not found" picture scraped into a class) does not count.
 """
 
 from __future__ import annotations
@@ -61,6 +67,27 @@ def fold_temperature(head, temperature: float) -> None:
     layer.set_weights([kernel / temperature, bias / temperature])
 
 
+#: Flat fields whose features mark where images with nothing in them land: greys from black to white and
+#: the pure colours (RGB).
+BLANK_COLOURS = tuple((v, v, v) for v in (0, 32, 64, 96, 128, 160, 192, 224, 255)) + (
+    (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255))
+#: Fields of pixel noise of each kind (uniform over 0..255; Gaussian around mid-grey), beside the flat fields.
+NOISE_FIELDS = 2
+#: One of them is dropped when this many training images are nearer to it than to any other training
+#: image (see the module docstring).
+BLANK_DATA_IMAGES = 2
+
+
+def blank_images(size: int) -> np.ndarray:
+    """uint8 [N, size, size, 3]: the flat fields of BLANK_COLOURS, then NOISE_FIELDS uniform and NOISE_FIELDS
+    Gaussian noise fields (seeded: every run has the same)."""
+    rng = np.random.default_rng(0)
+    flat = [np.full((size, size, 3), colour, np.float32) for colour in BLANK_COLOURS]
+    uniform = [rng.integers(0, 256, (size, size, 3)).astype(np.float32) for _ in range(NOISE_FIELDS)]
+    gaussian = [128 + 40 * rng.normal(size=(size, size, 3)) for _ in range(NOISE_FIELDS)]
+    return np.clip(np.round(np.stack(flat + uniform + gaussian)), 0, 255).astype(np.uint8)
+
+
 @dataclass
 class OodFit:
     """The fitted out-of-distribution score: its bank of unit feature rows and its threshold."""
@@ -71,18 +98,25 @@ class OodFit:
     val_kept: float        # the share it keeps (at least keep_rate; ties and small sets round up)
     training_images: int
     centroids: bool        # the bank holds centroids rather than every training image
+    blanks: np.ndarray | None = None  # [rows, D] unit features of the blank images kept (None: not measured)
+    val_nearer_blank: float = 0.0     # the share of validation images nearer a blank image than the bank
 
     def describe(self) -> str:
         bank = (f"{len(self.bank)} centroids of {self.training_images} training images" if self.centroids
                 else f"{len(self.bank)} training images")
+        blanks = ""
+        if self.blanks is not None:
+            blanks = (f"; images nearer one of {len(self.blanks)} blank or noise images than to any training image "
+                      f"are unknown too ({100 * self.val_nearer_blank:.1f}% of the validation images)")
         return (f"out-of-distribution score: cosine distance to the nearest of {bank}, threshold "
-                f"{self.threshold:.4f} keeps {100 * self.val_kept:.1f}% of the validation images")
+                f"{self.threshold:.4f} keeps {100 * self.val_kept:.1f}% of the validation images{blanks}")
 
     def as_dict(self) -> dict:
         return {"method": "knn-cosine", "threshold_distance": round(self.threshold, 6),
                 "keep_rate": self.keep_rate, "val_kept": round(self.val_kept, 6),
                 "bank_rows": int(len(self.bank)), "training_images": self.training_images,
-                "centroids": self.centroids}
+                "centroids": self.centroids, "blank_rows": None if self.blanks is None else int(len(self.blanks)),
+                "val_nearer_blank": round(self.val_nearer_blank, 6)}
 
 
 def unit_rows(features: np.ndarray) -> np.ndarray:
@@ -98,15 +132,45 @@ def nearest_distance(bank: np.ndarray, features: np.ndarray, batch: int = 4096) 
 
 
 def fit_ood(train_features: np.ndarray, train_labels: np.ndarray, val_features: np.ndarray, keep_rate: float,
-            bank_size: int, seed: int = 0) -> OodFit:
-    """Bank from the training features, threshold from the validation features (see the module docstring)."""
+            bank_size: int, seed: int = 0, blank_features: np.ndarray | None = None) -> OodFit:
+    """Bank from the training features, threshold from the validation features, and the blank images kept of
+    `blank_features` (the model's features of `blank_images`; see the module docstring).
+
+    The validation images nearer a blank image count as rejected: the threshold keeps `keep_rate` of all."""
     unit = unit_rows(train_features)
     centroids = len(unit) > bank_size
     bank = _class_centroids(unit, np.asarray(train_labels), bank_size, seed) if centroids else unit
+    blanks = None if blank_features is None else _blanks_unknown_to(unit, bank, unit_rows(blank_features))
     val = nearest_distance(bank, val_features)
-    threshold = _keeping_threshold(val, keep_rate)
-    kept = float((val <= threshold).mean()) if len(val) else 1.0
-    return OodFit(bank, threshold, keep_rate, kept, len(unit), centroids)
+    blank = nearer_blank(bank, blanks, val_features)
+    rest = val[~blank]
+    share = min(1.0, keep_rate * len(val) / len(rest)) if len(rest) else 1.0
+    threshold = _keeping_threshold(rest, share)
+    kept = float(((val <= threshold) & ~blank).mean()) if len(val) else 1.0
+    return OodFit(bank, threshold, keep_rate, kept, len(unit), centroids, blanks,
+                  float(blank.mean()) if len(val) else 0.0)
+
+
+def nearer_blank(bank: np.ndarray, blanks: np.ndarray | None, features: np.ndarray) -> np.ndarray:
+    """[N] bool: the feature rows nearer (cosine) to a blank image than to any bank row."""
+    if blanks is None or not len(blanks) or not len(features):
+        return np.zeros(len(features), bool)
+    unit = unit_rows(features)
+    return (unit @ blanks.T).max(axis=1) > (unit @ bank.T).max(axis=1)
+
+
+def _blanks_unknown_to(unit: np.ndarray, bank: np.ndarray, blanks: np.ndarray, batch: int = 4096) -> np.ndarray:
+    """The blank images (unit rows of their features) that fewer than BLANK_DATA_IMAGES training images are
+    nearer to than to their nearest other training image (a bank of centroids: their nearest centroid)."""
+    near = np.zeros(len(blanks), int)
+    for start in range(0, len(unit), batch):
+        rows = unit[start:start + batch]
+        similarity = rows @ bank.T
+        if bank is unit:  # not its own neighbour
+            similarity[np.arange(len(rows)), np.arange(start, start + len(rows))] = -np.inf
+        to_blanks = rows @ blanks.T
+        near += (to_blanks >= similarity.max(axis=1, keepdims=True)).sum(axis=0)
+    return blanks[near < BLANK_DATA_IMAGES]
 
 
 def _keeping_threshold(distances: np.ndarray, keep_rate: float) -> float:
@@ -185,7 +249,9 @@ def fit_trust(ctx, tm) -> Trust:
         say(f"Calibrated: temperature {temperature:.3f} fitted on the validation images (negative log-likelihood "
             f"{negative_log_likelihood(probs, val_y):.4f} -> {negative_log_likelihood(after, val_y):.4f}).")
     if cfg.ood:
-        ood = fit_ood(train_x, train_y, val_x, cfg.keep_rate, cfg.ood_bank, seed=ctx.recipe.seed)
+        blank_x = _features_of_pixels(tm, blank_images(ctx.setup.image_size))
+        ood = fit_ood(train_x, train_y, val_x, cfg.keep_rate, cfg.ood_bank, seed=ctx.recipe.seed,
+                      blank_features=blank_x)
         say(f"Fitted the {ood.describe()}."
             + (f" With {len(val_x)} validation images the threshold is a rough estimate."
                if len(val_x) < FEW_VALIDATION_IMAGES else ""))
@@ -217,6 +283,11 @@ def final_features(ctx, tm) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
                                                                                                ctx.verbose))
         out += [feats[ok], np.asarray(folder.labels)[ok]]
     return tuple(out)
+
+
+def _features_of_pixels(tm, pixels: np.ndarray) -> np.ndarray:
+    """The trained model's features of a few uint8 images (one eager call)."""
+    return np.asarray(tm.feature_extractor(pixels.astype(np.float32), training=False), np.float32)
 
 
 def _head_probabilities(head, features: np.ndarray, batch: int = 1024) -> np.ndarray:

@@ -128,11 +128,11 @@ def _float_savedmodel(model, size: int, path: str) -> None:
     import tensorflow as tf
 
     if isinstance(model.output, dict):
-        extractor, head, bank, scale = ood_parts(model)
+        extractor, head, bank, scale, blanks = ood_parts(model)
 
         def serve(pixels):
             features = extractor(pixels, training=False)
-            return [head(features, training=False), tflite_friendly_score(features, bank, scale)]
+            return [head(features, training=False), tflite_friendly_score(features, bank, scale, blanks)]
     else:  # a model trained before the OOD score existed
         def serve(pixels):
             return model(pixels, training=False)
