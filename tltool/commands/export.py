@@ -41,7 +41,8 @@ from tltool.exporting.metadata import model_metadata
 from tltool.exporting.tflite_metadata import ModelInfo
 from tltool.files import replace_dir
 from tltool.exporting.predictors import KerasPredictor, load_predictor, tflite_runtime
-from tltool.models.ood import Scores
+from tltool.engine.trust import blank_images
+from tltool.models.ood import Scores, ood_parts
 from tltool.recipe import load_recipe
 
 FORMATS = ("savedmodel", "keras", "tflite", "onnx")
@@ -84,6 +85,7 @@ def export(run_dir, format: str, quantize: str = "none", out=None, force: bool =
     check = _CheckImages.of(setup, keras_predictor)
     tol = checks.tolerance_for(format, quantize)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         writer = _WRITERS[format]
@@ -251,8 +253,10 @@ def _tflite_artifact(keras_predictor, setup, quantize, tmp: Path, check: _CheckI
         train = setup.split.train
         _, representative, _ = checks.load_images(train.paths, train.labels, size, checks.REPRESENTATIVE_IMAGES,
                                                   setup.recipe.seed)
+        representative = _with_blank_images(representative, keras_predictor.model, size)
     candidates, float32_size = tflite.convert(keras_predictor.model, size, quantize, representative,
-                                              model_metadata(labels, size, quantize, setup.recipe.augment.flip), _model_info(setup, keras_predictor))
+                                              model_metadata(labels, size, quantize, setup.recipe.augment.flip),
+                                              _model_info(setup, keras_predictor))
     report, tried = checks.first_accurate(candidates, artifact, lambda: check.against(load_predictor(tmp)), tol)
     extra: dict = {} if float32_size is None else {"float32_size_bytes": float32_size}
     if candidates[0].int8_weights:
@@ -264,6 +268,33 @@ def _tflite_artifact(keras_predictor, setup, quantize, tmp: Path, check: _CheckI
     extra["runtime"] = tflite_runtime()
     extra["mediapipe"] = mediapipe_check.check(artifact, labels, sample, litert.scores(sample), litert.output_step)
     return artifact, report, extra
+
+
+#: A temporary export folder this old is left over from an export that was killed (one takes minutes).
+STALE_TEMPORARY_S = 6 * 3600
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Remove the temporary folders of earlier exports to `out` that were killed (kill -9, power loss) before
+    they could clean up; a recent one may belong to an export still running, and is left alone."""
+    now = time.time()
+    for leftover in out.parent.glob(f".{out.name}.*.tmp"):
+        try:
+            if leftover.is_dir() and not leftover.is_symlink() and now - leftover.stat().st_mtime > STALE_TEMPORARY_S:
+                shutil.rmtree(leftover, ignore_errors=True)
+        except OSError:  # gone meanwhile
+            pass
+
+
+def _with_blank_images(representative: np.ndarray, model, size: int) -> np.ndarray:
+    """The int8 calibration images, plus the blank and noise images of a model whose OOD score rejects them.
+
+    Calibration sets each tensor's int8 range from what these images produce: on training images alone the
+    OOD score spans [0, ~0] (each is its own nearest neighbour), and the int8 model could then not represent
+    the 2.0 it gives a blank frame (XNNPACK even refused to prepare its max)."""
+    if not isinstance(model.output, dict) or ood_parts(model)[4] is None:
+        return representative
+    return np.concatenate([representative, blank_images(size)])
 
 
 def _model_info(setup: RunSetup, keras_predictor) -> ModelInfo:
