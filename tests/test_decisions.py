@@ -10,8 +10,8 @@ from PIL import Image
 import tltool
 from helpers import calibrated_backbone_weights, tiny_values
 import tltool.engine.decisions as decisions
-from tltool.engine.decisions import (L2_CANDIDATES, _in_row_space, cross_validated_accuracy, decide_flip,
-                                     decide_l2, decide_views, decision_sample, descent_schedule, keras_l2,
+from tltool.engine.decisions import (L2_CANDIDATES, _in_row_space, clearly_better, cross_validated_accuracy,
+                                     decide_flip, decide_l2, decide_views, decision_sample, descent_schedule, keras_l2,
                                      largest_curvature, softmax_regression, softmax_regressions,
                                      stratified_folds)
 
@@ -52,6 +52,23 @@ def test_views_that_blur_the_classes_are_dropped_and_faithful_ones_kept():
     assert not dropped.keep and dropped.accuracy_with < dropped.accuracy_without - 0.1
     assert "frozen.feature_views: 0 (the 4 augmented views hurt)" in dropped.describe()
     assert kept.keep and kept.views == 4 and "frozen.feature_views: 4 (kept)" in kept.describe()
+
+
+def test_a_difference_that_chance_explains_decides_nothing():
+    """Two held-out images of 46 (4 points) are noise: the default (flip kept, views kept, the top layer)
+    stands; the same share of a thousand images is not."""
+    small_without, small_with = np.ones(46, bool), np.ones(46, bool)
+    small_with[:2] = False                       # 0.957 against 1.0: the rule of a fixed 1% dropped the flip
+    assert not clearly_better(small_with, small_without)
+    large_without, large_with = np.ones(1000, bool), np.ones(1000, bool)
+    large_with[:43] = False                      # the same share of a thousand images
+    assert clearly_better(large_with, large_without)
+    # Paired: when each option gets other images right, the net difference has to beat their count's noise.
+    mixed_a, mixed_b = np.zeros(1000, bool), np.zeros(1000, bool)
+    mixed_a[:100], mixed_b[100:215] = True, True  # b: 15 more of 215 that differ (2 sd: 29)
+    assert not clearly_better(mixed_a, mixed_b)
+    mixed_b[215:240] = True                       # 40 more of 240 (2 sd: 31)
+    assert clearly_better(mixed_a, mixed_b)
 
 
 def test_too_few_images_keep_the_flip_unmeasured():
