@@ -151,6 +151,21 @@ def test_label_conflict_and_too_few_classes(tmp_path):
     assert conflicts == [{"classes": ["cats", "dogs"], "paths": ["cats/cats_0.png", "dogs/also_a_dog.png"]}]
     assert [p["code"] for p in report["problems"]] == ["label_conflict"]
 
+    # The same picture under other bytes: the pixels of cats_1 saved as a PNG of another name. And a
+    # resized copy of cats_2: not the same pixels, but a near-duplicate pair across classes.
+    (root / "dogs" / "also_a_dog.png").unlink()
+    Image.open(root / "cats" / "cats_1.png").save(root / "dogs" / "resaved.png", optimize=True, compress_level=1)
+    assert (root / "dogs" / "resaved.png").read_bytes() != (root / "cats" / "cats_1.png").read_bytes()
+    with Image.open(root / "cats" / "cats_2.png") as img:
+        img.resize((img.width * 3 // 4, img.height * 3 // 4), Image.LANCZOS).save(root / "dogs" / "smaller.png")
+    report = datacheck.check_data(root)
+    conflicts = report["folders"]["train"]["label_conflicts"]
+    assert conflicts == [{"classes": ["cats", "dogs"], "paths": ["cats/cats_1.png", "dogs/resaved.png"]}]
+    assert [p["code"] for p in report["problems"]] == ["label_conflict"]
+    across = report["folders"]["train"]["near_duplicates"]["across_classes"]
+    assert [(e["a"], e["b"]) for e in across["examples"]] == [("cats/cats_2.png", "dogs/smaller.png")]
+    assert "near_duplicates_across_classes" in [w["code"] for w in report["warnings"]]
+
     shutil.rmtree(root / "dogs")
     report = datacheck.check_data(root)
     assert [p["code"] for p in report["problems"]] == ["too_few_classes"]

@@ -94,6 +94,9 @@ def inspect_file(path: str | Path) -> dict:
         out.update(error=str(exc), kind=exc.kind)
         return out
     out["phash"], spread = perceptual_hash(thumb)
+    # The same picture stored twice (a PNG re-save of a JPEG's pixels, another file name) has other bytes
+    # but the same decoded pixels.
+    out["pixels_sha256"] = hashlib.sha256(np.ascontiguousarray(thumb).tobytes()).hexdigest()
     out["odd"] = _oddities(facts, spread)
     out["width"], out["height"] = facts["width"], facts["height"]
     return out
@@ -374,12 +377,21 @@ def _judge_leakage(found: _Findings, infos: list[dict], near_distance: int) -> l
 def _judge_near_duplicates(found: _Findings, infos: list[dict], near_distance: int, group_by: str | None,
                            has_val_folder: bool) -> dict:
     inner = _inner_near_duplicates([i for i in infos if i["role"] == "train"], near_distance, group_by)
+    across = [pair for pair in inner["all"] if pair["classes"][0] != pair["classes"][1]]
+    if across:
+        ex = across[0]
+        found.warn("near_duplicates_across_classes",
+                   f"{len(across)} near-duplicate pair(s) are filed under different classes (e.g. {ex['a']} ~ "
+                   f"{ex['b']}): if they show the same thing (a resized or re-saved copy), keep it in one class; "
+                   f"the model is taught two answers for it.")
     if inner["pairs"]:
         ex = inner["examples"][0]
         hint = "" if has_val_folder else " the automatic validation split may put them on both sides;"
         found.warn("near_duplicates", f"{inner['pairs']} near-duplicate pair(s) inside the training folder "
                                       f"(e.g. {ex['a']} ~ {ex['b']});{hint} use --group-by to keep related shots "
                                       f"together.")
+    inner["across_classes"] = {"pairs": len(across), "examples": across[:MAX_EXAMPLES]}
+    del inner["all"]
     return inner
 
 
@@ -401,17 +413,15 @@ def _folder_report(root: Path, per_class: dict, ignored: dict, infos: list[dict]
         for kind in info["odd"]:
             odd.setdefault(kind, []).append(info["rel"])
     by_sha: dict[str, list[dict]] = {}
+    by_pixels: dict[str, list[dict]] = {}
     for info in good:
         by_sha.setdefault(info["sha256"], []).append(info)
-    duplicates, conflicts = [], []
-    for same in by_sha.values():
-        if len(same) < 2:
-            continue
-        classes = sorted({i["class"] for i in same})
-        if len(classes) > 1:
-            conflicts.append({"classes": classes, "paths": [i["rel"] for i in same]})
-        else:
-            duplicates.append([i["rel"] for i in same])
+        by_pixels.setdefault(info.get("pixels_sha256", info["sha256"]), []).append(info)
+    duplicates = [[i["rel"] for i in same] for same in by_sha.values()
+                  if len(same) > 1 and len({i["class"] for i in same}) == 1]
+    # The same picture under two classes: identical files, or identical pixels in other files.
+    conflicts = [{"classes": sorted({i["class"] for i in same}), "paths": [i["rel"] for i in same]}
+                 for same in by_pixels.values() if len({i["class"] for i in same}) > 1]
     return {
         "path": str(root),
         "classes": counts,
@@ -476,14 +486,16 @@ def _inner_near_duplicates(infos: list[dict], near_distance: int, group_by: str 
     pairs = []
     for i, j, dist in near_pairs(_hashes(cands), None, near_distance):
         a, b = cands[i], cands[j]
-        if a["sha256"] == b["sha256"]:
+        if a["sha256"] == b["sha256"] or a.get("pixels_sha256") == b.get("pixels_sha256"):
             continue  # exact copies are reported as duplicates or label conflicts
         if group_by is not None and group_key(a["path"], group_by) == group_key(b["path"], group_by) \
                 and group_key(a["path"], group_by) != a["path"]:
             continue
-        pairs.append((dist, a["rel"], b["rel"]))
+        pairs.append((dist, a["rel"], b["rel"], a.get("class"), b.get("class")))
     pairs.sort()
-    return {"pairs": len(pairs), "examples": [{"a": a, "b": b, "distance": d} for d, a, b in pairs[:MAX_EXAMPLES]]}
+    found = [{"a": a, "b": b, "distance": d, "classes": [ca, cb]} for d, a, b, ca, cb in pairs]
+    return {"pairs": len(pairs), "examples": [{k: v for k, v in pair.items() if k != "classes"}
+                                              for pair in found[:MAX_EXAMPLES]], "all": found}
 
 
 def _hashes(infos: list[dict]) -> np.ndarray:
