@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 from click.testing import CliRunner
 from helpers import tiny_trained_run
 
@@ -186,3 +187,30 @@ def test_tta_averages_each_image_with_its_mirror_and_is_refused_for_unmirrored_r
         assert refused.exit_code != 0 and "(augment.flip: none)" in refused.output, (exported, refused.output)
     # The mirrored run's exports are averaged.
     assert tltool.predict_files(models["savedmodel"], [models["images"]], tta=True)[0]["error"] is None
+
+
+def test_evaluating_an_export_writes_next_to_it_by_default(models, tmp_path, monkeypatch):
+    """Not into the current folder, where two exports evaluated on the same data would collide."""
+    monkeypatch.chdir(tmp_path)
+    tflite_file = models["tflite"]
+    result = CliRunner().invoke(main, ["evaluate", str(tflite_file), "--data", str(models["images"])])
+    assert result.exit_code == 0, result.output
+    assert (tflite_file.parent / "eval-images" / "metrics.json").is_file()
+    assert "small perturbations" not in result.output  # measured for Keras models only: not announced here
+    version = models["savedmodel"] / "1"
+    written = tltool.evaluate(version, models["images"], robustness=False)["out"]
+    assert str(written) == str(models["savedmodel"] / "eval-images")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_folder_expands_as_training_reads_it(tmp_path):
+    """Hidden files and folders are left out (as finetune and data check do); a dangling link is listed, so
+    that it is reported unreadable rather than left out without a word."""
+    from tltool.commands.predict import collect_files
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / ".hidden").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / ".hidden" / "h.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / ".dotfile.png")
+    (tmp_path / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    assert [p.name for p, error in collect_files([tmp_path])] == ["a.png", "gone.jpg"]

@@ -23,7 +23,8 @@ def evaluate(model, data, out=None, top_k: int = 5, force: bool = False, tta: bo
             `load_predictor` loads), or a predictor object (with `labels`, `image_size` and
             `predict(uint8 images) -> probabilities`).
         data: image folder with one sub-folder per class; its classes must be among the model's.
-        out: folder for the results; default `MODEL/eval-DATA` for a run directory, else `./eval-DATA`.
+        out: folder for the results; default `MODEL/eval-DATA`, MODEL being the run directory, the export
+            folder or the folder of a model file (`./eval-DATA` for a model in memory).
         top_k: k of the top-k accuracy (clipped to the number of classes). Default 5.
         force: replace `out` if it exists and is not empty (default: refuse).
         tta: test-time augmentation: average each image's probabilities with its mirror image's (for
@@ -52,7 +53,7 @@ def evaluate(model, data, out=None, top_k: int = 5, force: bool = False, tta: bo
     skips = SkipLog()
     folder = scan_folder(data, skips, classes=predictor.labels, role="evaluation")
     data_name = Path(folder.root).resolve().name or "data"
-    out = Path(out) if out is not None else (run_dir if run_dir is not None else Path.cwd()) / f"eval-{data_name}"
+    out = Path(out) if out is not None else _model_folder(model, run_dir) / f"eval-{data_name}"
     if ood_data is not None:
         check_ood_folder(predictor, ood_data)
     folders = [f for f in (data, ood_data) if f is not None]
@@ -67,7 +68,7 @@ def evaluate(model, data, out=None, top_k: int = 5, force: bool = False, tta: bo
         if len(skips):
             say(f"Skipped {len(skips)} unreadable file(s); metrics.json lists them (skipped_files).")
         add_calibration([result], _run_temperature(run_dir))
-        if robustness:
+        if robustness and getattr(predictor, "model", None) is not None:  # a Keras model: it has gradients
             say("Measuring the accuracy under small perturbations (FGSM and noise).")
             result.metrics["robustness"] = measure_robustness(predictor, result)
         result.metrics = metrics = {
@@ -107,3 +108,16 @@ def _open_model(model):
     predictor = load_predictor(model)
     is_run = (Path(model) / rundir.MODEL_FILE).is_file()  # a run directory, not an exported model
     return predictor, Path(model) if is_run else None
+
+
+def _model_folder(model, run_dir: Path | None) -> Path:
+    """Where an evaluation goes by default: the run directory, the export folder (the folder holding a
+    SavedModel's version folder), the folder of a model file; the current folder for a model in memory."""
+    if run_dir is not None:
+        return run_dir
+    if not isinstance(model, (str, Path)):
+        return Path.cwd()
+    model = Path(model)
+    if model.is_file():
+        return model.parent
+    return model.parent if model.name.isdigit() and (model / "saved_model.pb").is_file() else model

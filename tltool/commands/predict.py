@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tltool.data.images import ImageReadError, is_image_name, load_image
+from tltool.data.folders import image_files
+from tltool.data.images import ImageReadError, load_image
 from tltool.exporting.predictors import Predictor, load_predictor, mirror_tta
 from tltool.models.ood import UNKNOWN_LABEL
 
@@ -15,7 +16,8 @@ LOW_CONFIDENCE = "low_confidence"            # the top probability is below --th
 
 
 def collect_files(paths_or_dirs) -> list[tuple[Path, str | None]]:
-    """Expand folders (recursively, image files only, sorted) and keep files as given.
+    """Expand folders (recursively, image files only, sorted; hidden files and folders left out, as training
+    does; a dangling link is listed, and reported as unreadable) and keep files as given.
 
     Returns (path, error) pairs: error is None, or why the path cannot be used at all.
     """
@@ -23,7 +25,7 @@ def collect_files(paths_or_dirs) -> list[tuple[Path, str | None]]:
     for raw in paths_or_dirs:
         path = Path(raw)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_name(p))
+            found = image_files(path)
             items.extend((p, None) for p in found)
             if not found:
                 items.append((path, "folder holds no image files"))
