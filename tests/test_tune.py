@@ -126,6 +126,10 @@ def test_head_search_reports_resumes_and_overwrites(tmp_path, image_folder):
     assert sum("Computing features of" in line for line in lines) == 2  # train + val, once for all trials
     assert any(line.startswith("Trial 3/3 [tuner0] val_accuracy") for line in lines)
     assert "Best: trial" in lines[-1]
+    # One numbering wherever a user reads it: the terminal, trials.csv, best.yaml and summary.json.
+    assert f"Best: trial {best['trial']}," in lines[-1] and best["trial"] == int(best["trial_id"]) + 1
+    assert (out / "best.yaml").read_text().startswith(f"# Best recipe of a tltool search: trial {best['trial']}, ")
+    assert "of 3 completed trial(s) of 3 planned" in (out / "best.yaml").read_text().splitlines()[0]
 
     rows = list(csv.DictReader((out / "trials.csv").open()))
     assert [r["trial_id"] for r in rows] == [t["trial_id"] for t in summary["trials"]]

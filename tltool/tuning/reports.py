@@ -56,11 +56,14 @@ def write_reports(out: Path, oracle, base: Recipe, space: SearchSpace, plot: boo
     best = None
     if done:
         top = max(_trained_longest(done), key=_merit(name, direction))
-        best = {"trial_id": top["trial_id"], name: top[name], "hyperparameters": top["hyperparameters"]}
+        # `trial`: the number the terminal and trials.csv show; `trial_id`: Keras Tuner's (search/trial_ID).
+        best = {"trial": trial_number(top["trial_id"]), "trial_id": top["trial_id"], name: top[name],
+                "hyperparameters": top["hyperparameters"]}
         if "epochs" in top:
             best["epochs"] = top["epochs"]
         best_recipe = trial_recipe(base, top["hyperparameters"])
-        header = (f"# Best recipe of a tltool search: trial {top['trial_id']}, {name} {top[name]:.6g}.\n"
+        header = (f"# Best recipe of a tltool search: trial {best['trial']}, {name} {top[name]:.6g}, the best of "
+                  f"{len(done)} completed trial(s) of {oracle.max_trials} planned.\n"
                   f"# Train it with: tltool finetune THIS_FILE --out NEW_DIR\n")
         rundir.atomic_write_text(out / BEST_FILE, header + best_recipe.to_yaml())
     summary = {
