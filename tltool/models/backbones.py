@@ -366,12 +366,19 @@ def imagenet_unavailable(spec: BackboneSpec, exc: Exception) -> WeightsError:
     """The one-line error for ImageNet weights that cannot be downloaded, with what to do instead."""
     import os
 
+    import re
+
     # Where keras.utils.get_file caches downloads (Keras reads KERAS_HOME once, at import).
     cache = Path(os.environ.get("KERAS_HOME", "~/.keras")).expanduser()
+    # Keras's message names the URL ("URL fetch failure on https://...h5: None -- [Errno -3] ..."): the user
+    # needs all of it, to fetch that file elsewhere, so it is given whole and the rest of the message is cut.
+    url = re.search(r"https?://[^\s:]+(?::\d+)?[^\s:]*", str(exc))
+    reason = str(exc) if url is None else str(exc)[url.end():].lstrip(": ")
+    wanted = "Keras's weight file" if url is None else f"{url.group(0)}"
     return WeightsError(
-        f"Cannot get ImageNet weights for {spec.name} ({type(exc).__name__}: {str(exc)[:120]}). "
-        f"On a machine without internet: copy Keras's weight file into {cache / 'models'}, or pass "
-        f"--weights PATH to a {spec.name} weights file without its top, or --weights none to train "
+        f"Cannot get ImageNet weights for {spec.name} ({type(exc).__name__}: {reason[:100]}). "
+        f"On a machine without internet: download {wanted} elsewhere and copy it into {cache / 'models'}, "
+        f"or pass --weights PATH to a {spec.name} weights file without its top, or --weights none to train "
         f"from scratch.")
 
 
