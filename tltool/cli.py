@@ -200,7 +200,8 @@ def finetune(recipe, data, val_data, test_data, backbone, weights, image_size, b
                                  weights=weights, image_size=image_size, epochs=epochs,
                                  fine_tune_epochs=fine_tune_epochs, batch_size=batch_size, seed=seed, out=out,
                                  overrides=overrides, force=force, resume=resume, deterministic=deterministic,
-                                 strategy=strategy, verbose=progress_verbosity(quiet), log=echo, tensorboard=tensorboard)
+                                 strategy=strategy, verbose=progress_verbosity(quiet), log=echo,
+                                 tensorboard=tensorboard)
     if result.run_dir is None:  # a multi-worker run's worker: the chief reports the run
         return
     if quiet:  # the one line a quiet run still owes its user
@@ -390,7 +391,8 @@ TTA_HELP = ("Test-time augmentation: average each image's probabilities with its
 @click.option("--data", required=True, type=click.Path(path_type=Path),
               help="Labelled image folder (one sub-folder per class, classes among the model's).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for metrics.json, plots/ and report.html (default: MODEL/eval-DATANAME).")
+              help="Folder for metrics.json, plots/ and report.html (default: MODEL/eval-DATANAME, with MODEL the run "
+                   "or export folder, or the folder of a model file).")
 @click.option("--top-k", type=click.IntRange(1), default=5, show_default=True, help="k of the top-k accuracy.")
 @click.option("--force", is_flag=True, allow_from_autoenv=False,
               help="Replace --out if it holds an earlier tltool evaluation.")
@@ -555,7 +557,7 @@ def stylize(content, style, recipe, backbone, weights, size, steps, optimizer, c
         tltool.stylize(content, style, recipe, backbone=backbone, weights=weights, size=size, steps=steps,
                        optimizer=optimizer, content_weight=content_weight, style_weight=style_weight,
                        tv_weight=tv_weight, init=init, seed=seed, out=out, force=force, overrides=overrides,
-                       verbose=progress_verbosity(quiet), log=echo)
+                       verbose=0 if quiet else 1, log=echo)  # one bar: it has no epochs
 
 
 def _answer(row: dict) -> str:
