@@ -285,9 +285,11 @@ def final_features(ctx, tm) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
     return tuple(out)
 
 
-def _features_of_pixels(tm, pixels: np.ndarray) -> np.ndarray:
-    """The trained model's features of a few uint8 images (one eager call)."""
-    return np.asarray(tm.feature_extractor(pixels.astype(np.float32), training=False), np.float32)
+def _features_of_pixels(tm, pixels: np.ndarray, batch: int = 4) -> np.ndarray:
+    """The trained model's features of a few uint8 images (eager calls, a few images each: a large backbone
+    at 600 px holds gigabytes of activations for a batch of 19)."""
+    return np.concatenate([np.asarray(tm.feature_extractor(pixels[i:i + batch].astype(np.float32), training=False),
+                                      np.float32) for i in range(0, len(pixels), batch)])
 
 
 def _head_probabilities(head, features: np.ndarray, batch: int = 1024) -> np.ndarray:
