@@ -235,3 +235,28 @@ def test_evaluate_force_keeps_the_last_report_when_the_new_evaluation_cannot_run
     with pytest.raises(DataError, match="has no out-of-distribution score"):  # colour_run's model has none
         tltool.evaluate(swapped_run, image_folder, out=out, force=True, ood_data=image_folder)
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
+def test_evaluate_force_replaces_the_last_report_only_when_the_new_one_is_complete(swapped_run, image_folder,
+                                                                                   tmp_path, monkeypatch):
+    """An evaluation that dies while writing (here: after its metrics.json, before the report) leaves the
+    earlier one whole; the next one replaces it."""
+    import tltool.commands.evaluate as evaluate_module
+
+    out = tmp_path / "eval"
+    tltool.evaluate(swapped_run, image_folder, out=out, robustness=False)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    real = evaluate_module.write_report
+
+    def dies_midway(folder, *args, **kwargs):
+        (Path(folder) / "metrics.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate_module, "write_report", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        tltool.evaluate(swapped_run, image_folder, out=out, force=True, robustness=False)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["eval"]  # no temporary folder left
+    monkeypatch.setattr(evaluate_module, "write_report", real)
+    tltool.evaluate(swapped_run, image_folder, out=out, force=True, robustness=False, top_k=1)
+    assert json.loads((out / "metrics.json").read_text())["top_k"] == 1
