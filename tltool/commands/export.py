@@ -260,7 +260,7 @@ def _tflite_artifact(keras_predictor, setup, quantize, tmp: Path, check: _CheckI
     report, tried = checks.first_accurate(candidates, artifact, lambda: check.against(load_predictor(tmp)), tol)
     extra: dict = {} if float32_size is None else {"float32_size_bytes": float32_size}
     if candidates[0].int8_weights:
-        extra["int8_weights"] = tried[-1][0]
+        extra["int8_weights"] = next(scheme for scheme, found in tried if found is report)  # the file's
         extra["int8_accuracy_by_weights"] = {scheme: r["accuracy_export"] for scheme, r in tried}
     # The file as apps load it: MediaPipe Tasks' ImageClassifier, against LiteRT (the checks' runtime).
     litert = load_predictor(tmp)

@@ -365,7 +365,6 @@ def _download_notice_held_until_progress():
 def imagenet_unavailable(spec: BackboneSpec, exc: Exception) -> WeightsError:
     """The one-line error for ImageNet weights that cannot be downloaded, with what to do instead."""
     import os
-
     import re
 
     # Where keras.utils.get_file caches downloads (Keras reads KERAS_HOME once, at import).
@@ -374,7 +373,7 @@ def imagenet_unavailable(spec: BackboneSpec, exc: Exception) -> WeightsError:
     # needs all of it, to fetch that file elsewhere, so it is given whole and the rest of the message is cut.
     url = re.search(r"https?://[^\s:]+(?::\d+)?[^\s:]*", str(exc))
     reason = str(exc) if url is None else str(exc)[url.end():].lstrip(": ")
-    wanted = "Keras's weight file" if url is None else f"{url.group(0)}"
+    wanted = "Keras's weight file" if url is None else url.group(0)
     return WeightsError(
         f"Cannot get ImageNet weights for {spec.name} ({type(exc).__name__}: {reason[:100]}). "
         f"On a machine without internet: download {wanted} elsewhere and copy it into {cache / 'models'}, "
