@@ -163,3 +163,48 @@ def test_a_worker_with_nothing_left_to_run_waits_while_another_trial_may_come_ba
     again.status = "COMPLETED"
     oracle.end_trial(again)
     assert oracle.create_trial("worker0").status == "STOPPED"  # nothing out any more: the search is over
+
+
+def test_a_refused_duplicate_ends_when_the_chief_is_gone_instead_of_waiting_for_ever(monkeypatch):
+    """A second process with a tuner id in use is retried (a restarted worker gets in once its old process is
+    given up on); when the search ends meanwhile, the chief is gone: Keras Tuner's calls wait for a chief to
+    come up (wait_for_ready), so the retry must not, and the refusal stands."""
+    import grpc
+
+    from tltool.errors import TuneError
+    from tltool.tuning import guarded_oracle
+
+    monkeypatch.setattr(guarded_oracle.time, "sleep", lambda seconds: None)
+    monkeypatch.setenv("KERASTUNER_ORACLE_IP", "127.0.0.1")
+    monkeypatch.setenv("KERASTUNER_ORACLE_PORT", "8000")
+
+    class Refusal:
+        def __init__(self, code, details):
+            self._code, self._details = code, details
+
+        def code(self):
+            return self._code
+
+        def details(self):
+            return self._details
+
+    class Call:
+        def __init__(self, error):
+            self.error = error
+
+        def exception(self):
+            return self.error
+
+    answers = [Refusal(grpc.StatusCode.ALREADY_EXISTS, "KERASTUNER_TUNER_ID=worker0 is in use by another worker"),
+               Refusal(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses")]
+    waits = []
+
+    def continuation(details, request):
+        waits.append(details.wait_for_ready)
+        return Call(answers.pop(0))
+
+    interceptor = guarded_oracle._CallerInterceptor([("tltool-tuner-id", "worker0")])
+    original = guarded_oracle._CallDetails("/CreateTrial", None, [], None, True, None)
+    with pytest.raises(TuneError, match="refused this worker: KERASTUNER_TUNER_ID=worker0 is in use"):
+        interceptor.intercept_unary_unary(continuation, original, object())
+    assert waits == [True, False]  # the first call as Keras Tuner makes it, the retry without waiting

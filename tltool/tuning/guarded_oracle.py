@@ -172,6 +172,7 @@ class _CallerInterceptor(grpc.UnaryUnaryClientInterceptor):
                                list(call_details.metadata or []) + self.metadata, call_details.credentials,
                                call_details.wait_for_ready, call_details.compression)
         deadline = time.monotonic() + IN_USE_S + 2 * HEARTBEAT_S
+        refused = None
         while True:
             call = continuation(details, request)
             error = call.exception()
@@ -180,7 +181,12 @@ class _CallerInterceptor(grpc.UnaryUnaryClientInterceptor):
             code = error.code()
             if code == grpc.StatusCode.ALREADY_EXISTS and time.monotonic() < deadline:
                 time.sleep(1.0)
+                # Asked again without waiting for a chief to be there (Keras Tuner's calls wait for one): a
+                # search that ends meanwhile must end this worker too, not leave it waiting for ever.
+                refused, details = error, details._replace(wait_for_ready=False)
                 continue
+            if code == grpc.StatusCode.UNAVAILABLE and refused is not None:
+                error, code = refused, grpc.StatusCode.ALREADY_EXISTS  # the chief is gone: its refusal stands
             if code in (grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.UNAUTHENTICATED,
                         grpc.StatusCode.FAILED_PRECONDITION):
                 raise TuneError(f"The chief at {oracle_address()} refused this worker: {error.details()}.")
