@@ -97,22 +97,28 @@ def test_export_outside_tolerance_fails_and_leaves_nothing(run_dir, tmp_path, mo
 
 
 def test_an_export_removes_what_killed_exports_left_behind(run_dir, tmp_path):
-    """kill -9 gives an export no chance to remove its temporary folder; the next export to the same place
-    removes the stale ones, and leaves a recent one (an export that may still be running) alone."""
+    """kill -9 gives an export no chance to remove its temporary folder (marked as an export from the start);
+    the next export to the same place removes the stale ones, and leaves a recent one (an export that may
+    still be running) and an unmarked one (not provably tltool's) alone."""
     import os
     import time
 
+    from tltool import outputs
+
     out = tmp_path / "keras-out"
-    stale, recent, other = (tmp_path / ".keras-out.k1ll3d.tmp", tmp_path / ".keras-out.running.tmp",
-                            tmp_path / ".other.k1ll3d.tmp")
-    for folder in (stale, recent, other):
+    stale, recent, other, unmarked = (tmp_path / ".keras-out.k1ll3d.tmp", tmp_path / ".keras-out.running.tmp",
+                                      tmp_path / ".other.k1ll3d.tmp", tmp_path / ".keras-out.mine.tmp")
+    for folder in (stale, recent, other, unmarked):
         folder.mkdir()
         (folder / "model.keras").write_bytes(b"half written")
-    old = time.time() - importlib.import_module("tltool.commands.export").STALE_TEMPORARY_S - 60
-    for folder in (stale, other):
+        if folder is not unmarked:
+            (folder / outputs.MARKER).write_text(json.dumps({"kind": "export"}))
+    old = time.time() - outputs.STALE_TEMPORARY_S - 60
+    for folder in (stale, other, unmarked):
         os.utime(folder, (old, old))
     tltool.export(run_dir, "keras", out=out)
-    assert not stale.exists() and recent.exists() and other.exists()  # another target's are not ours to judge
+    assert not stale.exists() and recent.exists() and unmarked.exists()
+    assert other.exists()  # another target's are not ours to judge
 
 
 def test_savedmodel_signatures_labels_asset_and_serving_layout(run_dir):

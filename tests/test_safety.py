@@ -90,6 +90,49 @@ def test_a_second_command_on_a_locked_folder_is_refused(trained, tmp_path):
     assert (out / "history.csv").is_file()
 
 
+def test_a_replaced_output_is_put_in_place_whole_or_not_at_all(tmp_path):
+    """What evaluate and export write goes into a temporary folder beside --out, replacing --out only once the
+    block completes; a failure leaves the old folder as it was and no temporary behind."""
+    out = tmp_path / "eval"
+    with outputs.replacing_output_dir(out, "evaluation") as folder:
+        (folder / "report.html").write_text("old")
+    with pytest.raises(RuntimeError, match="midway"):
+        with outputs.replacing_output_dir(out, "evaluation") as folder:
+            (folder / "report.html").write_text("half")
+            raise RuntimeError("failed midway")
+    assert (out / "report.html").read_text() == "old" and outputs.read_marker(out) == {"kind": "evaluation"}
+    with outputs.replacing_output_dir(out, "evaluation") as folder:
+        (folder / "metrics.json").write_text("{}")
+    assert sorted(p.name for p in out.iterdir()) == [".tltool", "metrics.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["eval"]
+
+
+def test_only_stale_temporaries_that_are_provably_tltool_s_own_are_removed(tmp_path):
+    """A killed command leaves its temporary behind, marked; the next one on the same --out removes it once
+    stale, and nothing else: not a recent one, one in use, one of another kind, or one without a marker."""
+    out = tmp_path / "export"
+    names = ("killed", "recent", "busy", "other-kind", "unmarked")
+    folders = {name: tmp_path / f".export.{name}.tmp" for name in names} | {"linked": tmp_path / "linked"}
+    for name, folder in folders.items():
+        folder.mkdir()
+        (folder / "model.keras").write_bytes(b"half written")
+        kind = "evaluation" if name == "other-kind" else "export"
+        if name != "unmarked":
+            (folder / outputs.MARKER).write_text(json.dumps({"kind": kind}))
+    link = tmp_path / ".export.link.tmp"
+    link.symlink_to("linked")
+    old = time.time() - outputs.STALE_TEMPORARY_S - 60
+    for name, folder in folders.items():
+        if name != "recent":
+            os.utime(folder, (old, old))
+    with outputs.FileLock(folders["busy"] / outputs.MARKER):  # a command still writing it, for hours
+        with outputs.replacing_output_dir(out, "export") as folder:
+            (folder / "model.keras").write_bytes(b"new")
+    assert not folders["killed"].exists()
+    assert all(folder.exists() for name, folder in folders.items() if name != "killed") and link.is_symlink()
+    assert (out / "model.keras").read_bytes() == b"new"
+
+
 def test_recipe_name_cannot_leave_the_runs_folder(trained, tmp_path, monkeypatch):
     data, _ = trained
     monkeypatch.chdir(tmp_path)

@@ -13,13 +13,17 @@ Locks are advisory and per open file; they vanish with the process, so a kill -9
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import os
 import shutil
+import tempfile
+import time
 from pathlib import Path
 
 from tltool.errors import RunDirError
-from tltool.files import fsync_dir
+from tltool.files import fsync_dir, replace_dir
 
 try:
     import fcntl
@@ -164,19 +168,62 @@ def claim_output_dir(out: Path, kind: str, force: bool = False, resume: bool = F
         if force and not resume:
             _empty_keeping_marker(out)
         if read_marker(out) is None:
-            os.ftruncate(lock.fd, 0)
-            os.pwrite(lock.fd, json.dumps({"kind": kind}).encode() + b"\n", 0)
-            os.fsync(lock.fd)
-            fsync_dir(out)
+            _write_marker(lock, kind)
     except BaseException:
         lock.release()
         raise
     return lock
 
 
-def mark_output_dir(folder: Path, kind: str) -> None:
-    """Write the marker of a folder built elsewhere and moved into place whole (an export)."""
-    (Path(folder) / MARKER).write_text(json.dumps({"kind": kind}) + "\n", encoding="utf-8")
+#: A temporary output folder this old was left by a command that was killed (an export takes minutes).
+STALE_TEMPORARY_S = 6 * 3600
+
+
+@contextlib.contextmanager
+def replacing_output_dir(out: Path, kind: str):
+    """A temporary folder beside `out` to write a `kind` output into, put in place of `out` whole once the
+    block completes: a command that fails or is killed midway leaves whatever `out` held as it was.
+
+    The temporary is marked and locked while it is written, so that a later command tells the leftover of a
+    killed one (removed here once stale) from one still being written, or from a folder of the user's.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(out, kind)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        lock = FileLock(tmp / MARKER)
+        try:
+            _write_marker(lock, kind)
+            yield tmp
+        finally:
+            lock.release()  # before the rename: some systems refuse to rename a folder with a file open in it
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_stale_temporaries(out: Path, kind: str) -> None:
+    """Remove the temporaries of earlier commands on `out` that were killed (kill -9, power loss) before they
+    could clean up. Only a stale one marked as `kind` and locked by nobody is theirs for sure: a recent one
+    may still be written, and one without the marker is not tltool's to delete."""
+    now = time.time()
+    for leftover in out.parent.glob(f".{glob.escape(out.name)}.*.tmp"):
+        try:
+            stale = (leftover.is_dir() and not leftover.is_symlink()
+                     and now - leftover.stat().st_mtime > STALE_TEMPORARY_S)
+        except OSError:  # gone meanwhile
+            continue
+        if stale and (read_marker(leftover) or {}).get("kind") == kind and not in_use(leftover):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _write_marker(lock: FileLock, kind: str) -> None:
+    """Write the marker through the lock held on it, durably."""
+    os.ftruncate(lock.fd, 0)
+    os.pwrite(lock.fd, json.dumps({"kind": kind}).encode() + b"\n", 0)
+    os.fsync(lock.fd)
+    fsync_dir(lock.path.parent)
 
 
 def has_content(folder: Path) -> bool:

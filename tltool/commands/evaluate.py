@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -14,7 +12,6 @@ from tltool.evaluation.report import write_report
 from tltool.evaluation.sets import (add_calibration, check_ood_folder, evaluate_folder, evaluate_ood_folder,
                                     measure_robustness, sanity_probes)
 from tltool.exporting.predictors import load_predictor, mirror_tta
-from tltool.files import replace_dir
 
 
 def evaluate(model, data, out=None, top_k: int = 5, force: bool = False, tta: bool = False, ood_data=None,
@@ -61,7 +58,7 @@ def evaluate(model, data, out=None, top_k: int = 5, force: bool = False, tta: bo
         check_ood_folder(predictor, ood_data)
     folders = [f for f in (data, ood_data) if f is not None]
     model_files = [model] if isinstance(model, (str, Path)) else []  # what --out must never replace
-    # Checked now, replaced only once the new evaluation is complete (see _publish).
+    # Checked now; with --force, the old evaluation is replaced only once the new one is complete (below).
     outputs.check_output_dir(out, "evaluation", force=force, inputs=[*model_files, *folders], data=folders)
     say(f"Evaluating on {len(folder)} images of {len(predictor.labels)} classes from {folder.root}.")
     t1 = time.perf_counter()
@@ -81,26 +78,14 @@ def evaluate(model, data, out=None, top_k: int = 5, force: bool = False, tta: bo
         "probes": [p.as_dict(predictor.labels) for p in probes], "skipped_files": skips.as_list(),
         "timings": {"load_s": round(t_load, 3), "predict_s": round(t_predict, 3),
                     "robustness_s": round(time.perf_counter() - t1 - t_predict, 3)}}
-    _publish(out, lambda folder: write_report(folder, [result], probes, metrics, run_dir=run_dir,
-                                              title=f"Evaluation on {data_name}", ood_sets=ood_sets))
+    with outputs.replacing_output_dir(out, "evaluation") as folder:
+        write_report(folder, [result], probes, metrics, run_dir=run_dir, title=f"Evaluation on {data_name}",
+                     ood_sets=ood_sets)
     say(f"accuracy {metrics['accuracy']:.4f}, top-{metrics['top_k']} {metrics['top_k_accuracy']:.4f}, "
         f"macro F1 {metrics['macro_avg']['f1']:.4f}. Report: {out / 'report.html'}")
     if ood_sets:
         say(_ood_line(ood_sets[0].metrics))
     return {**metrics, "out": str(out)}
-
-
-def _publish(out: Path, write) -> None:
-    """`write` the evaluation into a temporary folder beside `out`, then put it in place of `out` whole: an
-    evaluation that fails or is killed midway leaves the earlier one (`--force`) as it was."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        write(tmp)
-        outputs.mark_output_dir(tmp, "evaluation")
-        replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _ood_line(m: dict) -> str:

@@ -25,7 +25,6 @@ Models trained before tltool had the OOD score have probabilities alone, and exp
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,7 +38,6 @@ from tltool.errors import ExportError, ExportOptionError, RunDirError
 from tltool.exporting import checks, mediapipe_check, tflite
 from tltool.exporting.metadata import model_metadata
 from tltool.exporting.tflite_metadata import ModelInfo
-from tltool.files import replace_dir
 from tltool.exporting.predictors import KerasPredictor, load_predictor, tflite_runtime
 from tltool.engine.trust import blank_images
 from tltool.models.ood import Scores, ood_parts
@@ -84,10 +82,8 @@ def export(run_dir, format: str, quantize: str = "none", out=None, force: bool =
     setup = _recorded_setup(run_dir, recipe, keras_predictor.labels)
     check = _CheckImages.of(setup, keras_predictor)
     tol = checks.tolerance_for(format, quantize)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    # Written beside `out` and put in place whole once checked: the old export stays until the new is in.
+    with outputs.replacing_output_dir(out, "export") as tmp:
         writer = _WRITERS[format]
         artifact, report, extra = writer(keras_predictor, setup, quantize, tmp, check, tol)
         result = {"format": format, "quantize": quantize, "path": str(out), **_size(artifact, extra), **report,
@@ -97,10 +93,6 @@ def export(run_dir, format: str, quantize: str = "none", out=None, force: bool =
                   "seconds": round(time.perf_counter() - t_start, 2)}
         checks.check_tolerance(result, tol)
         rundir.atomic_write_json(tmp / EXPORT_FILE, result)
-        outputs.mark_output_dir(tmp, "export")
-        _publish(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return result
 
 
@@ -270,22 +262,6 @@ def _tflite_artifact(keras_predictor, setup, quantize, tmp: Path, check: _CheckI
     return artifact, report, extra
 
 
-#: A temporary export folder this old is left over from an export that was killed (one takes minutes).
-STALE_TEMPORARY_S = 6 * 3600
-
-
-def _remove_stale_temporaries(out: Path) -> None:
-    """Remove the temporary folders of earlier exports to `out` that were killed (kill -9, power loss) before
-    they could clean up; a recent one may belong to an export still running, and is left alone."""
-    now = time.time()
-    for leftover in out.parent.glob(f".{out.name}.*.tmp"):
-        try:
-            if leftover.is_dir() and not leftover.is_symlink() and now - leftover.stat().st_mtime > STALE_TEMPORARY_S:
-                shutil.rmtree(leftover, ignore_errors=True)
-        except OSError:  # gone meanwhile
-            pass
-
-
 def _with_blank_images(representative: np.ndarray, model, size: int) -> np.ndarray:
     """The int8 calibration images, plus the blank and noise images of a model whose OOD score rejects them.
 
@@ -330,8 +306,3 @@ def _size(artifact: Path, extra: dict) -> dict:
     if "float32_size_bytes" in extra:
         size["size_ratio"] = round(size["size_bytes"] / extra["float32_size_bytes"], 4)
     return size
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Put the checked export in place of whatever `out` held: the old export stays until the new is in."""
-    replace_dir(tmp, out)
