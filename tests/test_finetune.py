@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 
 import keras
 import numpy as np
@@ -12,6 +13,7 @@ import tltool
 from helpers import (calibrated_backbone_weights, image_paths, make_image_folder, saved_model_accuracy,
                      saved_model_probabilities, tiny_recipe_args, tiny_values, validation_paths)
 from tltool.cli import main
+from tltool.errors import TrainingError
 from tltool.recipe import load_recipe
 
 
@@ -177,6 +179,92 @@ def test_cli_refuses_a_non_empty_out_without_force(tmp_path, image_folder):
     assert result.exit_code == 2
     assert "already exists and is not empty" in result.output and "--force" in result.output
     assert (out / "precious.txt").read_text() == "keep me"
+
+
+# ----------------------------------------------------------------------------- --force keeps the last run
+
+
+def files_of(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def stopped_in_training(monkeypatch, exc):
+    """Make training stop with `exc` once the new run has recorded its start (it is resumable from there)."""
+    import tltool.commands.finetune as finetune_module
+
+    def stops(ctx, tm, run_dir, **kwargs):
+        (run_dir / "history.csv").write_text("stage,epoch\n1,1\n")  # half a new run
+        raise exc
+
+    monkeypatch.setattr(finetune_module, "train_stages", stops)
+
+
+def test_a_force_run_that_fails_leaves_the_previous_run_as_it_was(tiny_run, tmp_path, image_folder,
+                                                                  monkeypatch):
+    out = shutil.copytree(tiny_run.run_dir, tmp_path / "run")
+    before = files_of(out)
+    stopped_in_training(monkeypatch, TrainingError("The loss diverged."))
+    with pytest.raises(TrainingError):
+        tltool.finetune(data=image_folder, out=out, force=True, verbose=0, overrides=tiny_values(32))
+    assert files_of(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # nothing kept aside any more
+
+
+def test_an_interrupted_force_run_keeps_the_previous_run_aside_and_resumes(tiny_run, tmp_path, image_folder,
+                                                                          monkeypatch):
+    """A kill (here a Ctrl-C, which cleans up nothing either) leaves the previous run whole beside the new
+    one; --resume finishes the new one, and only then removes the previous one."""
+    out = shutil.copytree(tiny_run.run_dir, tmp_path / "run")
+    before = files_of(out)
+    stopped_in_training(monkeypatch, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        tltool.finetune(data=image_folder, out=out, force=True, verbose=0, overrides=tiny_values(32))
+    previous = tmp_path / ".run.previous"
+    assert files_of(previous) == before
+    assert (out / "recipe.yaml").is_file() and not (out / "summary.json").exists()
+    monkeypatch.undo()
+    lines = []
+    resumed = tltool.finetune(out=out, resume=True, verbose=2, log=lines.append)
+    assert resumed.summary["resumed"] and (out / "model.keras").is_file()
+    assert f"{previous} holds the run that an interrupted --force replaced in {out}" in "\n".join(lines)
+    assert not previous.exists()
+
+
+def test_a_force_run_settles_what_an_interrupted_one_left_aside(tiny_run, tmp_path, image_folder,
+                                                                monkeypatch):
+    """After an interrupted --force, the previous run is the last finished one: the next --force keeps it (and
+    puts it back when it fails); once the folder holds a finished run, a run left aside is removed."""
+    out = shutil.copytree(tiny_run.run_dir, tmp_path / "run")
+    before = files_of(out)
+    previous = tmp_path / ".run.previous"
+    stopped_in_training(monkeypatch, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        tltool.finetune(data=image_folder, out=out, force=True, verbose=0, overrides=tiny_values(32))
+    stopped_in_training(monkeypatch, TrainingError("The loss diverged."))
+    lines = []
+    with pytest.raises(TrainingError):
+        tltool.finetune(data=image_folder, out=out, force=True, verbose=1, log=lines.append,
+                        overrides=tiny_values(32))
+    assert f"{previous} holds the run that an interrupted --force replaced in {out}" in "\n".join(lines)
+    assert files_of(out) == before and not previous.exists()
+    shutil.copytree(out, previous)  # as a kill just before the finished run removed it leaves it
+    lines = []
+    with pytest.raises(TrainingError):
+        tltool.finetune(data=image_folder, out=out, force=True, verbose=1, log=lines.append,
+                        overrides=tiny_values(32))
+    assert f"Removed {previous}: it kept the run that --force replaced in {out}" in "\n".join(lines)
+    assert files_of(out) == before and not previous.exists()
+
+
+def test_force_leaves_a_folder_in_the_way_of_the_previous_run_alone(tiny_run, tmp_path, image_folder):
+    out = shutil.copytree(tiny_run.run_dir, tmp_path / "run")
+    mine = tmp_path / ".run.previous"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    result = CliRunner().invoke(main, ["finetune", "--data", str(image_folder), "--out", str(out), "--force",
+                                       "--quiet", *tiny_recipe_args()])
+    assert result.exit_code == 2 and "holds something else: move it away" in result.output
+    assert (mine / "notes.txt").read_text() == "my notes" and (out / "summary.json").is_file()
 
 
 @pytest.mark.parametrize("args, message", [

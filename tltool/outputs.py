@@ -9,6 +9,11 @@ nor sit inside a data folder (a later scan would read it as a class).
 The marker is also the folder's lock: a command holds an exclusive `flock` on it while it writes, so a
 second command on the same folder is refused at once instead of overwriting the first one's files.
 Locks are advisory and per open file; they vanish with the process, so a kill -9 never leaves one behind.
+
+`--force` never loses the old output before the new one is complete. An evaluation or an export is written
+into a temporary folder beside `out` and put in place whole (`replacing_output_dir`); a run, which writes
+into its folder as it goes, moves the old one beside it until it has finished (`claiming_keeping_previous`).
+What a kill leaves behind is marked too, so the next command can tell it from a folder of the user's.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tltool.errors import RunDirError
+from tltool.errors import RunDirError, WorkerLostError
 from tltool.files import fsync_dir, replace_dir
 
 try:
@@ -146,13 +151,16 @@ def check_output_dir(out: Path, kind: str, force: bool = False, resume: bool = F
                           f"Choose another --out.")
 
 
-def claim_output_dir(out: Path, kind: str, force: bool = False, resume: bool = False, **checks) -> FileLock:
+def claim_output_dir(out: Path, kind: str, force: bool = False, resume: bool = False, keep: bool = False,
+                     **checks) -> FileLock:
     """Create (or, with `force`, empty) `out` as the folder of a `kind` output, and lock it.
 
     Runs `check_output_dir` first, then again once the lock is held, so two commands starting together on
     one folder cannot both pass. Returns the lock: keep it while writing, `release` it when done.
+    `keep`: checked as `force` is, but left as it is (for `claiming_keeping_previous` to move aside).
     """
     out = Path(out)
+    force = force or keep
     check_output_dir(out, kind, force, resume, **checks)
     out.mkdir(parents=True, exist_ok=True)
     marker = out / MARKER
@@ -165,7 +173,7 @@ def claim_output_dir(out: Path, kind: str, force: bool = False, resume: bool = F
         if read_marker(out) is None and has_content(out) and not resume:
             # An unmarked folder that filled up since the check (or the check's race): never ours to replace.
             raise RunDirError(f"Output folder {out} already exists and is not empty. Choose another --out.")
-        if force and not resume:
+        if force and not resume and not keep:
             _empty_keeping_marker(out)
         if read_marker(out) is None:
             _write_marker(lock, kind)
@@ -173,6 +181,92 @@ def claim_output_dir(out: Path, kind: str, force: bool = False, resume: bool = F
         lock.release()
         raise
     return lock
+
+
+def previous_dir(out: Path) -> Path:
+    """Where `claiming_keeping_previous` keeps what `--force` replaces in `out`: hidden, beside it (not in
+    it, which the new output fills, and so never inside a data folder either)."""
+    out = Path(out)
+    return out.parent / f".{out.name}.previous"
+
+
+@contextlib.contextmanager
+def claiming_keeping_previous(out: Path, kind: str, finished, say, force: bool = False, resume: bool = False,
+                              **checks):
+    """Claim `out`, as `claim_output_dir` does, for an output written in place as it goes (a run: its state
+    is there, for --resume); what `--force` replaces is moved whole to `previous_dir(out)` meanwhile.
+
+    It is removed once the block completes, put back if the block fails with an error, and left where it is
+    on a kill or an interruption (the new output is then resumable): the next claim of `out` finds it, and
+    keeps it as its own previous output, or removes it when `finished(out)` says `out` holds a finished one.
+    """
+    out = Path(out)
+    lock = claim_output_dir(out, kind, resume=resume, keep=force, **checks)
+    try:
+        previous = _kept_from_before(out, kind, finished, say, resume)
+        if force and not resume and has_content(out):
+            if previous is None:
+                lock, previous = _move_aside(out, kind, lock), previous_dir(out)
+            else:  # the output of the interrupted --force: what this --force replaces
+                _empty_keeping_marker(out)
+        try:
+            yield
+        except Exception as exc:
+            # A lost worker is an interruption too: the `tltool` program resumes the new run by itself.
+            if previous is not None and not resume and not isinstance(exc, WorkerLostError):
+                _put_back(previous, out, kind, say)
+            raise
+        if previous is not None:
+            shutil.rmtree(previous, ignore_errors=True)
+    finally:
+        lock.release()
+
+
+def _kept_from_before(out: Path, kind: str, finished, say, resume: bool) -> Path | None:
+    """The previous output an interrupted `--force` left in `previous_dir(out)`, if any, now this claim's own;
+    removed instead when `out` holds a finished output (what replaced it)."""
+    previous = previous_dir(out)
+    if previous.is_symlink() or not previous.is_dir() or (read_marker(previous) or {}).get("kind") != kind \
+            or in_use(previous):
+        return None  # not provably what a --force of ours put there: left alone
+    if finished(out):
+        shutil.rmtree(previous)
+        say(f"Removed {previous}: it kept the {kind} that --force replaced in {out}, and the new one has "
+            f"finished.")
+        return None
+    fails = "" if resume else ", and put back if it fails"  # a resume that fails can be resumed again
+    say(f"{previous} holds the {kind} that an interrupted --force replaced in {out}: kept until this one is "
+        f"complete{fails}.")
+    return previous
+
+
+def _move_aside(out: Path, kind: str, lock: FileLock) -> FileLock:
+    """Rename `out` to `previous_dir(out)`, in one step so that a kill leaves it whole in one place or the
+    other, and make `out` afresh; returns the lock of the new `out`."""
+    previous = previous_dir(out)
+    if os.path.lexists(previous):
+        raise RunDirError(f"{previous}, where --force keeps the {kind} it replaces until the new one is "
+                          f"complete, holds something else: move it away, or choose another --out.")
+    os.replace(out, previous)  # the lock goes with the old marker: `out` is new and unlocked until below
+    fsync_dir(out.parent)
+    lock.release()
+    try:
+        out.mkdir()
+        lock = FileLock(out / MARKER)
+    except (FileExistsError, BlockingIOError):
+        raise RunDirError(f"Another command took {out} while --force moved its {kind} to {previous}; that is "
+                          f"where it is now.") from None
+    _write_marker(lock, kind)
+    return lock
+
+
+def _put_back(previous: Path, out: Path, kind: str, say) -> None:
+    """Put the previous output back in place of the failed one; if that fails too, say where it is."""
+    try:
+        replace_dir(previous, out)
+        say(f"The previous {kind} is back in {out}.")
+    except OSError as exc:
+        say(f"The previous {kind} of {out} could not be put back ({exc}); it is in {previous}.")
 
 
 #: A temporary output folder this old was left by a command that was killed (an export takes minutes).

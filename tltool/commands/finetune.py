@@ -89,8 +89,10 @@ def finetune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=
             _same_data_as_before(run_dir, setup)
         if run_dir is None:
             run_dir = rundir.new_run_dir(recipe.name)
-        with outputs.claim_output_dir(run_dir, **where), _watching(joined):  # locked: no other command
-            return _train_in(run_dir, setup, resume, say, verbose, tensorboard, t_start,  # writes there
+        # Locked: no other command writes there. A run --force replaces is kept aside until this one finishes.
+        claim = outputs.claiming_keeping_previous(run_dir, finished=_finished, say=say, **where)
+        with claim, _watching(joined):
+            return _train_in(run_dir, setup, resume, say, verbose, tensorboard, t_start,
                              joined[0] if joined else None)
     except WorkerLostError as exc:
         exc.run_dir = run_dir  # the `tltool` program restarts itself with --resume --out RUN_DIR
@@ -147,6 +149,11 @@ def _train_in(run_dir: Path, setup: RunSetup, resume: bool, say, verbose: int, t
     say(f"Next: tltool export {run_dir} --format tflite (or savedmodel, keras, onnx); "
         f"tltool predict {run_dir} IMAGE...")
     return FinetuneResult(run_dir, summary, model, tm)
+
+
+def _finished(run_dir: Path) -> bool:
+    """Whether `run_dir` holds a finished run (one --resume would refuse)."""
+    return (run_dir / rundir.SUMMARY_FILE).is_file() and RunProgress(run_dir).finished
 
 
 # ------------------------------------------------------------------------------ multi-worker runs
