@@ -155,8 +155,12 @@ def test_head_search_reports_resumes_and_overwrites(tmp_path, image_folder):
     assert len(fresh["trials"]) == 1
 
 
-def _searches_with_a_shared_and_with_own_backbones(tmp_path, image_folder, monkeypatch, overrides: list):
-    """The same two-trial stage-2 search twice: cut trials sharing one backbone, then each building its own.
+TWO_CUTS = {"fine_tune.unfreeze": {"choice": [1, 3]}, "head.dense": {"choice": [8]}}
+
+
+def _searches_with_a_shared_and_with_own_backbones(tmp_path, image_folder, monkeypatch, overrides: list,
+                                                   space=TWO_CUTS):
+    """The same stage-2 grid search twice: cut trials sharing one backbone, then each building its own.
     Returns ([(values, val_loss)] and the backbones built, for each; the shared search's log lines)."""
     from tltool.engine import stages
     from tltool.models import transfer
@@ -168,7 +172,9 @@ def _searches_with_a_shared_and_with_own_backbones(tmp_path, image_folder, monke
     # Stage 2 always kept, at a learning rate that moves the backbone: a trial that started from the weights
     # an earlier trial left would score differently.
     monkeypatch.setattr(stages, "_keep_stage2_only_if_better", lambda *a, **k: None)
-    space = {"fine_tune.unfreeze": {"choice": [1, 3]}, "head.dense": {"choice": [8]}}
+    trials = 1
+    for entry in space.values():
+        trials *= len(entry["choice"])
     weights = calibrated_backbone_weights(tmp_path / "backbone.weights.h5", images=image_folder)
     overrides = TINY + [f"backbone.weights={weights}", "head.layer=top", "head.grid=1", "fine_tune.epochs=1",
                         "fine_tune.early_stopping=0", "fine_tune.learning_rate=0.01"] + overrides
@@ -177,9 +183,9 @@ def _searches_with_a_shared_and_with_own_backbones(tmp_path, image_folder, monke
         monkeypatch.setenv("TLTOOL_CACHE_DIR", str(out / "cache"))
         built.clear()
         summary = tltool.tune(_recipe_file(tmp_path, space, algorithm="grid"), data=image_folder, out=out,
-                              verbose=1, max_trials=2, overrides=overrides,
+                              verbose=1, max_trials=trials, overrides=overrides,
                               log=lambda message="", **_: lines.append(str(message))).summary
-        assert summary["trials_completed"] == 2
+        assert summary["trials_completed"] == trials
         return [(t["hyperparameters"], t["val_loss"]) for t in summary["trials"]], len(built), summary
 
     lines = []
@@ -206,6 +212,27 @@ def test_stage2_trials_share_one_activation_cache_and_one_backbone(tmp_path, ima
     assert shared_builds == 1 and own_builds == 3  # the search's features (and the cut trials' backbone)
     assert [values for values, _ in shared] == [values for values, _ in own]
     assert [loss for _, loss in shared] == pytest.approx([loss for _, loss in own], rel=1e-5)
+
+
+def test_stage2_trials_of_one_shape_train_one_model_traced_once(tmp_path, image_folder, monkeypatch):
+    """Trials that differ only in dropout, label smoothing and learning rate train one kept model, whose train
+    steps Keras traced once, and score as trials with their own models do."""
+    import keras
+
+    compiled = []
+    compile_ = keras.Model.compile
+    monkeypatch.setattr(keras.Model, "compile", lambda self, *a, **k: compiled.append(self.name) or compile_(
+        self, *a, **k))
+    space = {"head.dropout": {"choice": [0.0, 0.5]}, "train.label_smoothing": {"choice": [0.0, 0.2]},
+             "fine_tune.learning_rate": {"choice": [0.01, 0.003]}, "head.dense": {"choice": [8]}}
+    (kept, _), (own, _), summary, _ = _searches_with_a_shared_and_with_own_backbones(
+        tmp_path, image_folder, monkeypatch, ["fine_tune.unfreeze=2"], space)
+    # 8 trials x 2 stages: the first compiled both of its models, the others none (tune's own compiling of
+    # the search's features is not a trial's); then every trial with its own model compiles both.
+    assert compiled.count("head") == 1 + 8 and compiled.count("above_cut_and_head") == 1 + 8
+    assert [values for values, _ in kept] == [values for values, _ in own]
+    assert [loss for _, loss in kept] == pytest.approx([loss for _, loss in own], rel=1e-5)
+    assert len({round(loss, 6) for _, loss in kept}) == 8  # every value changed what was trained
 
 
 def test_stage2_trials_that_stream_images_share_one_backbone(tmp_path, image_folder, monkeypatch):

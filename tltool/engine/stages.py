@@ -130,6 +130,10 @@ class TrainingContext:
         compile_model(model, stage_cfg.optimizer, stage_cfg.learning_rate, self.recipe.train.label_smoothing,
                       jit_compile=self.runtime.jit_compile)
 
+    def cut_models(self, tm, cut: str) -> CutModels:
+        """`tm` split at `cut`, for stage 2 on the activations there (tune's trials reuse theirs)."""
+        return split_at_cut(tm, cut)
+
 
 def build_model(setup: RunSetup, runtime: Runtime) -> TransferModel:
     """The run's backbone with its weights and a fresh head, built under the run's strategy."""
@@ -447,7 +451,7 @@ def train_stages(ctx: TrainingContext, tm, features: StageFeatures | None = None
     if stage2_due and features is None:
         cut = activation_cut(ctx, tm)
     elif stage2_due and features.train_acts is not None:
-        cut = split_at_cut(tm, features.cut)
+        cut = ctx.cut_models(tm, features.cut)
     if recipe.frozen.epochs > 0 and not (progress and progress.done(1)):
         if ctx.verbose:
             ctx.log(f"Stage 1: frozen backbone, training the head for up to {recipe.frozen.epochs} epochs.")

@@ -60,11 +60,13 @@ def build_transfer_model(spec: BackboneSpec, weights: ResolvedWeights, num_class
                      build_head(backbone.output_shape[-1], num_classes, head_cfg, seed=seed))
 
 
-def with_new_head(tm: TransferModel, num_classes: int, head_cfg: HeadConfig, seed: int | None = None) -> TransferModel:
+def with_new_head(tm: TransferModel, num_classes: int, head_cfg: HeadConfig, seed: int | None = None,
+                  dropout=None) -> TransferModel:
     """`tm`'s backbone (the same layers, at their current weights) under a fresh head: a search whose trials
-    share the backbone builds it once. `head_cfg` must read the backbone as `tm`'s head does."""
+    share the backbone builds it once. `head_cfg` must read the backbone as `tm`'s head does; `dropout`: see
+    build_head."""
     image_size = int(tm.model.input_shape[1])
-    head = build_head(tm.backbone.output_shape[-1], num_classes, head_cfg, seed=seed)
+    head = build_head(tm.backbone.output_shape[-1], num_classes, head_cfg, seed=seed, dropout=dropout)
     return _assemble(tm.backbone, tm.preprocess, tm.pretrained, tm.model.name, image_size, head)
 
 
@@ -82,10 +84,21 @@ def _assemble(backbone, preprocess, pretrained: bool, model_name: str, image_siz
     return TransferModel(model, extractor, backbone, head, preprocess, pretrained)
 
 
-def build_head(feature_size: int, num_classes: int, head_cfg: HeadConfig, seed: int | None = None):
+def build_head(feature_size: int, num_classes: int, head_cfg: HeadConfig, seed: int | None = None, dropout=None):
     """Normalisation (`head.normalize`) + dropout + optional hidden dense layers + a softmax over the new classes,
-    on a feature vector."""
+    on a feature vector.
+
+    `dropout`: the layer class of the dropout layers, then present at any rate (tune's RateDropout, whose
+    rate trials set); by default Keras's Dropout, present only when `head.dropout` > 0.
+    """
     import keras
+
+    def dropped(x, name: str):
+        if dropout is not None:
+            return dropout(head_cfg.dropout, seed=seed, name=name)(x)
+        if head_cfg.dropout > 0:
+            return keras.layers.Dropout(head_cfg.dropout, seed=seed, name=name)(x)
+        return x
 
     inputs = keras.Input((feature_size,), name="features")
     x = inputs
@@ -99,12 +112,10 @@ def build_head(feature_size: int, num_classes: int, head_cfg: HeadConfig, seed: 
         x = keras.layers.UnitNormalization(name="head_unit_length")(center(x, training=False))
         x = keras.layers.Rescaling(float(np.sqrt(feature_size)), name="head_feature_scale")(x)
     for i, units in enumerate(head_cfg.dense):
-        if head_cfg.dropout > 0:
-            x = keras.layers.Dropout(head_cfg.dropout, seed=seed, name=f"head_dropout_{i}")(x)
+        x = dropped(x, f"head_dropout_{i}")
         x = keras.layers.Dense(units, activation="relu", kernel_initializer=_glorot(seed, i + 1),
                                name=f"head_dense_{i}")(x)
-    if head_cfg.dropout > 0:
-        x = keras.layers.Dropout(head_cfg.dropout, seed=seed, name="head_dropout")(x)
+    x = dropped(x, "head_dropout")
     # float32 output keeps the softmax and the loss stable under mixed precision.
     # A normalised head's classifier starts from zero (every class equally likely): random initial weights add
     # logits of pure noise, which a few epochs on a small dataset do not wash out (measured: README).

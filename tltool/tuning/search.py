@@ -27,16 +27,17 @@ import numpy as np
 
 from tltool.engine.fitting import compile_model
 from tltool.engine.setup import prepare_run, start_runtime
-from tltool.engine.activations import activations_at, split_at_cut
+from tltool.engine.activations import activations_at
 from tltool.engine.stages import (TrainingContext, activation_cut, build_model, cut_features, stage1_features,
                                   train_stages)
 from tltool.errors import TltoolError
 from tltool.evaluation.metrics import accuracy, log_loss
 from tltool.files import atomic_write_text
 from tltool.models.backbones import FALLBACK_WARNING
-from tltool.models.transfer import TransferModel, build_head, fine_tune_cut, layers_above, with_new_head
+from tltool.models.transfer import TransferModel, build_head, fine_tune_cut, layers_above
 from tltool.recipe import Recipe
 from tltool.tuning.distributed import guard_worker, serve_oracle
+from tltool.tuning.reuse import KeptModels, ReusingContext
 from tltool.tuning.reports import fmt_epochs, fmt_value, last_line, trial_number
 from tltool.tuning.space import BUDGET_KEY, HEAD_KEYS, SearchSpace, stripped_recipe, trial_budget, trial_recipe
 
@@ -116,6 +117,8 @@ class TrialRunner:
         self._deep = None        # StageFeatures at the deepest cut; False when stage 2 trials stream images
         self._at_cut = {}        # cut -> StageFeatures with the activations at that cut
         self._kept = None        # _KeptBackbone: the backbone every cut trial trains on
+        #: cut trials' models by shape, which keep their traced train steps (see reuse.py)
+        self.kept_models = KeptModels()
 
     @staticmethod
     def _split_key(recipe: Recipe) -> str:
@@ -230,7 +233,8 @@ class TrialRunner:
     def _cut_trial_model(self, setup, runtime) -> TransferModel:
         """A cut trial's model: the kept backbone (see `_KeptBackbone`), back at its pretrained weights, under a
         fresh head. Cut trials share the base recipe's backbone, and building it and loading its weights cost
-        more than a short trial's training (about 1.7 s of 5 for MobileNetV2). Another strategy builds anew:
+        more than a short trial's training (about 1.7 s of 5 for MobileNetV2); and trials of the same shape
+        train one model, whose train steps Keras traced once (see reuse.py). Another strategy builds anew:
         variables belong to the strategy that made them."""
         kept = self._kept
         if kept is None or kept.strategy is not runtime.strategy:  # e.g. stage 2 streams: no activations
@@ -239,12 +243,10 @@ class TrialRunner:
             self._kept = _KeptBackbone(tm, runtime.strategy, cut)
             return tm
         kept.reset()
-        with runtime.strategy.scope():
-            return with_new_head(kept.tm, len(setup.classes), setup.recipe.head, seed=setup.recipe.seed)
+        return self.kept_models.model_for(kept.tm, setup, runtime)
 
-    @staticmethod
-    def _quiet(setup, runtime) -> TrainingContext:
-        return TrainingContext(setup, runtime, verbose=0, log=lambda *a, **k: None)
+    def _quiet(self, setup, runtime) -> TrainingContext:
+        return ReusingContext(setup, runtime, verbose=0, log=lambda *a, **k: None, kept=self.kept_models)
 
     def train(self, trial: _Trial) -> dict:
         """`finetune`'s two stages on the trial's model, then its validation loss and accuracy."""
@@ -275,7 +277,7 @@ class TrialRunner:
         if features.train_acts is None:
             model, rows = trial.tm.head, features.val_x
         else:
-            model, rows = split_at_cut(trial.tm, features.cut).trainable, features.val_acts
+            model, rows = trial.ctx.cut_models(trial.tm, features.cut).trainable, features.val_acts
         # Eager calls (no tracing), scored as evaluate() would.
         return np.concatenate([np.asarray(model(rows[i:i + batch_size].astype(np.float32), training=False))
                                for i in range(0, len(rows), batch_size)])
