@@ -110,6 +110,22 @@ def test_class_folder_with_a_line_break_is_refused(tmp_path):
     assert "bad_class_name" in {p["code"] for p in report["problems"]}
 
 
+def test_class_folders_differing_only_in_case_are_warned_of(tmp_path):
+    (tmp_path / "probe").mkdir()
+    if (tmp_path / "PROBE").exists():
+        pytest.skip("a case-insensitive file system cannot hold such folders")
+    root = textured_folder(tmp_path / "d", classes=("Ants", "ants", "bees"), per_class=5)
+    result = CliRunner().invoke(main, ["data", "check", str(root)])
+    assert result.exit_code == 0, result.output  # trainable: a warning, not a problem
+    assert (f"Warning: Class folders that differ only in letter case in the training folder {root}: Ants, ants. "
+            in result.output) and "merge them into one folder" in result.output
+    report = datacheck.check_data(root)
+    assert [w for w in report["warnings"] if w["code"] == "case_clash"]
+    # finetune and tune, which train on them as two classes, say so too
+    with pytest.warns(UserWarning, match=r"Class folders Ants, ants in .* differ only in letter case"):
+        assert scan_folder(root).classes == ["Ants", "ants", "bees"]
+
+
 # ------------------------------------------------------------------------------------------ data check
 
 

@@ -9,7 +9,8 @@ splits). The result is a plain dict (JSON-ready) with `problems` and `warnings`:
   validation/test classes the training folder lacks, a `group_by` group that spans classes. `ok` is False.
 * a **warning** is worth a look but training works: empty class folders (left out), strong imbalance,
   classes with very few images, exact duplicates within a class, near-duplicates inside the training
-  folder, files outside class folders or in formats tltool ignores, file names `group_by` does not match.
+  folder, files outside class folders or in formats tltool ignores, file names `group_by` does not match,
+  class folders whose names differ only in letter case.
 
 Odd-but-valid files (transparency, palette, grayscale, CMYK, 16-bit, EXIF rotation, animation, tiny or
 huge, single-colour) are listed as notes: tltool reads them correctly.
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tltool.data.folders import bad_class_name, check_folder, class_folders, group_key
+from tltool.data.folders import bad_class_name, case_clashes, check_folder, class_folders, group_key
 from tltool.data.images import UNSUPPORTED_EXTENSIONS, ImageReadError, decode, io_workers, is_image_name
 from tltool.errors import DataError
 from tltool.recipe import compile_group_by
@@ -319,6 +320,12 @@ def _judge_files(found: _Findings, what: str, root: Path, rep: dict, ignored: di
         found.warn("unsupported_files", f"{len(ignored['unsupported'])} file(s) in formats tltool does not read "
                                         f"are ignored in the {what}, e.g. {ignored['unsupported'][0]}; convert "
                                         f"them to JPEG or PNG.")
+    clashes = case_clashes(rep["classes"])
+    if clashes:
+        found.warn("case_clash", f"Class folders that differ only in letter case in the {what}: "
+                                 f"{'; '.join(', '.join(same) for same in clashes)}. They are separate classes here, "
+                                 f"but probably one, and cannot coexist on macOS or Windows: merge them into one "
+                                 f"folder.")
     for name in rep["classes"]:
         if bad_class_name(name):
             found.problem("bad_class_name", f"Class folder {name!r} in the {what} {bad_class_name(name)}; "

@@ -102,6 +102,18 @@ def bad_class_name(name: str) -> str | None:
     return None
 
 
+def case_clashes(names) -> list[list[str]]:
+    """Sets of class names that differ only in letter case (e.g. `Ants`, `ants`), each sorted.
+
+    They are two classes on a case-sensitive file system, but almost always one class split by mistake, and
+    on macOS's and Windows's usual file systems the folders cannot coexist (a copy there merges or fails).
+    """
+    by_folded: dict[str, list[str]] = {}
+    for name in names:
+        by_folded.setdefault(name.casefold(), []).append(name)
+    return [sorted(same) for same in by_folded.values() if len(same) > 1]
+
+
 def class_folders(root: Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
                   key=lambda p: p.name)
@@ -142,6 +154,10 @@ def scan_folder(root: str | Path, skips: SkipLog | None = None, classes: list[st
         if why:
             raise DataError(f"Class folder {folder.name!r} in {root} {why}; rename it (class names end up in "
                             f"labels.txt, one per line).")
+    for same in case_clashes(folder.name for folder in folders):
+        warnings.warn(f"Class folders {', '.join(same)} in {root} differ only in letter case: they are trained as "
+                      f"separate classes, but are probably one (and cannot coexist on macOS or Windows). Merge "
+                      f"them into one folder.", UserWarning, stacklevel=2)
     found: dict[str, list[str]] = {}
     candidates = {folder.name: image_files(folder) for folder in folders}
     # Header checks are I/O bound: threads overlap the disk reads of large folders.
