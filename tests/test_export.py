@@ -304,6 +304,35 @@ def test_cli_export_errors(run_dir, tmp_path):
     assert result.exit_code == 2 and "is an export, not a run directory" in result.output
 
 
+def test_a_refused_export_prints_only_its_error(tmp_path):
+    import yaml
+
+    # Refused before the model is read: a run directory's files need not hold a real model.
+    run = tmp_path / "run"
+    run.mkdir()
+    recipe = tltool.load_recipe(None).to_dict()
+    recipe["export"]["formats"] = ["keras", "tflite"]
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    (run / "model.keras").write_bytes(b"")
+    (run / "labels.txt").write_text("a\nb\n")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("not tltool's")
+    (run / "export" / "tflite").mkdir(parents=True)  # the recipe's second format: refused before the first is made
+    (run / "export" / "tflite" / "notes.txt").write_text("not tltool's")
+    exported = tmp_path / "exported"
+    exported.mkdir()
+    (exported / "export.json").write_text("{}")
+    for args, message in [([str(run), "--format", "keras", "--out", str(mine)], f"Output folder {mine} already"),
+                          ([str(run)], f"Output folder {run / 'export' / 'tflite'} already"),
+                          ([str(exported), "--format", "keras"], "is an export, not a run directory")]:
+        result = CliRunner().invoke(main, ["export", *args])
+        assert result.exit_code == 2, result.output
+        assert result.output.startswith("Error: ") and message in result.output
+        assert len(result.output.splitlines()) == 1, result.output  # no "Exporting ..." line before it
+    assert not (run / "export" / "keras").exists()
+
+
 def test_export_without_format_uses_the_recipe_defaults(run_dir, tmp_path):
     import shutil
 

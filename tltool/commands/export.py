@@ -70,13 +70,7 @@ def export(run_dir, format: str, quantize: str = "none", out=None, force: bool =
         ExportOptionError: unknown format, a quantization the format does not take, or a missing package.
         ExportError: the conversion failed, or the export is outside tolerance (nothing is left behind).
     """
-    _check_options(format, quantize)
-    if (Path(run_dir) / EXPORT_FILE).is_file():
-        raise RunDirError(f"{run_dir} is an export, not a run directory: export from the run it came from "
-                          f"(`tltool export RUN --format ...`).")
-    run_dir = rundir.require_run_dir(Path(run_dir))
-    recipe = load_recipe(run_dir / rundir.RECIPE_FILE)
-    out = _export_folder(run_dir, recipe, format, quantize, out, force)
+    run_dir, recipe, out = _checked(run_dir, format, quantize, out, force)
     t_start = time.perf_counter()
     keras_predictor = KerasPredictor.from_file(run_dir / rundir.MODEL_FILE, rundir.read_labels(run_dir))
     setup = _recorded_setup(run_dir, recipe, keras_predictor.labels)
@@ -119,9 +113,15 @@ def export_run(run_dir, format: str | None = None, quantize: str | None = None, 
     if quantize not in (None, "none") and "tflite" not in formats:
         raise ExportOptionError(f"Quantization applies to --format tflite only. Received: format(s) "
                                 f"{', '.join(formats)}, quantize={quantize}. Add --format tflite.")
+    jobs = [(name, (quantize or (defaults.quantize if defaults else "none")) if name == "tflite" else "none")
+            for name in formats]
+    # Whatever would refuse an export refuses before the first "Exporting" line (and before any export of a
+    # recipe's several formats is written): a refused command prints its one-line error alone. `export`
+    # checks again when it writes.
+    for name, q in jobs:
+        _checked(run_dir, name, q, out, force)
     results = []
-    for name in formats:
-        q = (quantize or (defaults.quantize if defaults else "none")) if name == "tflite" else "none"
+    for name, q in jobs:
         if log:
             log(f"Exporting {run_dir} as {name}" + (f" ({q})" if q != "none" else "")
                 + ", then checking the export against the Keras model on the validation images.")
@@ -151,6 +151,18 @@ def describe_export(result: dict) -> list[str]:
     elif mediapipe:
         lines.append(f"Not checked in MediaPipe Tasks: {mediapipe['reason']}.")
     return lines
+
+
+def _checked(run_dir, format: str, quantize: str, out, force: bool):
+    """What can refuse an export before any work (the options, the run directory, the output folder); returns
+    (the run directory, its recipe, the output folder)."""
+    _check_options(format, quantize)
+    if (Path(run_dir) / EXPORT_FILE).is_file():
+        raise RunDirError(f"{run_dir} is an export, not a run directory: export from the run it came from "
+                          f"(`tltool export RUN --format ...`).")
+    run_dir = rundir.require_run_dir(Path(run_dir))
+    recipe = load_recipe(run_dir / rundir.RECIPE_FILE)
+    return run_dir, recipe, _export_folder(run_dir, recipe, format, quantize, out, force)
 
 
 def _check_options(format: str, quantize: str) -> None:
