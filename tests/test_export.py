@@ -370,3 +370,7 @@ def test_quantized_exports_may_judge_only_borderline_images_differently():
     assert report["unknown_agreement_clear"] == pytest.approx(2 / 3)
     with pytest.raises(ExportError, match="clearly in or out of distribution"):
         export_module.check_tolerance(report, tol)
+    # An int8 export that keeps the accuracy but not the OOD decision says why, and what keeps it.
+    int8 = {**report, "quantize": "int8", "size_ratio": 0.28}
+    with pytest.raises(ExportError, match="too coarse for this model's out-of-distribution threshold .*: --quantize dynamic"):
+        export_module.check_tolerance(int8, export_module.tolerance_for("tflite", "int8"))

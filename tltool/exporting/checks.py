@@ -123,14 +123,22 @@ def check_tolerance(result: dict, tol: Tolerance) -> None:
         problems.append(f"OOD scores differ from the Keras model's by up to {result['max_abs_ood_diff']:.3g} "
                         f"(allowed {tol.max_abs_ood_diff:g})")
     agreement = result.get("unknown_agreement_clear", result.get("unknown_agreement", 1))
-    if tol.min_unknown_agreement is not None and agreement < tol.min_unknown_agreement:
+    ood_missed = tol.min_unknown_agreement is not None and agreement < tol.min_unknown_agreement
+    if ood_missed:
         problems.append(f"it judges {100 * (1 - agreement):.1f}% of the images clearly in or out of distribution "
                         f"(ood_score beyond 1 +- {OOD_BORDERLINE:g}) differently (allowed "
                         f"{100 * (1 - tol.min_unknown_agreement):.0f}%)")
     problems += mediapipe_check.problems(result.get("mediapipe", {}))
     if problems:
         hint = ""
-        if result["quantize"] in ("int8", "dynamic"):
+        if result["quantize"] == "int8" and ood_missed and drop <= (tol.max_accuracy_drop or 0):
+            # Measured on 8x8 digit scans (MobileNetV2 cut at block 12, 864 grid features, an OOD threshold
+            # of 0.108 in cosine distance): the int8 features moved the score by 0.6 at the median (0.065 in
+            # cosine distance); the dynamic and float16 exports agree to 0.07 and 0.006.
+            hint = (" The int8 model's features are too coarse for this model's out-of-distribution threshold "
+                    "(a small cosine distance): --quantize dynamic (int8 weights, float activations, about the "
+                    "same size) or float16 keep it.")
+        elif result["quantize"] in ("int8", "dynamic"):
             hint = (" Try --quantize dynamic or float16" + (", or more varied training images for calibration."
                                                              if drop > (tol.max_accuracy_drop or 0) else "."))
         tried = result.get("int8_accuracy_by_weights", {})
