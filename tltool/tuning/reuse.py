@@ -12,8 +12,8 @@ What changes the graph is in the key: the trial's cut (the unfreeze depth), its 
 normalisation, l2), the classes and the optimizers. Each trial still starts from the state a model built
 for it would have: the head's variables are copied from a freshly built head (its seeded initial weights,
 its dropout rates and random-seed states), the backbone's top blocks are reset to their pretrained weights
-(by the caller), and the optimizer's variables are zeroed (a fresh optimizer's). A kept trial therefore
-trains to the same weights as a trial with its own model (tests/test_tune.py).
+(by the caller), and the optimizer's variables go back to their values before its first step. A kept
+trial therefore trains to the same weights as a trial with its own model (tests/test_tune.py).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import keras
-import numpy as np
 
 from tltool.engine.activations import split_at_cut
 from tltool.engine.fitting import compile_model, make_optimizer
@@ -73,11 +72,12 @@ class SmoothedCrossentropy(keras.losses.Loss):
 @dataclass
 class _Kept:
     """A kept model, its splits at a cut (each `trainable` keeps its traced steps) and, for each of its
-    models compiled so far, how (optimizer, jit) and the loss whose smoothing trials set."""
+    models compiled so far, how (optimizer, jit), the loss whose smoothing trials set and its optimizer's
+    state before any training."""
 
     tm: TransferModel
     cuts: dict = field(default_factory=dict)      # cut -> CutModels
-    compiled: dict = field(default_factory=dict)  # id(keras model) -> ((optimizer, jit), SmoothedCrossentropy)
+    compiled: dict = field(default_factory=dict)  # id(keras model) -> ((optimizer, jit), loss, optimizer state)
 
     def owns(self, model) -> bool:
         return (model is self.tm.head or model is self.tm.model
@@ -91,7 +91,6 @@ class KeptModels:
     def __init__(self, size: int = 8):
         self.size = size
         self._kept: OrderedDict[str, _Kept] = OrderedDict()
-        self.reused = 0  # trials that trained a kept model
 
     @staticmethod
     def key(setup) -> str:
@@ -118,7 +117,6 @@ class KeptModels:
                     self._kept.popitem(last=False)
             else:
                 self._kept.move_to_end(key)
-                self.reused += 1
             for variable, value in zip(kept.tm.head.variables, fresh.variables):
                 variable.assign(value)
         return kept.tm
@@ -137,15 +135,16 @@ class KeptModels:
 
     def compile(self, model, optimizer: str, learning_rate: float, label_smoothing: float, jit_compile) -> None:
         """Compile `model` for a stage. A kept model compiled the same way before keeps its traced steps: its
-        optimizer starts afresh (variables zeroed, then the stage's learning rate) and the smoothing is set."""
+        optimizer starts afresh (its state before the first step, then the stage's learning rate) and the smoothing is set."""
         kept = self._kept_with(model)
         how = (optimizer, jit_compile)
         before = kept.compiled.get(id(model)) if kept is not None else None
         if before is not None and before[0] == how:
-            for variable in model.optimizer.variables:
-                variable.assign(np.zeros(variable.shape, variable.dtype))
+            _, loss, fresh_state = before
+            for variable, value in zip(model.optimizer.variables, fresh_state):
+                variable.assign(value)
             model.optimizer.learning_rate = learning_rate
-            before[1].smoothing.assign(label_smoothing)
+            loss.smoothing.assign(label_smoothing)
             return
         if kept is None:  # a trial's own model: compiled as finetune compiles
             compile_model(model, optimizer, learning_rate, label_smoothing, jit_compile)
@@ -153,7 +152,10 @@ class KeptModels:
         loss = SmoothedCrossentropy(label_smoothing)
         model.compile(optimizer=make_optimizer(optimizer, learning_rate), loss=loss, metrics=["accuracy"],
                       jit_compile=jit_compile)
-        kept.compiled[id(model)] = (how, loss)
+        # Built now (as `fit` would build it, for the variables that train), so that its fresh state can be
+        # kept: zeros for most optimizers, not all (a mixed-precision loss scale starts at 2 ** 15).
+        model.optimizer.build(model.trainable_variables)
+        kept.compiled[id(model)] = (how, loss, [variable.numpy() for variable in model.optimizer.variables])
 
 
 @dataclass
