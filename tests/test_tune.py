@@ -227,8 +227,8 @@ def test_stage2_trials_of_one_shape_train_one_model_traced_once(tmp_path, image_
              "fine_tune.learning_rate": {"choice": [0.01, 0.003]}, "head.dense": {"choice": [8]}}
     (kept, _), (own, _), summary, _ = _searches_with_a_shared_and_with_own_backbones(
         tmp_path, image_folder, monkeypatch, ["fine_tune.unfreeze=2"], space)
-    # 8 trials x 2 stages: the first compiled both of its models, the others none (tune's own compiling of
-    # the search's features is not a trial's); then every trial with its own model compiles both.
+    # 8 trials x 2 stages: the first trial compiled both of its models, the 7 others none; then every trial
+    # with its own model compiles both.
     assert compiled.count("head") == 1 + 8 and compiled.count("above_cut_and_head") == 1 + 8
     assert [values for values, _ in kept] == [values for values, _ in own]
     assert [loss for _, loss in kept] == pytest.approx([loss for _, loss in own], rel=1e-5)
