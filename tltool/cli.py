@@ -151,7 +151,9 @@ def recipe_options(fn):
         click.option("--data", type=click.Path(path_type=Path), help="Training image folder (one sub-folder per class)."),
         click.option("--val-data", type=click.Path(path_type=Path),
                      help="Validation folder; default: a seeded stratified split of --data."),
-        click.option("--test-data", type=click.Path(path_type=Path), help="Test folder, evaluated at the end."),
+        click.option("--test-data", type=click.Path(path_type=Path),
+                     help="Test folder, evaluated at the end (`tune` writes it into best.yaml, for `finetune` "
+                          "of it)."),
         click.option("--backbone", help="Backbone name (see `tltool backbones`)."),
         click.option("--weights", help="imagenet, none, or PATH to a weights file of the backbone without its top."),
         click.option("--image-size", type=click.IntRange(1), help="Input size in pixels (default: the backbone's)."),
