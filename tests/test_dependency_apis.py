@@ -131,3 +131,25 @@ def test_a_stage_traces_its_train_step_once():
                                                tf.one_hot(np.arange(40) % 3, 3))).batch(16)
     fit_stage(model, data, data, 3, [], verbose=0)
     assert len(traces) == 1
+
+
+def test_a_second_fit_of_a_compiled_model_reuses_its_traced_train_step():
+    """tuning/reuse.py keeps the models of tune's cut trials so that Keras traces their steps once: a model
+    fitted again (on a new dataset, without compiling it again) must reuse the train step it traced."""
+    from tltool.engine.fitting import compile_model, fit_stage
+
+    traces = []
+
+    class Counting(keras.Model):
+        def train_step(self, data):
+            traces.append(1)  # Python runs only while the step is traced
+            return super().train_step(data)
+
+    inputs = keras.Input((8,))
+    model = Counting(inputs, keras.layers.Dense(3, activation="softmax")(inputs))
+    compile_model(model, "adam", 1e-3, 0.0)
+    for rows in (40, 24):
+        data = tf.data.Dataset.from_tensor_slices((np.zeros((rows, 8), np.float32),
+                                                   tf.one_hot(np.arange(rows) % 3, 3))).batch(16)
+        fit_stage(model, data, data, 2, [], verbose=0)
+    assert len(traces) == 1
