@@ -462,3 +462,38 @@ def test_a_fall_back_to_random_weights_is_said_once_per_search(tmp_path, image_f
                              out=tmp_path / "search", overrides=overrides, max_trials=3, verbose=0)
     assert result.summary["trials_completed"] == 3
     assert len([w for w in caught if "training from RANDOM initialisation" in str(w.message)]) == 1
+
+
+def test_a_kept_model_s_optimizer_starts_each_trial_as_a_fresh_one():
+    """Back to its state before its first step, not to zeros: a mixed-precision loss scale starts at 2 ** 15
+    (zeroed, every gradient would be scaled to 0). The learning rate is the new trial's."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from tltool.engine.fitting import fit_stage
+    from tltool.models.transfer import TransferModel
+    from tltool.tuning.reuse import KeptModels, _Kept
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        inputs = keras.Input((8,))
+        hidden = keras.layers.Dense(4)(inputs)
+        model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax", dtype="float32")(hidden))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    kept = KeptModels()
+    kept._kept["shape"] = _Kept(TransferModel(model, None, None, model))
+    data = tf.data.Dataset.from_tensor_slices((np.random.default_rng(0).random((40, 8), np.float32),
+                                               tf.one_hot(np.arange(40) % 3, 3))).batch(16)
+
+    def state():
+        return {v.path: float(np.ravel(v.numpy())[0]) for v in model.optimizer.variables}
+
+    kept.compile(model, "adam", 1e-3, 0.0, False)
+    fresh = state()
+    assert fresh["loss_scale_optimizer/dynamic_scale"] == 2 ** 15
+    fit_stage(model, data, data, 2, [], verbose=0)
+    assert state() != fresh
+    kept.compile(model, "adam", 2e-3, 0.1, False)
+    assert state() == {**fresh, "adam/learning_rate": pytest.approx(2e-3)}
