@@ -235,6 +235,43 @@ def test_stage2_trials_of_one_shape_train_one_model_traced_once(tmp_path, image_
     assert len({round(loss, 6) for _, loss in kept}) == 8  # every value changed what was trained
 
 
+def test_head_trials_of_one_shape_train_one_kept_head(tmp_path, image_folder, monkeypatch):
+    """Head trials (stage 1 alone, on the search's features) keep their heads as cut trials keep their models:
+    one compile for trials differing in dropout, smoothing and learning rate, the scores of trials with
+    their own heads."""
+    import keras
+
+    from tltool.models.transfer import build_head
+    from tltool.tuning.reuse import KeptModels
+
+    compiled = []
+    compile_ = keras.Model.compile
+    monkeypatch.setattr(keras.Model, "compile", lambda self, *a, **k: compiled.append(self.name) or compile_(
+        self, *a, **k))
+    space = {"head.dropout": {"choice": [0.0, 0.5]}, "train.label_smoothing": {"choice": [0.0, 0.2]},
+             "frozen.learning_rate": {"choice": [0.01, 0.003]}, "head.dense": {"choice": [8]}}
+    recipe = _recipe_file(tmp_path, space, algorithm="grid")
+    weights = calibrated_backbone_weights(tmp_path / "backbone.weights.h5", images=image_folder)
+    overrides = TINY + [f"backbone.weights={weights}", "head.layer=top", "head.grid=1"]
+
+    def search(out):
+        monkeypatch.setenv("TLTOOL_CACHE_DIR", str(out / "cache"))
+        summary = tltool.tune(recipe, data=image_folder, out=out, overrides=overrides, max_trials=8,
+                              verbose=0).summary
+        assert summary["trials_completed"] == 8 and all(t["cached_features"] for t in summary["trials"])
+        return [(t["hyperparameters"], t["val_loss"]) for t in summary["trials"]]
+
+    kept = search(tmp_path / "kept")
+    assert compiled.count("head") == 1
+    monkeypatch.setattr(KeptModels, "head_for", lambda self, width, setup, runtime: build_head(
+        width, len(setup.classes), setup.recipe.head, seed=setup.recipe.seed))
+    own = search(tmp_path / "own")
+    assert compiled.count("head") == 1 + 8
+    assert [values for values, _ in kept] == [values for values, _ in own]
+    assert [loss for _, loss in kept] == pytest.approx([loss for _, loss in own], rel=1e-5)
+    assert len({round(loss, 6) for _, loss in kept}) == 8  # every value changed what was trained
+
+
 def test_stage2_trials_that_stream_images_share_one_backbone(tmp_path, image_folder, monkeypatch):
     (shared, shared_builds), (own, own_builds), summary, lines = _searches_with_a_shared_and_with_own_backbones(
         # Deterministic ops: streamed training is otherwise not repeatable to 1e-5 on CPU (measured: 4e-4
@@ -483,7 +520,7 @@ def test_a_kept_model_s_optimizer_starts_each_trial_as_a_fresh_one():
     finally:
         keras.mixed_precision.set_global_policy("float32")
     kept = KeptModels()
-    kept._kept["shape"] = _Kept(TransferModel(model, None, None, model))
+    kept._kept["shape"] = _Kept(TransferModel(model, None, None, model), tf.distribute.get_strategy())
     data = tf.data.Dataset.from_tensor_slices((np.random.default_rng(0).random((40, 8), np.float32),
                                                tf.one_hot(np.arange(40) % 3, 3))).batch(16)
 

@@ -1,4 +1,4 @@
-"""Cut trials of the same shape train one kept model, so Keras traces their train steps once, not per trial.
+"""Trials of the same shape train one kept model, so Keras traces their train steps once, not per trial.
 
 Each Keras `fit` of a new model traces its train and validation steps: about 1.5 s of a 5 s stage-2 trial
 of MobileNetV2 on a CPU, a third of a default 20-trial search. Trials that differ only in values the
@@ -13,7 +13,8 @@ normalisation, l2), the classes and the optimizers. Each trial still starts from
 for it would have: the head's variables are copied from a freshly built head (its seeded initial weights,
 its dropout rates and random-seed states), the backbone's top blocks are reset to their pretrained weights
 (by the caller), and the optimizer's variables go back to their values before its first step. A kept
-trial therefore trains to the same weights as a trial with its own model (tests/test_tune.py).
+trial therefore trains to the same weights as a trial with its own model (tests/test_tune.py). Head
+trials (stage 1 alone, on the search's features) keep their heads the same way.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class _Kept:
     state before any training."""
 
     tm: TransferModel
+    strategy: object                              # the distribution strategy its variables belong to
     cuts: dict = field(default_factory=dict)      # cut -> CutModels
     compiled: dict = field(default_factory=dict)  # id(keras model) -> ((optimizer, jit), loss, optimizer state)
 
@@ -85,7 +87,7 @@ class _Kept:
 
 
 class KeptModels:
-    """The cut trials' models by shape (see the module's docstring). At most `size` are kept, the least
+    """The trials' models by shape (see the module's docstring): cut trials' and head trials'. At most `size` are kept, the least
     recently used dropped with its traced steps, so that a space of many shapes keeps memory bounded."""
 
     def __init__(self, size: int = 8):
@@ -102,21 +104,36 @@ class KeptModels:
                            recipe.fine_tune.optimizer], sort_keys=True, default=str)
 
     def model_for(self, kept_tm: TransferModel, setup, runtime) -> TransferModel:
-        """The model of a trial of `setup`'s recipe on the shared backbone (back at its pretrained weights):
+        """The model of a cut trial of `setup`'s recipe on the shared backbone (back at its pretrained weights):
         the kept one of its shape with a fresh head's state, else a new one, kept."""
-        recipe, key = setup.recipe, self.key(setup)
-        classes = len(setup.classes)
+        recipe = setup.recipe
+        return self._take("cut " + self.key(setup), runtime, kept_tm.backbone.output_shape[-1], setup,
+                          lambda: with_new_head(kept_tm, len(setup.classes), recipe.head, seed=recipe.seed,
+                                                dropout=RateDropout))
+
+    def head_for(self, width: int, setup, runtime):
+        """The head of a head trial (stage 1 alone, on the search's features of `width`): as `model_for`."""
+        def new_head():
+            head = build_head(width, len(setup.classes), setup.recipe.head, seed=setup.recipe.seed,
+                              dropout=RateDropout)
+            return TransferModel(head, None, None, head)
+
+        return self._take("head " + self.key(setup), runtime, width, setup, new_head).head
+
+    def _take(self, key: str, runtime, width: int, setup, build) -> TransferModel:
+        """The kept model at `key` with a freshly built head's state, else `build()`'s, kept. Variables belong
+        to the strategy that made them: under another one the model is built anew."""
+        recipe = setup.recipe
         with runtime.strategy.scope():
-            fresh = build_head(kept_tm.backbone.output_shape[-1], classes, recipe.head, seed=recipe.seed,
-                               dropout=RateDropout)
             kept = self._kept.get(key)
-            if kept is None:
-                kept = _Kept(with_new_head(kept_tm, classes, recipe.head, seed=recipe.seed, dropout=RateDropout))
-                self._kept[key] = kept
+            if kept is None or kept.strategy is not runtime.strategy:
+                self._kept[key] = _Kept(build(), runtime.strategy)
+                self._kept.move_to_end(key)
                 while len(self._kept) > self.size:
                     self._kept.popitem(last=False)
-            else:
-                self._kept.move_to_end(key)
+                return self._kept[key].tm
+            self._kept.move_to_end(key)
+            fresh = build_head(width, len(setup.classes), recipe.head, seed=recipe.seed, dropout=RateDropout)
             for variable, value in zip(kept.tm.head.variables, fresh.variables):
                 variable.assign(value)
         return kept.tm

@@ -34,7 +34,7 @@ from tltool.errors import TltoolError
 from tltool.evaluation.metrics import accuracy, log_loss
 from tltool.files import atomic_write_text
 from tltool.models.backbones import FALLBACK_WARNING
-from tltool.models.transfer import TransferModel, build_head, fine_tune_cut, layers_above
+from tltool.models.transfer import TransferModel, fine_tune_cut, layers_above
 from tltool.recipe import Recipe
 from tltool.tuning.distributed import guard_worker, serve_oracle
 from tltool.tuning.reuse import KeptModels, ReusingContext
@@ -117,7 +117,7 @@ class TrialRunner:
         self._deep = None        # StageFeatures at the deepest cut; False when stage 2 trials stream images
         self._at_cut = {}        # cut -> StageFeatures with the activations at that cut
         self._kept = None        # _KeptBackbone: the backbone every cut trial trains on
-        #: cut trials' models by shape, which keep their traced train steps (see reuse.py)
+        #: trials' models by shape, which keep their traced train steps (see reuse.py)
         self.kept_models = KeptModels()
 
     @staticmethod
@@ -220,8 +220,7 @@ class TrialRunner:
             setup = self.setup_for(recipe, weights=False)
             features = self.features()
             runtime = start_runtime(recipe)
-            with runtime.strategy.scope():
-                head = build_head(features.width, len(setup.classes), recipe.head, seed=recipe.seed)
+            head = self.kept_models.head_for(features.width, setup, runtime)
             return _Trial(TransferModel(head, None, None, head), self._quiet(setup, runtime), features)
         setup = self.setup_for(recipe)
         runtime = start_runtime(recipe)
