@@ -87,8 +87,9 @@ class _Kept:
 
 
 class KeptModels:
-    """The trials' models by shape (see the module's docstring): cut trials' and head trials'. At most `size` are kept, the least
-    recently used dropped with its traced steps, so that a space of many shapes keeps memory bounded."""
+    """The trials' models by shape (see the module's docstring): cut trials' and head trials'. At most `size`
+    are kept, the least recently used dropped with its traced steps, so that a space of many shapes keeps
+    memory bounded."""
 
     def __init__(self, size: int = 8):
         self.size = size
@@ -111,14 +112,14 @@ class KeptModels:
                           lambda: with_new_head(kept_tm, len(setup.classes), recipe.head, seed=recipe.seed,
                                                 dropout=RateDropout))
 
-    def head_for(self, width: int, setup, runtime):
-        """The head of a head trial (stage 1 alone, on the search's features of `width`): as `model_for`."""
+    def head_for(self, width: int, setup, runtime) -> TransferModel:
+        """The model of a head trial (its head alone, on the search's features of `width`): as `model_for`."""
         def new_head():
             head = build_head(width, len(setup.classes), setup.recipe.head, seed=setup.recipe.seed,
                               dropout=RateDropout)
             return TransferModel(head, None, None, head)
 
-        return self._take("head " + self.key(setup), runtime, width, setup, new_head).head
+        return self._take("head " + self.key(setup), runtime, width, setup, new_head)
 
     def _take(self, key: str, runtime, width: int, setup, build) -> TransferModel:
         """The kept model at `key` with a freshly built head's state, else `build()`'s, kept. Variables belong
@@ -152,7 +153,8 @@ class KeptModels:
 
     def compile(self, model, optimizer: str, learning_rate: float, label_smoothing: float, jit_compile) -> None:
         """Compile `model` for a stage. A kept model compiled the same way before keeps its traced steps: its
-        optimizer starts afresh (its state before the first step, then the stage's learning rate) and the smoothing is set."""
+        optimizer starts afresh (its state before the first step, then the stage's learning rate) and the
+        smoothing is set."""
         kept = self._kept_with(model)
         how = (optimizer, jit_compile)
         before = kept.compiled.get(id(model)) if kept is not None else None

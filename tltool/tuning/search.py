@@ -220,8 +220,8 @@ class TrialRunner:
             setup = self.setup_for(recipe, weights=False)
             features = self.features()
             runtime = start_runtime(recipe)
-            head = self.kept_models.head_for(features.width, setup, runtime)
-            return _Trial(TransferModel(head, None, None, head), self._quiet(setup, runtime), features)
+            tm = self.kept_models.head_for(features.width, setup, runtime)
+            return _Trial(tm, self._quiet(setup, runtime), features)
         setup = self.setup_for(recipe)
         runtime = start_runtime(recipe)
         if not self.is_cut_trial(recipe):
