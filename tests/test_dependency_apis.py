@@ -111,6 +111,17 @@ def test_mediapipe_metadata_builders_that_the_tflite_export_uses():
         inspect.signature(md.GeneralMd).parameters)
 
 
+def _counting_traces(traces: list):
+    """A small classifier (8 inputs, 3 classes) that appends to `traces` each time its train step is traced."""
+    class Counting(keras.Model):
+        def train_step(self, data):
+            traces.append(1)  # Python runs only while the step is traced
+            return super().train_step(data)
+
+    inputs = keras.Input((8,))
+    return Counting(inputs, keras.layers.Dense(3, activation="softmax")(keras.layers.Dense(4)(inputs)))
+
+
 def test_a_stage_traces_its_train_step_once():
     """engine/fitting.build_before_fit builds the loss's, metrics' and optimizer's variables with the private
     `Model._symbolic_build` before `fit`; otherwise Keras creates them inside the first trace of the train
@@ -118,14 +129,7 @@ def test_a_stage_traces_its_train_step_once():
     from tltool.engine.fitting import compile_model, fit_stage
 
     traces = []
-
-    class Counting(keras.Model):
-        def train_step(self, data):
-            traces.append(1)  # Python runs only while the step is traced
-            return super().train_step(data)
-
-    inputs = keras.Input((8,))
-    model = Counting(inputs, keras.layers.Dense(3, activation="softmax")(keras.layers.Dense(4)(inputs)))
+    model = _counting_traces(traces)
     compile_model(model, "adam", 1e-3, 0.1)
     data = tf.data.Dataset.from_tensor_slices((np.zeros((40, 8), np.float32),
                                                tf.one_hot(np.arange(40) % 3, 3))).batch(16)
@@ -139,14 +143,7 @@ def test_a_second_fit_of_a_compiled_model_reuses_its_traced_train_step():
     from tltool.engine.fitting import compile_model, fit_stage
 
     traces = []
-
-    class Counting(keras.Model):
-        def train_step(self, data):
-            traces.append(1)  # Python runs only while the step is traced
-            return super().train_step(data)
-
-    inputs = keras.Input((8,))
-    model = Counting(inputs, keras.layers.Dense(3, activation="softmax")(inputs))
+    model = _counting_traces(traces)
     compile_model(model, "adam", 1e-3, 0.0)
     for rows in (40, 24):
         data = tf.data.Dataset.from_tensor_slices((np.zeros((rows, 8), np.float32),

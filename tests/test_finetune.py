@@ -241,18 +241,18 @@ def test_a_force_run_settles_what_an_interrupted_one_left_aside(tiny_run, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         tltool.finetune(data=image_folder, out=out, force=True, verbose=0, overrides=tiny_values(32))
     stopped_in_training(monkeypatch, TrainingError("The loss diverged."))
-    lines = []
-    with pytest.raises(TrainingError):
-        tltool.finetune(data=image_folder, out=out, force=True, verbose=1, log=lines.append,
-                        overrides=tiny_values(32))
-    assert f"{previous} holds the run that an interrupted --force replaced in {out}" in "\n".join(lines)
+
+    def failing_force_run() -> str:
+        lines = []
+        with pytest.raises(TrainingError):
+            tltool.finetune(data=image_folder, out=out, force=True, verbose=1, log=lines.append,
+                            overrides=tiny_values(32))
+        return "\n".join(lines)
+
+    assert f"{previous} holds the run that an interrupted --force replaced in {out}" in failing_force_run()
     assert files_of(out) == before and not previous.exists()
     shutil.copytree(out, previous)  # as a kill just before the finished run removed it leaves it
-    lines = []
-    with pytest.raises(TrainingError):
-        tltool.finetune(data=image_folder, out=out, force=True, verbose=1, log=lines.append,
-                        overrides=tiny_values(32))
-    assert f"Removed {previous}: it kept the run that --force replaced in {out}" in "\n".join(lines)
+    assert f"Removed {previous}: it kept the run that --force replaced in {out}" in failing_force_run()
     assert files_of(out) == before and not previous.exists()
 
 
