@@ -75,6 +75,22 @@ def litert_run(path, pixels):
     return outputs
 
 
+def litert_signature_run(path, pixels):
+    """LiteRT's signature runner: named input in, named outputs out (dequantized as in `litert_run`)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path))
+    assert interpreter.get_signature_list() == {
+        "serving_default": {"inputs": ["pixels"], "outputs": ["ood_score", "probabilities"]}}
+    runner = interpreter.get_signature_runner("serving_default")
+    dtype = runner.get_input_details()["pixels"]["dtype"]
+    outputs = {}
+    for name, value in runner(pixels=pixels.astype(dtype)).items():
+        scale, zero = runner.get_output_details()[name]["quantization"] if value.dtype != np.float32 else (1.0, 0)
+        outputs[name] = (value.astype(np.float32) - zero) * scale
+    return outputs
+
+
 @pytest.mark.parametrize("quantize", VARIANTS)
 def test_every_tflite_variant_loads_in_mediapipe_and_litert_with_the_class_names(tflite_files, images, quantize):
     pixels, keras_probs, keras_ood = images
@@ -86,6 +102,9 @@ def test_every_tflite_variant_loads_in_mediapipe_and_litert_with_the_class_names
     mp_ood = np.array([heads[1][1]["out_of_distribution"] for heads in answers])
     probs, ood = litert_run(path, pixels)
     assert probs.shape == (len(pixels), 3) and ood.shape == (len(pixels), 1)  # probabilities first
+    by_name = litert_signature_run(path, pixels)  # LiteRT's signature runner names the same outputs
+    np.testing.assert_array_equal(by_name["probabilities"], probs)
+    np.testing.assert_array_equal(by_name["ood_score"], ood)
     # Both runtimes compute the same from the same file, and both agree with the Keras model.
     np.testing.assert_allclose(mp_probs, probs, atol=1e-5)
     np.testing.assert_allclose(mp_ood, ood.reshape(-1), atol=1e-5)

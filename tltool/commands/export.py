@@ -14,8 +14,9 @@ Layouts (default folder RUN/export/FORMAT, or FORMAT-QUANTIZE for quantized TFLi
                          `is_unknown` (ood_score > 1). labels.txt is an asset.
     keras/model.keras    the Keras model ({probabilities, ood_score} out), with labels.txt
     tflite/model.tflite  float32 pixels (0..255) in; output 0 probabilities [N, classes], output 1 ood_score
-                         [N, 1]; int8 takes and returns uint8. Labels and input size travel inside the file
-                         as the `tltool` metadata entry (JSON), and in labels.txt next to it.
+                         [N, 1], also by name in the `serving_default` signature (`pixels` in); int8 takes and
+                         returns uint8. Labels and input size travel inside the file as the `tltool` metadata
+                         entry (JSON), and in labels.txt next to it.
     onnx/model.onnx      float32 NHWC pixels (0..255) in; outputs `probabilities` and `ood_score` (by name);
                          labels in the model's metadata_props (`tltool`).
 
