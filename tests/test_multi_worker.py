@@ -70,7 +70,9 @@ class _Cluster:
         self.starts[index] += 1
         log = self.tmp_path / f"worker{index}-{self.starts[index]}.log"
         self.logs[index] = log
-        env = {**os.environ, "TF_CONFIG": _tf_config(self.ports, index),
+        self.scratch = self.tmp_path / "tmp"  # where workers keep their scratch files
+        self.scratch.mkdir(exist_ok=True)
+        env = {**os.environ, "TF_CONFIG": _tf_config(self.ports, index), "TMPDIR": str(self.scratch),
                "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         self.processes[index] = subprocess.Popen(self.commands[index], env=env, cwd=ROOT, stdout=log.open("w"),
                                                  stderr=subprocess.STDOUT)
@@ -160,6 +162,8 @@ def test_a_worker_killed_mid_stage_2_and_started_again_loses_no_epoch(tmp_path, 
     assert rows == [(1, e) for e in range(1, 21)] + [(2, e) for e in range(1, 9)], rows
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed"] is True and summary["workers"] == 2
+    # The killed worker's scratch files (checkpoints) were taken over by its restart, which removed them.
+    assert not [p.name for p in cluster.scratch.iterdir() if p.name.startswith("tltool-worker-")]
 
 
 # ------------------------------------------------------------------------------------ without a cluster

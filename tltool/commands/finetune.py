@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import getpass
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -224,7 +227,7 @@ def _work_for_the_chief(cluster: Cluster, role: Role, say, verbose: int) -> Fine
     # The worker writes what the chief writes, where nobody reads it, and loads what the chief loads: saving
     # and loading weights touch variables MultiWorkerMirroredStrategy keeps in sync with a collective (the
     # optimizer's step count), so every worker must save and load at the same points.
-    scratch = Path(tempfile.mkdtemp(prefix="tltool-worker-"))
+    scratch = _worker_scratch(role)
     try:
         cluster.share_folder(None, scratch / CHECKPOINTS_DIR)
         runtime = start_runtime(recipe, cluster)
@@ -239,6 +242,28 @@ def _work_for_the_chief(cluster: Cluster, role: Role, say, verbose: int) -> Fine
     fit_trust(ctx, _outside_the_cluster(setup, tm))  # this worker's features, gathered by the chief
     say(f"Worker {cluster.index} of {cluster.num_workers} done; the chief writes the run directory.")
     return FinetuneResult(None, {"role": role.name, "workers": cluster.num_workers, "timings": timings})
+
+
+def _worker_scratch(role: Role) -> Path:
+    """An empty scratch folder for this worker, named after its place in this cluster (TF_CONFIG's addresses
+    and its task). A worker killed and started again, as multi-worker runs restart them, empties the
+    folder its killed process left (checkpoints, the size of the model) instead of leaving one behind for
+    every kill. A folder of that name that is not this user's is left alone: a fresh one is used instead."""
+    cluster = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
+    key = json.dumps([cluster, role.task_type, role.task_index], sort_keys=True)
+    user = os.getuid() if hasattr(os, "getuid") else getpass.getuser()
+    path = Path(tempfile.gettempdir()) / f"tltool-worker-{user}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    try:
+        if path.is_dir() and not path.is_symlink() and _owned_by_this_user(path):
+            shutil.rmtree(path)
+        path.mkdir(mode=0o700)
+        return path
+    except OSError:  # someone else's, or not removable
+        return Path(tempfile.mkdtemp(prefix="tltool-worker-"))
+
+
+def _owned_by_this_user(path: Path) -> bool:
+    return not hasattr(os, "getuid") or path.stat().st_uid == os.getuid()
 
 
 def _outside_the_cluster(setup: RunSetup, tm):
