@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import shutil
 
 import keras
@@ -228,6 +229,17 @@ def test_an_interrupted_force_run_keeps_the_previous_run_aside_and_resumes(tiny_
     assert resumed.summary["resumed"] and (out / "model.keras").is_file()
     assert f"{previous} holds the run that an interrupted --force replaced in {out}" in "\n".join(lines)
     assert not previous.exists()
+
+
+def test_resume_after_a_force_run_killed_before_it_began_says_where_the_old_run_is(tiny_run, tmp_path):
+    """Killed just after moving the old run aside (its first step): nothing to resume, and the line says where
+    the old run is and how to get it back or go on."""
+    out = shutil.copytree(tiny_run.run_dir, tmp_path / "run")
+    os.replace(out, tmp_path / ".run.previous")  # what --force does first, in one rename
+    result = CliRunner().invoke(main, ["finetune", "--resume", "--out", str(out)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"The run it replaced is whole in {tmp_path / '.run.previous'}: run the same --force command" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and (tmp_path / ".run.previous" / "summary.json").is_file()
 
 
 def test_a_force_run_settles_what_an_interrupted_one_left_aside(tiny_run, tmp_path, image_folder,

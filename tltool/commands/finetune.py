@@ -22,7 +22,7 @@ from tltool.engine.progress import CHECKPOINTS_DIR, RunProgress, check_resumable
 from tltool.engine.setup import RunSetup, Runtime, prepare_run, resolve_recipe, start_runtime
 from tltool.engine.stages import TrainingContext, build_model, train_stages
 from tltool.engine.trust import Trust, fit_trust
-from tltool.errors import DataError, RecipeError, TltoolError, WorkerLostError
+from tltool.errors import DataError, RecipeError, RunDirError, TltoolError, WorkerLostError
 from tltool.models.ood import build_ood_scorer, with_ood_output
 from tltool.recipe import from_dict, load_recipe, recorded_decisions, save_recipe
 
@@ -303,7 +303,12 @@ def _resumable_run(out, recipe, other_args: dict) -> Path:
         names = ", ".join(["RECIPE"] * (recipe is not None)
                           + [flags.get(n, f"--{n.replace('_', '-')}") for n in given])
         raise RecipeError(f"--resume continues a run with the settings saved in its recipe.yaml; drop {names}.")
-    return check_resumable(Path(out))
+    out, previous = Path(out), outputs.previous_dir(Path(out))
+    if not (out / rundir.RECIPE_FILE).is_file() and (outputs.read_marker(previous) or {}).get("kind") == "run":
+        raise RunDirError(f"Nothing to resume in {out}: the --force run that was to replace it was stopped before "
+                          f"it began. The run it replaced is whole in {previous}: run the same --force command "
+                          f"again, or move {previous} back to {out} to keep it.")
+    return check_resumable(out)
 
 
 def _announce(setup: RunSetup, run_dir: Path, say) -> int:
