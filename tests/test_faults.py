@@ -100,7 +100,7 @@ def test_kill_9_at_every_state_writing_point_then_resume(setting, tmp_path, monk
 
 def test_kill_9_while_an_export_replaces_another_then_export_again(setting, tmp_path, monkeypatch):
     """Killed between moving the old export aside and moving the new one in: the old one is still on disk
-    (aside), and the same command run again publishes a checked export."""
+    (aside), and the same command run again publishes a checked export, then removes the old one."""
     root, args = setting
     monkeypatch.setenv("TLTOOL_CACHE_DIR", str(tmp_path / "cache"))
     run_dir = tmp_path / "run"
@@ -114,9 +114,12 @@ def test_kill_9_while_an_export_replaces_another_then_export_again(setting, tmp_
               tmp_path / "cache")
     aside = [p for p in out.parent.iterdir() if p.name.startswith(".keras.old.")]
     assert len(aside) == 1 and (aside[0] / "model.keras").is_file()  # the old export, not lost
+    unmarked = out.parent / ".keras.old.mine"  # named alike, but not tltool's: left alone
+    (unmarked / "notes").mkdir(parents=True)
     again = CliRunner().invoke(main, ["export", str(run_dir), "--format", "keras", "--force"])
     assert again.exit_code == 0, again.output
     assert (out / "model.keras").is_file() and json.loads((out / "export.json").read_text())["top1_agreement"] == 1
+    assert not aside[0].exists() and (unmarked / "notes").is_dir()  # the old export, replaced now, is gone
 
 
 def test_kill_9_during_a_trial_then_the_same_tune_command_finishes_the_search(setting, tmp_path):

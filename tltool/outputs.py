@@ -293,8 +293,19 @@ def replacing_output_dir(out: Path, kind: str):
         finally:
             lock.release()  # before the rename: some systems refuse to rename a folder with a file open in it
         replace_dir(tmp, out)
+        _remove_superseded(out, kind)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_superseded(out: Path, kind: str) -> None:
+    """Remove the old outputs that commands killed inside `replace_dir` (between its two renames) left beside
+    `out`: a `kind` output asked to be replaced, now replaced by the one just put in place. One without
+    tltool's marker of that kind, or in use, is left alone."""
+    for aside in out.parent.glob(f".{glob.escape(out.name)}.old.*"):
+        if aside.is_dir() and not aside.is_symlink() and (read_marker(aside) or {}).get("kind") == kind \
+                and not in_use(aside):
+            shutil.rmtree(aside, ignore_errors=True)
 
 
 def _remove_stale_temporaries(out: Path, kind: str) -> None:
