@@ -132,3 +132,22 @@ def test_conversions_that_do_not_line_up_are_not_mixed(candidates):
     _, (mixed, _), _ = candidates
     other, _ = tflite_export.convert(small_model(None), 16, "int8", pixels(), META, INFO)
     assert tflite_export._with_depthwise_from(other[0].data, mixed.data) is None
+
+
+def test_the_ood_score_goes_last_whichever_order_the_converter_gives():
+    """MediaPipe names heads in the graph's output order: probabilities must be first, and the signature
+    names each output, even from a function that returns the [N, 1] score first."""
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 16, 16, 3], tf.float32, name="pixels")])
+    def serve(images):
+        colour = tf.reduce_mean(images, axis=[1, 2]) / 255.0  # [N, 3]
+        return [tf.reduce_mean(colour, axis=1, keepdims=True), tf.nn.softmax(colour)]  # the score first
+
+    data = tflite_export.finish(tflite_export._convert(serve.get_concrete_function(), "none", None), META, INFO)
+    interpreter = tf.lite.Interpreter(model_content=data)
+    assert [list(d["shape"]) for d in interpreter.get_output_details()] == [[1, 3], [1, 1]]
+    images = pixels(4).astype(np.float32)
+    named = interpreter.get_signature_runner("serving_default")(pixels=images)
+    np.testing.assert_allclose(named["probabilities"], tf.nn.softmax(images.mean(axis=(1, 2)) / 255.0), rtol=1e-5)
+    assert named["ood_score"].shape == (4, 1)

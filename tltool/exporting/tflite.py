@@ -96,11 +96,13 @@ def finish(data: bytes, metadata: dict, info: ModelInfo) -> bytes:
 
 
 def _serving_signature(tree, graph, schema) -> None:
-    """Name the graph's input and outputs in a `serving_default` signature.
+    """Name the graph's input and outputs in a `serving_default` signature, probabilities first.
 
-    The outputs are in the order `_float_function` returns them, probabilities first, which is also the
-    order MediaPipe reports them in (one classification head per output).
+    MediaPipe reports each output as a classification head in the graph's order. The converter keeps the
+    order `_float_function` returns them in; should one put the OOD score ([N, 1]) first, it goes last.
     """
+    if len(graph.outputs) == 2 and list(graph.tensors[graph.outputs[0]].shape)[-1:] == [1]:
+        graph.outputs = np.asarray(graph.outputs[::-1], dtype=np.int32)
     names = ["probabilities", "ood_score"][:len(graph.outputs)]
     signature = schema.SignatureDefT()
     signature.signatureKey = "serving_default"
