@@ -8,10 +8,13 @@ the rules behind them live in one place.
 from __future__ import annotations
 
 import os
+import random
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+import numpy as np
 
 from tltool.data.folders import ImageFolder, SkipLog, check_folder, scan_folder, stratified_split
 from tltool.errors import DataError, RecipeError
@@ -190,18 +193,35 @@ def prepare_run(recipe: Recipe, *, weights: bool = True, data: bool = True, spli
     return RunSetup(recipe, spec, size, resolved, split if data else None)
 
 
-def start_runtime(recipe: Recipe, cluster=None) -> Runtime:
+#: The seed the last fresh session was given (see `start_runtime`'s `keep_session`).
+_session_seed: int | None = None
+
+
+def start_runtime(recipe: Recipe, cluster=None, keep_session: bool = False) -> Runtime:
     """A fresh Keras session seeded from the recipe, with its precision and distribution strategy (`cluster`'s
-    for a multi-worker run: its strategy must exist before TensorFlow runs anything else)."""
+    for a multi-worker run: its strategy must exist before TensorFlow runs anything else).
+
+    `keep_session` (a search's trials) keeps the session when it was started with the recipe's seed: clearing
+    it, or setting TensorFlow's seed, empties TensorFlow's caches of instantiated functions, and the first call
+    of every traced step (a kept model's train and validation steps) then cost 0.2 to 1 s again. Python's and
+    NumPy's generators are seeded again; what a trial draws from Keras or TensorFlow comes from its own seeds
+    (its layers' and its datasets'), so it trains as in a fresh session (tests/test_tune.py).
+    """
     import keras
     import tensorflow as tf
 
+    global _session_seed
     # Keras warns about things tltool does on purpose (shuffling inside tf.data; datasets whose length is
     # unknown until the first epoch ends, because unreadable files are filtered out).
     warnings.filterwarnings("ignore", message=r".*`shuffle=True` was passed")
     warnings.filterwarnings("ignore", message=r"Your input ran out of data")
-    keras.backend.clear_session()
-    keras.utils.set_random_seed(recipe.seed)
+    if keep_session and _session_seed == recipe.seed:
+        random.seed(recipe.seed)
+        np.random.seed(recipe.seed)
+    else:
+        keras.backend.clear_session()
+        keras.utils.set_random_seed(recipe.seed)
+        _session_seed = recipe.seed
     if recipe.train.deterministic:
         tf.config.experimental.enable_op_determinism()
     gpus = tf.config.list_physical_devices("GPU")

@@ -219,13 +219,14 @@ class TrialRunner:
         if self.is_head_trial(recipe):
             setup = self.setup_for(recipe, weights=False)
             features = self.features()
-            runtime = start_runtime(recipe)
+            runtime = start_runtime(recipe, keep_session=True)
             tm = self.kept_models.head_for(features.width, setup, runtime)
             return _Trial(tm, self._quiet(setup, runtime), features)
         setup = self.setup_for(recipe)
-        runtime = start_runtime(recipe)
-        if not self.is_cut_trial(recipe):
+        if not self.is_cut_trial(recipe):  # a model of its own: nothing traced to keep
+            runtime = start_runtime(recipe)
             return _Trial(build_model(setup, runtime), self._quiet(setup, runtime))
+        runtime = start_runtime(recipe, keep_session=True)
         tm = self._cut_trial_model(setup, runtime)
         return _Trial(tm, self._quiet(setup, runtime), self.features_at_cut(tm, setup))
 
@@ -506,8 +507,8 @@ class RecipeTuner(kt.Tuner):
         # No per-epoch checkpoints: best.yaml, not a saved model, is what a search hands on.
         hp = trial.hyperparameters
         with _forget_trial_gradients():
-            # build() starts with `prepare_runtime`, whose keras.backend.clear_session() also collects garbage:
-            # Keras Tuner's own `_try_build` would clear and collect a second time.
+            # Not Keras Tuner's own `_try_build`: its keras.backend.clear_session() would empty TensorFlow's
+            # caches of the kept models' traced steps (see start_runtime's `keep_session`).
             model = self.hypermodel.build(hp)
             self._results = self.hypermodel.fit(hp, model)
         return self._results
