@@ -25,9 +25,9 @@ import keras_tuner as kt
 from keras_tuner.src.engine.oracle import synchronized
 import numpy as np
 
+from tltool.engine.activations import activations_at, model_outputs
 from tltool.engine.fitting import compile_model
 from tltool.engine.setup import prepare_run, start_runtime
-from tltool.engine.activations import activations_at
 from tltool.engine.stages import (TrainingContext, activation_cut, build_model, cut_features, stage1_features,
                                   train_stages)
 from tltool.errors import TltoolError
@@ -278,9 +278,7 @@ class TrialRunner:
             model, rows = trial.tm.head, features.val_x
         else:
             model, rows = trial.ctx.cut_models(trial.tm, features.cut).trainable, features.val_acts
-        # Eager calls (no tracing), scored as evaluate() would.
-        return np.concatenate([np.asarray(model(rows[i:i + batch_size].astype(np.float32), training=False))
-                               for i in range(0, len(rows), batch_size)])
+        return model_outputs(model, rows, batch_size)
 
 
 def _megabytes(features) -> float:
