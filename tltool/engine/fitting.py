@@ -96,8 +96,8 @@ def features_dataset(features: np.ndarray, labels: np.ndarray, num_classes: int,
 
 def without_autotune(ds):
     """`ds` without tf.data's autotuning thread. In-memory batches have nothing to tune, and with the thread
-    a `fit` on them returned 0.3 to 2.5 s after its last epoch had ended (measured with a callback's
-    `on_train_end`; the fit's length was then a multiple of about 1.28 s, the thread's doubling wake-ups)."""
+    a `fit` on them returned 0.3 to 2.5 s after its last epoch had ended (measured from a callback's
+    `on_train_end`: the fits then lasted whole multiples of about 1.28 s, as if waiting for the thread)."""
     import tensorflow as tf
 
     options = tf.data.Options()
