@@ -145,10 +145,24 @@ def test_wide_features_are_fitted_in_the_training_rows_span_with_the_same_predic
     train, held = rng.normal(size=(40, 300)), rng.normal(size=(25, 300))  # wider than it has rows
     labels = rng.integers(0, 3, 40)
     w, b = softmax_regression(train, labels, 3)
-    small_train, small_held = _in_row_space(train, held)
+    small_train, small_held = _in_row_space(train, held, columns=3)
     small_w, small_b = softmax_regression(small_train, labels, 3)
     assert small_train.shape == (40, 40) and small_held.shape == (25, 40)
     np.testing.assert_allclose(small_held @ small_w + small_b, held @ w + b, atol=1e-4)
+
+
+def test_the_rows_span_is_taken_only_where_its_qr_costs_less_than_the_steps_it_saves():
+    """A QR of the rows costs about 1.5 gradient steps over them: fits of few steps (features spread over many
+    directions take large ones) or of few columns stay in the features' own space."""
+    rng = np.random.default_rng(5)
+    wide = rng.normal(size=(40, 300))  # rows of length ~17: the largest steps allowed, 300 of them
+    spread = wide / np.linalg.norm(wide, axis=1, keepdims=True) / 10  # short rows: 2 large steps
+    held = rng.normal(size=(25, 300))
+    assert descent_schedule(wide)[0] == 300 and descent_schedule(spread.astype(np.float32))[0] < 5
+    assert _in_row_space(wide, held, columns=3)[0].shape == (40, 40)
+    kept, kept_held = _in_row_space(spread, held, columns=3)
+    assert kept is spread and kept_held is held
+    assert _in_row_space(rng.normal(size=(40, 41)), held[:, :41], columns=3)[0].shape == (40, 41)  # 1 column saved
 
 
 def test_a_penalty_is_chosen_where_the_classes_are_noise_and_none_where_they_are_clear():
