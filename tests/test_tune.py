@@ -254,48 +254,19 @@ def test_stage2_trials_of_one_shape_train_one_model_traced_once(tmp_path, image_
 def test_head_trials_of_one_shape_train_one_kept_head(tmp_path, image_folder, monkeypatch, compiled):
     """Head trials (stage 1 alone, on the search's features) keep their heads as cut trials keep their models:
     one compile for trials differing in dropout and learning rate, the scores of trials with their own
-    heads."""
-    from tltool.models.transfer import TransferModel, build_head
-    from tltool.tuning.reuse import KeptModels
-
-    space = {"head.dropout": {"choice": [0.0, 0.5]}, "frozen.learning_rate": {"choice": [0.01, 0.003]},
-             "head.dense": {"choice": [8]}}
-    recipe = _recipe_file(tmp_path, space, algorithm="grid")
-    weights = calibrated_backbone_weights(tmp_path / "backbone.weights.h5", images=image_folder)
-    overrides = TINY + [f"backbone.weights={weights}", "head.layer=top", "head.grid=1"]
-
-    def search(out):
-        monkeypatch.setenv("TLTOOL_CACHE_DIR", str(out / "cache"))
-        summary = tltool.tune(recipe, data=image_folder, out=out, overrides=overrides, max_trials=4,
-                              verbose=0).summary
-        assert summary["trials_completed"] == 4 and all(t["cached_features"] for t in summary["trials"])
-        return [(t["hyperparameters"], t["val_loss"]) for t in summary["trials"]]
-
-    kept = search(tmp_path / "kept")
-    assert compiled.count("head") == 1
-    def own_head(self, width, setup, runtime):
-        head = build_head(width, len(setup.classes), setup.recipe.head, seed=setup.recipe.seed)
-        return TransferModel(head, None, None, head)
-
-    monkeypatch.setattr(KeptModels, "head_for", own_head)
-    own = search(tmp_path / "own")
-    assert compiled.count("head") == 1 + 4
-    assert [values for values, _ in kept] == [values for values, _ in own]
-    assert [loss for _, loss in kept] == pytest.approx([loss for _, loss in own], rel=1e-5)
-    assert len({round(loss, 6) for _, loss in kept}) == 4  # every value changed what was trained
-
-
-def test_trials_keep_the_keras_session_and_score_as_trials_in_fresh_ones(tmp_path, image_folder, monkeypatch):
-    """A search's trials keep the Keras session the search started: clearing it (or setting TensorFlow's seed)
+    heads. They also keep the Keras session the search started: clearing it (or setting TensorFlow's seed)
     empties TensorFlow's caches of the kept models' traced steps, whose first calls then cost 0.2 to 1 s
-    each. They score as trials each in a fresh session do."""
+    each; they score as trials each in a fresh session do."""
     import keras
 
+    from tltool.models.transfer import TransferModel, build_head
     from tltool.tuning import search as search_module
+    from tltool.tuning.reuse import KeptModels
 
     cleared = []
     clear_session = keras.backend.clear_session
     monkeypatch.setattr(keras.backend, "clear_session", lambda *a, **k: cleared.append(1) or clear_session(*a, **k))
+
     space = {"head.dropout": {"choice": [0.0, 0.5]}, "frozen.learning_rate": {"choice": [0.01, 0.003]},
              "head.dense": {"choice": [8]}}
     recipe = _recipe_file(tmp_path, space, algorithm="grid")
@@ -307,15 +278,23 @@ def test_trials_keep_the_keras_session_and_score_as_trials_in_fresh_ones(tmp_pat
         cleared.clear()
         summary = tltool.tune(recipe, data=image_folder, out=out, overrides=overrides, max_trials=4,
                               verbose=0).summary
-        assert summary["trials_completed"] == 4
+        assert summary["trials_completed"] == 4 and all(t["cached_features"] for t in summary["trials"])
         return [(t["hyperparameters"], t["val_loss"]) for t in summary["trials"]], len(cleared)
 
     kept, kept_sessions = search(tmp_path / "kept")
+    assert compiled.count("head") == 1
+    def own_head(self, width, setup, runtime):
+        head = build_head(width, len(setup.classes), setup.recipe.head, seed=setup.recipe.seed)
+        return TransferModel(head, None, None, head)
+
+    # The same search with every trial building its own head, in a fresh Keras session.
+    monkeypatch.setattr(KeptModels, "head_for", own_head)
     monkeypatch.setattr(search_module, "start_runtime", _fresh_runtime)
-    fresh, fresh_sessions = search(tmp_path / "fresh")
-    assert fresh_sessions == kept_sessions + 4  # one for each trial
-    assert [values for values, _ in kept] == [values for values, _ in fresh]
-    assert [loss for _, loss in kept] == pytest.approx([loss for _, loss in fresh], rel=1e-5)
+    own, own_sessions = search(tmp_path / "own")
+    assert compiled.count("head") == 1 + 4
+    assert own_sessions == kept_sessions + 4  # one for each trial
+    assert [values for values, _ in kept] == [values for values, _ in own]
+    assert [loss for _, loss in kept] == pytest.approx([loss for _, loss in own], rel=1e-5)
     assert len({round(loss, 6) for _, loss in kept}) == 4  # every value changed what was trained
 
 
