@@ -63,10 +63,11 @@ def activation_megabytes(width: int, train_images: int, views: int, val_images: 
 _TRACED_CALLS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def model_outputs(model, rows: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """`model` in inference mode on `rows` [N, width], as float32. One traced function per model, reused by
-    every call: eager calls run the model op by op (0.24 s for the validation rows of a MobileNetV2 trial,
-    against 0.05 s traced), and a search's kept models are called once per trial."""
+def model_outputs(model, rows: np.ndarray, batch_size: int = 256, dtype=np.float32) -> np.ndarray:
+    """`model` in inference mode on `rows` [N, width], each batch's outputs as `dtype` (float16 for cached
+    rows: no float32 copy of them all). One traced function per model, reused by every call: eager calls
+    run the model op by op (0.24 s for the validation rows of a MobileNetV2 trial, against 0.05 s traced),
+    and a search's kept models are called once per trial."""
     import tensorflow as tf
 
     if model not in _TRACED_CALLS:
@@ -74,31 +75,25 @@ def model_outputs(model, rows: np.ndarray, batch_size: int = 256) -> np.ndarray:
         _TRACED_CALLS[model] = tf.function(lambda batch: held()(tf.cast(batch, tf.float32), training=False),
                                            reduce_retracing=True)
     run = _TRACED_CALLS[model]
-    out = [np.asarray(run(rows[i:i + batch_size]), np.float32) for i in range(0, len(rows), batch_size)]
-    return np.concatenate(out) if out else np.zeros((0, model.output_shape[-1]), np.float32)
+    out = [np.asarray(run(rows[i:i + batch_size]), dtype) for i in range(0, len(rows), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, int(np.prod(model.output_shape[1:]))), dtype)
 
 
 def pooled_features(features_model, activations: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Stage 1's features from cached activations [..., width]: the top blocks at their current weights."""
-    pooled = model_outputs(features_model, activations.reshape(-1, activations.shape[-1]), batch_size)
-    return pooled.astype(np.float16).reshape(*activations.shape[:-1], -1)
+    pooled = model_outputs(features_model, activations.reshape(-1, activations.shape[-1]), batch_size, np.float16)
+    return pooled.reshape(*activations.shape[:-1], -1)
 
 
 def activations_at(backbone, deep_cut: str, cut: str, activations: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Activations at `cut` from cached ones [..., width] at a deeper cut `deep_cut`: the frozen blocks between
     the two run once per row, so one cache at the deepest cut serves every shallower one (as in `tune`)."""
     import keras
-    import tensorflow as tf
 
     source = backbone.get_layer(deep_cut).output
     middle = keras.Model(source, backbone.get_layer(cut).output, name="between_cuts")
     flat = keras.Input((int(np.prod(source.shape[1:])),))
     x = keras.layers.Reshape(tuple(int(d) for d in source.shape[1:]))(flat)
     bridge = keras.Model(flat, keras.layers.Flatten()(middle(x, training=False)))
-    rows = activations.reshape(-1, activations.shape[-1])
-    # Traced (not eager), once: the last, shorter batch too.
-    run = tf.function(lambda batch: bridge(tf.cast(batch, tf.float32), training=False), reduce_retracing=True)
-    out = [run(rows[i:i + batch_size]).numpy().astype(np.float16) for i in range(0, len(rows), batch_size)]
-    width = int(np.prod(bridge.output_shape[1:]))
-    at_cut = np.concatenate(out) if out else np.zeros((0, width), np.float16)
-    return at_cut.reshape(*activations.shape[:-1], width)
+    at_cut = model_outputs(bridge, activations.reshape(-1, activations.shape[-1]), batch_size, np.float16)
+    return at_cut.reshape(*activations.shape[:-1], at_cut.shape[-1])
