@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import collections
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -26,28 +26,68 @@ def _load_or_blank(path: str, image_size: int, skips: SkipLog) -> tuple[np.ndarr
         return np.zeros((image_size, image_size, 3), np.uint8), False
 
 
-def decoded_batches(paths: list[str], image_size: int, batch_size: int, skips: SkipLog, ahead: int = 2):
+#: The most memory `DecodedImages` holds. Images are kept only while several passes over the same files run
+#: (at most about a thousand images, since views are drawn only for small training sets: 150 MB at 224 px).
+DECODED_BUDGET_MB = 256
+
+
+class DecodedImages:
+    """Decoded images kept between passes over the same files: a small training set goes through the backbone
+    several times (the plain images, their mirror images, each augmented view), and decoding a photo costs
+    as much as a third to a half of its forward pass through a small backbone on a CPU (more for large
+    JPEGs and for PNGs, which Pillow cannot decode at reduced scale). Holds at most `budget_mb`; images past
+    it are decoded again in each pass. Only the thread that iterates `decoded_batches` touches it."""
+
+    def __init__(self, budget_mb: float = DECODED_BUDGET_MB):
+        self._pixels: dict = {}
+        self._budget = int(budget_mb * 1e6)
+        self._free = self._budget
+
+    def get(self, path: str, image_size: int) -> np.ndarray | None:
+        return self._pixels.get((path, image_size))
+
+    def keep(self, path: str, image_size: int, pixels: np.ndarray) -> None:
+        if (path, image_size) not in self._pixels and pixels.nbytes <= self._free:
+            self._pixels[(path, image_size)] = pixels
+            self._free -= pixels.nbytes
+
+    def clear(self) -> None:
+        self._pixels.clear()
+        self._free = self._budget
+
+
+def decoded_batches(paths: list[str], image_size: int, batch_size: int, skips: SkipLog, ahead: int = 2,
+                    decoded: DecodedImages | None = None):
     """Yield (uint8 pixels [B, S, S, 3], ok [B]) batches, decoded by a thread pool while the model runs.
 
     Plain threads beat a `tf.data` map here: Pillow releases the GIL while decoding, and the pool stays off
     TensorFlow's own thread pools, which the forward pass needs. At most `ahead` batches wait decoded,
-    so memory does not grow with the number of images.
+    so memory does not grow with the number of images. With `decoded`, images it holds are not decoded
+    again, and the images decoded here are added to it (within its budget).
     """
     def load(path):
         return _load_or_blank(path, image_size, skips)
 
+    def submit(chunk):
+        held = [decoded.get(p, image_size) if decoded is not None else None for p in chunk]
+        return [(pixels, True) if pixels is not None else pool.submit(load, p) for p, pixels in zip(chunk, held)]
+
     chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
     workers = max(1, min(4, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tltool-decode") as pool:
-        pending = collections.deque()
-        for chunk in chunks[:ahead + 1]:
-            pending.append([pool.submit(load, p) for p in chunk])
+        pending = collections.deque(submit(chunk) for chunk in chunks[:ahead + 1])
         next_chunk = ahead + 1
+        done = 0
         while pending:
-            results = [f.result() for f in pending.popleft()]
+            results = [r.result() if isinstance(r, Future) else r for r in pending.popleft()]
             if next_chunk < len(chunks):
-                pending.append([pool.submit(load, p) for p in chunks[next_chunk]])
+                pending.append(submit(chunks[next_chunk]))
                 next_chunk += 1
+            if decoded is not None:
+                for path, (pixels, ok) in zip(chunks[done], results):
+                    if ok:
+                        decoded.keep(path, image_size, pixels)
+            done += 1
             yield np.stack([r[0] for r in results]), np.array([r[1] for r in results], bool)
 
 

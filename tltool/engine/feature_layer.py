@@ -114,7 +114,7 @@ def _probe_features(ctx, probe, paths: list, labels: np.ndarray) -> tuple[np.nda
         if _keeps_activations(ctx, probe, cache, paths):
             rows, images = _pass_keeping_activations(ctx, probe, cache, paths, common)
             return rows, labels[images], images
-        rows, index, stats = cached_features(probe.model, cache, paths, **common)
+        rows, index, stats = cached_features(probe.model, cache, paths, decoded=ctx.decoded, **common)
     rows, images = views_by_image(rows, index, stats.rows_per_view)
     return rows[:, 0], labels[images], images
 
@@ -139,7 +139,7 @@ def _pass_keeping_activations(ctx, probe, cache, paths: list, common: dict) -> t
     keys = [file_key(p) for p in paths]  # before reading the files, as cached_features takes them
     outputs, ok = compute_in_shards(probe.with_cuts, cache, paths, keys, common["image_size"],
                                     common["batch_size"], common["skips"], verbose=ctx.verbose,
-                                    jit_compile=common["jit_compile"])
+                                    jit_compile=common["jit_compile"], decoded=ctx.decoded)
     readable = [key for key, good in zip(keys, ok) if good]
     outputs = outputs if ok.all() else [out[ok] for out in outputs]
     ctx.probe_rows = {cut: (readable, acts) for cut, acts in zip(probe.cut_layers, outputs[1:])}

@@ -28,7 +28,7 @@ import numpy as np
 
 from tltool import interrupts
 from tltool.data.folders import SkipLog
-from tltool.data.pipelines import decoded_batches
+from tltool.data.pipelines import DecodedImages, decoded_batches
 from tltool.files import atomic_save, atomic_write_text
 
 CACHE_FORMAT = 1
@@ -279,15 +279,17 @@ def compute_features(extractor, paths: list[str], image_size: int, batch_size: i
 
 
 def compute_outputs(extractor, paths: list[str], image_size: int, batch_size: int, skips: SkipLog, augment=None,
-                    jit_compile: bool = False, progress=None) -> tuple[list[np.ndarray], np.ndarray]:
-    """`compute_features` for an extractor with one or several outputs: ([float16 [N, D_i] per output], ok)."""
+                    jit_compile: bool = False, progress=None,
+                    decoded: DecodedImages | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+    """`compute_features` for an extractor with one or several outputs: ([float16 [N, D_i] per output], ok).
+    `decoded`: images kept decoded between passes over the same files (see `DecodedImages`)."""
     import tensorflow as tf
 
     forward = _forward_fn(extractor, image_size, jit_compile)
     outputs = [np.zeros((len(paths), int(out.shape[-1])), np.float16) for out in extractor.outputs]
     oks = np.zeros((len(paths),), bool)
     start = 0
-    for pixels, ok in decoded_batches(paths, image_size, batch_size, skips):
+    for pixels, ok in decoded_batches(paths, image_size, batch_size, skips, decoded=decoded):
         interrupts.check()
         n = len(pixels)
         x = tf.cast(pixels, tf.float32)
@@ -309,7 +311,8 @@ SHARD_IMAGES = 1024
 
 def compute_in_shards(extractor, cache: FeatureCache | None, paths: list[str], keys: list[str], image_size: int,
                       batch_size: int, skips: SkipLog, augment=None, verbose: int = 1,
-                      jit_compile: bool = False) -> tuple[list[np.ndarray], np.ndarray]:
+                      jit_compile: bool = False,
+                      decoded: DecodedImages | None = None) -> tuple[list[np.ndarray], np.ndarray]:
     """`compute_outputs` of `paths`, the first output stored in the cache (under `keys`) shard by shard, under
     one progress bar. Returns ([each output's rows, float16], ok)."""
     outputs, oks = [], []
@@ -318,7 +321,7 @@ def compute_in_shards(extractor, cache: FeatureCache | None, paths: list[str], k
         chunk = slice(start, start + SHARD_IMAGES)
         progress = None if update is None else (lambda done, offset=start: update(offset + done))
         out, ok = compute_outputs(extractor, paths[chunk], image_size, batch_size, skips, augment=augment,
-                                  jit_compile=jit_compile, progress=progress)
+                                  jit_compile=jit_compile, progress=progress, decoded=decoded)
         if cache is not None:
             cache.add([k for k, good in zip(keys[chunk], ok) if good], out[0][ok])
         outputs.append(out)
@@ -373,10 +376,10 @@ def view_plan(views: int, augment, augment_key: str, mirror_first: bool = False)
 
 def cached_features(extractor, cache: FeatureCache | None, paths: list[str], image_size: int, batch_size: int,
                     skips: SkipLog, views: int = 0, augment=None, augment_key: str = "", verbose: int = 1,
-                    log=print, jit_compile: bool = False,
-                    mirror_first: bool = False) -> tuple[np.ndarray, np.ndarray, FeatureStats]:
+                    log=print, jit_compile: bool = False, mirror_first: bool = False,
+                    decoded: DecodedImages | None = None) -> tuple[np.ndarray, np.ndarray, FeatureStats]:
     """Features of `paths` (view 0 = the plain image, views 1..K augmented: see `view_plan`), from the cache
-    where possible.
+    where possible; with `decoded`, each image is decoded once for all its views (see `DecodedImages`).
 
     Returns (features float16 [M, D], row_index int [M] into `paths`, stats). Files that failed to decode
     are left out. Without a cache (None) everything is computed.
@@ -394,7 +397,7 @@ def cached_features(extractor, cache: FeatureCache | None, paths: list[str], ima
             t0 = time.perf_counter()
             (feats,), ok = compute_in_shards(extractor, cache, [paths[i] for i in missing],
                                              [keys[i] for i in missing], image_size, batch_size, skips,
-                                             view_augment, verbose, jit_compile)
+                                             view_augment, verbose, jit_compile, decoded)
             stats.seconds += time.perf_counter() - t0
             stats.computed += len(missing)
         else:

@@ -17,7 +17,7 @@ import numpy as np
 
 from tltool import rundir
 from tltool.data.folders import ImageFolder, balanced_class_weights
-from tltool.data.pipelines import augmentation_layer, image_dataset
+from tltool.data.pipelines import DecodedImages, augmentation_layer, image_dataset
 from tltool.engine.activations import CutModels, activation_megabytes, pooled_features, split_at_cut
 from tltool.engine.decisions import L2Decision, decide_flip, decide_l2, decide_views
 from tltool.engine.feature_layer import POOLED
@@ -83,6 +83,9 @@ class TrainingContext:
     #: rows of the plain training images the layer measurement computed, for stage 1 (see feature_layer.py):
     #: "pooled" or a stage-2 cut -> (the images' cache keys, rows)
     probe_rows: dict = field(default_factory=dict)
+    #: the training images decoded by the passes over them so far (the layer measurement's, the mirror
+    #: images'), for the next passes (the augmented views); emptied once stage 1's features are computed
+    decoded: DecodedImages = field(default_factory=DecodedImages)
     _shard: object = field(default=None, repr=False)
 
     @property
@@ -193,7 +196,8 @@ def _extract(ctx: TrainingContext, extractor, cut: str = "", to_features=lambda 
                     f"{MAX_AUTO_VIEWS})" + (", the first the mirror image." if mirror_first else "."))
         train_x, train_rows, s1 = cached_features(extractor, cache, split.train.paths, views=views, augment=augment,
                                                   augment_key=augmentation_key(recipe), mirror_first=mirror_first,
-                                                  **common)
+                                                  decoded=ctx.decoded, **common)
+        ctx.decoded.clear()  # every pass over the training images is done
         train_x, train_images = views_by_image(train_x, train_rows, s1.rows_per_view)
         train_y = np.asarray(split.train.labels)[train_images]
         _warn_if_all_alike(setup, train_x[:, 0])
@@ -296,7 +300,8 @@ def _measure_flip(ctx: TrainingContext, extractor, cache, common: dict, to_featu
     recipe, split = ctx.recipe, ctx.split
     if ctx.verbose:
         ctx.log("Measuring whether mirrored images help (augment.flip: auto).")
-    rows, index, stats = cached_features(extractor, cache, split.train.paths, views=1, mirror_first=True, **common)
+    rows, index, stats = cached_features(extractor, cache, split.train.paths, views=1, mirror_first=True,
+                                         decoded=ctx.decoded, **common)
     rows, images = views_by_image(rows, index, stats.rows_per_view)
     features, labels = _every_workers(ctx, to_features(rows), np.asarray(split.train.labels)[images])
     decision = decide_flip(features[:, 0], features[:, 1], labels, recipe.seed)

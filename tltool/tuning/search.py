@@ -112,8 +112,10 @@ class TrialRunner:
         self._features = None
         most = space.largest("fine_tune.unfreeze") if space is not None else None
         self.deepest_blocks = max(self.base.fine_tune.unfreeze, int(most or 0))
-        #: rows the layer measurement's pass computed (feature_layer.py), handed to the first extraction
+        #: rows the layer measurement's pass computed (feature_layer.py), and the images it decoded, handed to
+        #: the first extraction
         self.probe_rows = {}
+        self.decoded = None
         self._deep = None        # StageFeatures at the deepest cut; False when stage 2 trials stream images
         self._at_cut = {}        # cut -> StageFeatures with the activations at that cut
         self._kept = None        # _KeptBackbone: the backbone every cut trial trains on
@@ -188,6 +190,8 @@ class TrialRunner:
         tm = build_model(setup, runtime)
         ctx = TrainingContext(setup, runtime, self.verbose, self.log)
         ctx.probe_rows, self.probe_rows = self.probe_rows, {}
+        if self.decoded is not None:
+            ctx.decoded, self.decoded = self.decoded, None
         with runtime.strategy.scope():
             found = compute(ctx, tm)
         del tm
