@@ -143,9 +143,10 @@ def run() -> None:
     _AS_PROGRAM = True
     try:
         main()
+        ending = SystemExit(0)  # click's main() ends with SystemExit in any case
     except SystemExit as exc:
-        _exit_promptly(exc)
-    raise AssertionError("click's main() always ends with SystemExit")  # pragma: no cover
+        ending = exc
+    _exit_promptly(ending)
 
 
 def _exit_promptly(exc: SystemExit) -> None:
