@@ -148,3 +148,17 @@ def test_report_escapes_labels_and_flags_overconfident_probes():
         s.metrics["confusion_matrix"]["matrix"], labels)})
     assert "&lt;cat&gt;" in page and "dog &amp; co" in page and "<cat>" not in page
     assert "over-confident" in page and "noise &rarr; &lt;cat&gt;, 97.0%" in page
+
+
+@pytest.mark.parametrize("probs, shown", [
+    ([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4]], "none needed (100.0% on all)"),  # every answer right
+    ([[0.99, 0.01], [0.2, 0.8], [0.6, 0.4], [0.45, 0.55]], "0.7 (keeps 50.0%)"),        # the unsure ones wrong
+    ([[0.99, 0.01], [0.01, 0.99], [0.99, 0.01], [0.45, 0.55]], "none reaches 95.0%"),   # a sure one wrong
+])
+def test_the_suggested_threshold_card_says_when_none_is_needed(probs, shown):
+    from tltool.evaluation.report import _cards_html
+
+    y_true = np.array([0, 1, 1, 0])
+    metrics = compute_metrics(y_true, np.array(probs), ["a", "b"])
+    card = _cards_html(EvalSet("test", "test", ["x"] * 4, y_true, np.array(probs), ["a", "b"], metrics))
+    assert f"suggested threshold<b>{shown}</b>" in card

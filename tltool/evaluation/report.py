@@ -215,8 +215,12 @@ def _probes_html(probes: list, labels: list[str]) -> str:
 def _cards_html(s) -> str:
     m = s.metrics
     t = m["thresholds"]
-    suggestion = ("none reaches " + _pct(t["target_accuracy"]) if t["suggested"] is None
-                  else f"{t['suggested']:g} (keeps {_pct(t['suggested_coverage'])})")
+    if t["suggested"] is None:
+        suggestion = "none reaches " + _pct(t["target_accuracy"])
+    elif t["suggested"] == 0:  # every prediction accepted already reaches the target
+        suggestion = f"none needed ({_pct(m['accuracy'])} on all)"
+    else:
+        suggestion = f"{t['suggested']:g} (keeps {_pct(t['suggested_coverage'])})"
     cards = [("images", str(m["num_images"])), ("accuracy", _pct(m["accuracy"])),
              (f"top-{m['top_k']} accuracy", _pct(m["top_k_accuracy"])), ("macro F1", f"{m['macro_avg']['f1']:.3f}"),
              ("weighted F1", f"{m['weighted_avg']['f1']:.3f}"),
