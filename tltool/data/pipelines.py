@@ -75,19 +75,18 @@ def decoded_batches(paths: list[str], image_size: int, batch_size: int, skips: S
     chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
     workers = max(1, min(4, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tltool-decode") as pool:
-        pending = collections.deque(submit(chunk) for chunk in chunks[:ahead + 1])
+        pending = collections.deque((chunk, submit(chunk)) for chunk in chunks[:ahead + 1])
         next_chunk = ahead + 1
-        done = 0
         while pending:
-            results = [r.result() if isinstance(r, Future) else r for r in pending.popleft()]
+            chunk, handles = pending.popleft()
+            results = [r.result() if isinstance(r, Future) else r for r in handles]
             if next_chunk < len(chunks):
-                pending.append(submit(chunks[next_chunk]))
+                pending.append((chunks[next_chunk], submit(chunks[next_chunk])))
                 next_chunk += 1
             if decoded is not None:
-                for path, (pixels, ok) in zip(chunks[done], results):
+                for path, (pixels, ok) in zip(chunk, results):
                     if ok:
                         decoded.keep(path, image_size, pixels)
-            done += 1
             yield np.stack([r[0] for r in results]), np.array([r[1] for r in results], bool)
 
 

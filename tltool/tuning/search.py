@@ -25,6 +25,7 @@ import keras_tuner as kt
 from keras_tuner.src.engine.oracle import synchronized
 import numpy as np
 
+from tltool.data.pipelines import DecodedImages
 from tltool.engine.activations import activations_at, model_outputs
 from tltool.engine.fitting import compile_model
 from tltool.engine.setup import prepare_run, start_runtime
@@ -115,7 +116,7 @@ class TrialRunner:
         #: rows the layer measurement's pass computed (feature_layer.py), and the images it decoded, handed to
         #: the first extraction
         self.probe_rows = {}
-        self.decoded = None
+        self.decoded = DecodedImages()
         self._deep = None        # StageFeatures at the deepest cut; False when stage 2 trials stream images
         self._at_cut = {}        # cut -> StageFeatures with the activations at that cut
         self._kept = None        # _KeptBackbone: the backbone every cut trial trains on
@@ -190,8 +191,7 @@ class TrialRunner:
         tm = build_model(setup, runtime)
         ctx = TrainingContext(setup, runtime, self.verbose, self.log)
         ctx.probe_rows, self.probe_rows = self.probe_rows, {}
-        if self.decoded is not None:
-            ctx.decoded, self.decoded = self.decoded, None
+        ctx.decoded, self.decoded = self.decoded, DecodedImages()
         with runtime.strategy.scope():
             found = compute(ctx, tm)
         del tm
