@@ -109,3 +109,34 @@ def test_stage2_on_cached_activations_trains_with_the_head_penalty(image_folder)
     assert len(cut.trainable.losses) == 1
     penalty = 0.5 * np.sum(np.asarray(kernel) ** 2)
     np.testing.assert_allclose(float(cut.trainable.losses[0]), penalty, rtol=1e-5)
+
+
+def test_pooled_rows_computes_each_distinct_row_once(monkeypatch):
+    # The measured decisions pool the plain and mirrored rows, then every view (those two again), and
+    # stage 1 all of them once more: each row goes through the top blocks once.
+    import tltool.engine.activations as activations
+
+    inputs = keras.Input((12,))
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="relu")(inputs))
+    computed = []
+    real = activations.pooled_features
+
+    def counting(features_model, rows, batch_size=256):
+        computed.append(len(rows))
+        return real(features_model, rows, batch_size)
+
+    monkeypatch.setattr(activations, "pooled_features", counting)
+    rng = np.random.default_rng(0)
+    views = rng.normal(size=(5, 4, 12)).astype(np.float16)  # 5 images, 4 views each
+    pooled = activations.PooledRows(model)
+
+    first_two = pooled(views[:, :2])
+    every_view = pooled(views)
+    again = pooled(views)
+
+    assert computed == [10, 10]  # the first two views, then only the two views not seen yet
+    expected = real(model, views.reshape(20, 12)).reshape(5, 4, 3)
+    np.testing.assert_array_equal(every_view, expected)
+    np.testing.assert_array_equal(again, expected)
+    np.testing.assert_array_equal(first_two, expected[:, :2])
+    assert pooled(views[:0]).shape == (0, 4, 3)

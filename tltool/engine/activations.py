@@ -13,6 +13,7 @@ Stage 2 streams images instead, with a one-line reason, when the activations wou
 
 from __future__ import annotations
 
+import hashlib
 import weakref
 from dataclasses import dataclass
 
@@ -83,6 +84,29 @@ def pooled_features(features_model, activations: np.ndarray, batch_size: int = 2
     """Stage 1's features from cached activations [..., width]: the top blocks at their current weights."""
     pooled = model_outputs(features_model, activations.reshape(-1, activations.shape[-1]), batch_size, np.float16)
     return pooled.reshape(*activations.shape[:-1], -1)
+
+
+class PooledRows:
+    """`pooled_features` through one features model, each distinct row computed once: the measured decisions
+    pool the plain and mirrored rows, then every view (the plain and mirrored rows again), and stage 1 all of
+    them once more. On 245 images with 4 views that repetition cost 0.7 s of a default finetune (MobileNetV2's
+    top 2 blocks) and 1.8 s of a search (its top 6). Rows are known by a hash of their bytes, since each pass
+    reads them from the cache anew."""
+
+    def __init__(self, features_model):
+        self.model = features_model
+        self._pooled: dict[bytes, np.ndarray] = {}
+
+    def __call__(self, activations: np.ndarray) -> np.ndarray:
+        rows = activations.reshape(-1, activations.shape[-1])
+        keys = [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in rows]
+        new = {key: i for i, key in enumerate(keys) if key not in self._pooled}
+        if new:
+            found = pooled_features(self.model, rows[list(new.values())])
+            self._pooled.update(zip(new, found))
+        width = int(np.prod(self.model.output_shape[1:]))
+        pooled = np.stack([self._pooled[key] for key in keys]) if keys else np.zeros((0, width), np.float16)
+        return pooled.reshape(*activations.shape[:-1], width)
 
 
 def activations_at(backbone, deep_cut: str, cut: str, activations: np.ndarray, batch_size: int = 256) -> np.ndarray:

@@ -18,7 +18,7 @@ import numpy as np
 from tltool import rundir
 from tltool.data.folders import ImageFolder, balanced_class_weights
 from tltool.data.pipelines import DecodedImages, augmentation_layer, image_dataset
-from tltool.engine.activations import CutModels, activation_megabytes, pooled_features, split_at_cut
+from tltool.engine.activations import CutModels, PooledRows, activation_megabytes, split_at_cut
 from tltool.engine.decisions import L2Decision, decide_flip, decide_l2, decide_views
 from tltool.engine.feature_layer import POOLED
 from tltool.engine.features import (FeatureCache, augmentation_key, cache_dir, cached_features, extractor_key,
@@ -153,9 +153,11 @@ def stage1_features(ctx: TrainingContext, extractor) -> StageFeatures:
 
 def cut_features(ctx: TrainingContext, cut: CutModels) -> StageFeatures:
     """Activations at stage 2's cut (cached like features), and stage 1's pooled features computed from them."""
+    pooled_rows = PooledRows(cut.features)
+
     def pooled(activations):
         with ctx.runtime.strategy.scope():
-            return pooled_features(cut.features, activations)
+            return pooled_rows(activations)
 
     train_acts, train_y, val_acts, val_y, seconds, computed = _extract(ctx, cut.extractor, cut.cut, pooled)
     return StageFeatures(pooled(train_acts), train_y, pooled(val_acts), val_y, seconds, computed, train_acts,
