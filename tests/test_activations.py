@@ -4,7 +4,7 @@ import keras
 import numpy as np
 
 from helpers import calibrated_backbone_weights, tiny_values
-from tltool.engine.activations import activations_at, split_at_cut
+from tltool.engine.activations import ActivationsAt, split_at_cut
 from tltool.engine.features import augmentation_key, extractor_key
 from tltool.engine.setup import prepare_run, resolve_recipe, start_runtime
 from tltool.engine.stages import TrainingContext, activation_cut, build_model, cut_features, run_stage2
@@ -75,25 +75,30 @@ def test_cache_key_covers_cut_views_and_augmentation():
     assert len({augmentation_key(r) for r in [base, *changed]}) == 4
 
 
-def test_activations_at_a_deeper_cut_give_those_at_a_shallower_one(image_folder, tmp_path):
-    # tune caches one set of activations at the deepest cut its space may use; a trial unfreezing fewer
-    # blocks runs the blocks in between on them. That must equal extracting at the trial's own cut.
+def test_activations_at_a_deeper_cut_give_those_at_shallower_ones(image_folder, tmp_path):
+    # tune caches one set of activations at the deepest cut its space may use; trials unfreezing fewer
+    # blocks run the blocks in between on them, for all their cuts in one pass. That must equal extracting at
+    # each trial's own cut.
     weights = calibrated_backbone_weights(tmp_path / "backbone.weights.h5", images=image_folder)
     recipe = resolve_recipe(None, data=image_folder, overrides=tiny_values(32) + [f"backbone.weights={weights}"])
     setup = prepare_run(recipe)
     tm = build_model(setup, start_runtime(recipe))
-    deep_cut, _, _ = fine_tune_cut(tm.backbone, setup.spec, 4)
-    cut, _, _ = fine_tune_cut(tm.backbone, setup.spec, 1)
+    deep_cut, _, _ = fine_tune_cut(tm.backbone, setup.spec, 6)
+    cuts = [fine_tune_cut(tm.backbone, setup.spec, blocks)[0] for blocks in (1, 4)]
     pixels = np.random.default_rng(0).uniform(0, 255, (6, 32, 32, 3)).astype(np.float32)
     deep = np.asarray(split_at_cut(tm, deep_cut).extractor(pixels)).astype(np.float16)
-    direct = np.asarray(split_at_cut(tm, cut).extractor(pixels))
 
-    bridged = activations_at(tm.backbone, deep_cut, cut, deep.reshape(2, 3, -1))
+    together = ActivationsAt(tm.backbone, deep_cut, cuts)(deep.reshape(2, 3, -1))
 
-    assert bridged.shape == (2, 3, direct.shape[-1])
-    scale = np.abs(direct).max()
-    assert scale > 1e-3
-    assert np.abs(bridged.reshape(6, -1).astype(np.float32) - direct).max() < 0.01 * scale  # float16 rounding
+    for cut, bridged in zip(cuts, together):
+        direct = np.asarray(split_at_cut(tm, cut).extractor(pixels))
+        assert bridged.shape == (2, 3, direct.shape[-1])
+        scale = np.abs(direct).max()
+        assert scale > 1e-3
+        assert np.abs(bridged.reshape(6, -1).astype(np.float32) - direct).max() < 0.01 * scale  # float16 rounding
+        alone, = ActivationsAt(tm.backbone, deep_cut, [cut])(deep.reshape(2, 3, -1))
+        np.testing.assert_array_equal(alone, bridged)  # the same rows as a pass for that cut alone
+    assert together[0].shape[-1] != together[1].shape[-1]  # two cuts of different widths, told apart
     keras.backend.clear_session()
 
 

@@ -91,6 +91,10 @@ def test_space_values_become_recipe_values():
     recipe = trial_recipe(from_dict({"frozen": {"epochs": 10}, "fine_tune": {"epochs": 4}}), values, budget=(2, 10))
     assert recipe.head.dense == [16, 8] and recipe.frozen.epochs == 2 and recipe.fine_tune.epochs == 1
     assert SearchSpace({"head.dense": {"choice": [0, 32]}}).values({"head.dense": 0}) == {"head.dense": []}
+    # What a key may take (the search computes the activations of every cut its unfreeze depths may ask for).
+    assert space.possible("fine_tune.unfreeze") == [10, 20, 30] and space.possible("head.dense") == [0, [16, 8]]
+    assert space.possible("frozen.cache_features") == [False, True]
+    assert space.possible("head.dropout") == [] and space.possible("head.l2") == []  # a float range; not searched
 
 
 def test_default_space_adds_stage_two_only_when_it_runs():
@@ -221,6 +225,45 @@ def test_stage2_trials_share_one_activation_cache_and_one_backbone(tmp_path, ima
     assert shared_builds == 1 and own_builds == 3  # the search's features (and the cut trials' backbone)
     assert [values for values, _ in shared] == [values for values, _ in own]
     assert [loss for _, loss in shared] == pytest.approx([loss for _, loss in own], rel=1e-5)
+
+
+def test_the_first_shallower_trial_computes_the_activations_of_every_cut_of_the_space(tmp_path, image_folder,
+                                                                                      monkeypatch):
+    """One pass from the deepest cut down to the shallowest serves every shallower trial; within the
+    activation budget only (room for one more cut: each shallower trial makes a pass of its own)."""
+    from tltool.tuning import search as search_module
+
+    passes = []  # (rows, deep width, widths at the cuts) of each pass: the training rows, then the validation's
+    real = search_module.ActivationsAt
+
+    class Counting(real):
+        def __call__(self, activations, batch_size=256):
+            passes.append((activations.size // activations.shape[-1], activations.shape[-1], self.widths))
+            return super().__call__(activations, batch_size)
+
+    monkeypatch.setattr(search_module, "ActivationsAt", Counting)
+    space = {"fine_tune.unfreeze": {"choice": [3, 2, 1]}}
+    weights = calibrated_backbone_weights(tmp_path / "backbone.weights.h5", images=image_folder)
+    overrides = TINY + [f"backbone.weights={weights}", "head.layer=top", "head.grid=1", "fine_tune.epochs=1"]
+
+    def search(out, budget_mb=None):
+        monkeypatch.setenv("TLTOOL_CACHE_DIR", str(out / "cache"))
+        passes.clear()
+        extra = [f"fine_tune.activation_budget_mb={budget_mb}"] if budget_mb else []
+        summary = tltool.tune(_recipe_file(tmp_path, space, algorithm="grid"), data=image_folder, out=out,
+                              verbose=0, max_trials=3, overrides=overrides + extra).summary
+        assert summary["trials_completed"] == 3 and all(t["cached_activations"] for t in summary["trials"])
+        return list(passes), [t["val_loss"] for t in summary["trials"]]
+
+    together, losses = search(tmp_path / "together")
+    # The 2-block trial's pass (over the training rows, then the validation rows) served the 1-block trial.
+    assert len(together) == 2 and all(len(widths) == 2 for _, _, widths in together)
+    rows, deep_width, widths = together[0][0] + together[1][0], together[0][1], together[0][2]
+    # Room for the deepest cut's activations and either shallower cut's, not both.
+    budget = 2 * rows * (deep_width + max(widths) + min(widths) / 2) / 1e6
+    one_at_a_time, alone = search(tmp_path / "alone", budget)
+    assert [len(cut_widths) for _, _, cut_widths in one_at_a_time] == [1, 1, 1, 1]  # two trials, two passes each
+    assert alone == pytest.approx(losses, rel=1e-5)
 
 
 @pytest.fixture

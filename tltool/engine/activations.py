@@ -109,15 +109,27 @@ class PooledRows:
         return pooled.reshape(*activations.shape[:-1], width)
 
 
-def activations_at(backbone, deep_cut: str, cut: str, activations: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Activations at `cut` from cached ones [..., width] at a deeper cut `deep_cut`: the frozen blocks between
-    the two run once per row, so one cache at the deepest cut serves every shallower one (as in `tune`)."""
-    import keras
+class ActivationsAt:
+    """Activations at each of `cuts` from cached ones at a deeper cut `deep_cut`: the frozen blocks in between
+    run once per row for all the cuts together. One cache at the deepest cut then serves every shallower one
+    (as in `tune`), and three shallower cuts cost one pass down to the shallowest, not three."""
 
-    source = backbone.get_layer(deep_cut).output
-    middle = keras.Model(source, backbone.get_layer(cut).output, name="between_cuts")
-    flat = keras.Input((int(np.prod(source.shape[1:])),))
-    x = keras.layers.Reshape(tuple(int(d) for d in source.shape[1:]))(flat)
-    bridge = keras.Model(flat, keras.layers.Flatten()(middle(x, training=False)))
-    at_cut = model_outputs(bridge, activations.reshape(-1, activations.shape[-1]), batch_size, np.float16)
-    return at_cut.reshape(*activations.shape[:-1], at_cut.shape[-1])
+    def __init__(self, backbone, deep_cut: str, cuts: list[str]):
+        import keras
+
+        source = backbone.get_layer(deep_cut).output
+        targets = [backbone.get_layer(cut).output for cut in cuts]
+        middle = keras.Model(source, targets, name="between_cuts")
+        flat = keras.Input((int(np.prod(source.shape[1:])),))
+        outputs = middle(keras.layers.Reshape(tuple(int(d) for d in source.shape[1:]))(flat), training=False)
+        outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+        outputs = [keras.layers.Flatten()(out) for out in outputs]
+        self.bridge = keras.Model(flat, keras.layers.Concatenate()(outputs) if len(outputs) > 1 else outputs[0])
+        self.widths = [int(np.prod(target.shape[1:])) for target in targets]
+
+    def __call__(self, activations: np.ndarray, batch_size: int = 256) -> list[np.ndarray]:
+        """For rows [..., width at the deep cut], the rows at each cut [..., width there], as float16."""
+        rows = model_outputs(self.bridge, activations.reshape(-1, activations.shape[-1]), batch_size, np.float16)
+        parts = np.split(rows, np.cumsum(self.widths)[:-1], axis=1)
+        return [np.ascontiguousarray(part).reshape(*activations.shape[:-1], width)
+                for part, width in zip(parts, self.widths)]

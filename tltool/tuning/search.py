@@ -26,7 +26,7 @@ from keras_tuner.src.engine.oracle import synchronized
 import numpy as np
 
 from tltool.data.pipelines import DecodedImages
-from tltool.engine.activations import activations_at, model_outputs
+from tltool.engine.activations import ActivationsAt, model_outputs
 from tltool.engine.fitting import compile_model
 from tltool.engine.setup import prepare_run, start_runtime
 from tltool.engine.stages import (TrainingContext, activation_cut, build_model, cut_features, stage1_features,
@@ -113,6 +113,9 @@ class TrialRunner:
         self._features = None
         most = space.largest("fine_tune.unfreeze") if space is not None else None
         self.deepest_blocks = max(self.base.fine_tune.unfreeze, int(most or 0))
+        #: the unfreeze depths trials may take, whose activations are computed together (see features_at_cut)
+        depths = space.possible("fine_tune.unfreeze") if space is not None else []
+        self.unfreeze_depths = sorted({self.base.fine_tune.unfreeze, *(int(d) for d in depths)})
         #: rows the layer measurement's pass computed (feature_layer.py), and the images it decoded, handed to
         #: the first extraction
         self.probe_rows = {}
@@ -199,7 +202,9 @@ class TrialRunner:
         return found
 
     def features_at_cut(self, tm, setup):
-        """The search's features with the activations at the trial's cut, from those at the deepest cut."""
+        """The search's features with the activations at the trial's cut, from those at the deepest cut. The
+        first trial that needs a shallower cut computes those of every cut the space may ask for (within the
+        activation budget): one pass down to the shallowest instead of one pass per cut."""
         deep = self.deep_features()
         if deep is None:
             return None
@@ -208,13 +213,24 @@ class TrialRunner:
         if cut is None:
             return None
         if cut not in self._at_cut:
-            found = dataclasses.replace(deep, cut=cut, train_acts=activations_at(tm.backbone, deep.cut, cut,
-                                                                                 deep.train_acts),
-                                        val_acts=activations_at(tm.backbone, deep.cut, cut, deep.val_acts))
-            if self._kept_megabytes() + _megabytes(found) > recipe.fine_tune.activation_budget_mb:
-                return found  # used by this trial only: memory stays within the budget
-            self._at_cut[cut] = found
+            budget = recipe.fine_tune.activation_budget_mb - self._kept_megabytes()
+            cuts = self._cuts_to_compute(tm, setup, deep, cut, budget)
+            at_cuts = ActivationsAt(tm.backbone, deep.cut, cuts)
+            for at, train_acts, val_acts in zip(cuts, at_cuts(deep.train_acts), at_cuts(deep.val_acts)):
+                found = dataclasses.replace(deep, cut=at, train_acts=train_acts, val_acts=val_acts)
+                if _megabytes(found) > budget:
+                    return found  # used by this trial only: memory stays within the budget
+                self._at_cut[at] = found
         return self._at_cut[cut]
+
+    def _cuts_to_compute(self, tm, setup, deep, cut: str, budget_mb: float) -> list[str]:
+        """`cut` and, when they fit `budget_mb` with it, the other cuts the space may ask for, not computed yet."""
+        others = {fine_tune_cut(tm.backbone, setup.spec, depth)[0] for depth in self.unfreeze_depths}
+        others -= {cut, deep.cut, None, *self._at_cut}
+        cuts = [cut] + sorted(others)
+        rows = int(np.prod(deep.train_acts.shape[:-1])) + len(deep.val_acts)
+        megabytes = [2 * rows * int(np.prod(tm.backbone.get_layer(at).output.shape[1:])) / 1e6 for at in cuts]
+        return cuts if sum(megabytes) <= budget_mb else [cut]
 
     def _kept_megabytes(self) -> float:
         return sum(_megabytes(f) for f in self._at_cut.values())

@@ -72,6 +72,20 @@ class SearchSpace:
         numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
         return max(numbers) if numbers else None
 
+    def possible(self, key: str) -> list:
+        """Every value the space may give `key`: its choices, or the integers of its range; [] when it leaves
+        the key alone or the values are not countable (a float range)."""
+        entry = self.space.get(key)
+        if entry is None:
+            return []
+        if "choice" in entry:
+            return list(entry["choice"])
+        if "boolean" in entry:
+            return [False, True]
+        if field_type(key) is int and entry.get("sampling", "linear") == "linear":
+            return list(range(int(entry["min"]), int(entry["max"]) + 1, int(entry.get("step") or 1)))
+        return []
+
     def declare(self, hp) -> None:
         for key, entry in self.space.items():
             if "choice" in entry:
