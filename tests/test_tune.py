@@ -71,7 +71,7 @@ def test_space_int_fields_and_untunable_keys_are_rejected():
 def test_space_values_become_recipe_values():
     import keras_tuner as kt
 
-    from tltool.tuning.space import SearchSpace, trial_recipe
+    from tltool.tuning.space import SearchSpace, trial_epochs, trial_recipe
 
     space = SearchSpace({
         "head.dense": {"choice": [0, [16, 8]]},          # lists travel as JSON strings
@@ -90,6 +90,11 @@ def test_space_values_become_recipe_values():
     assert "tuner/epochs" not in values
     recipe = trial_recipe(from_dict({"frozen": {"epochs": 10}, "fine_tune": {"epochs": 4}}), values, budget=(2, 10))
     assert recipe.head.dense == [16, 8] and recipe.frozen.epochs == 2 and recipe.fine_tune.epochs == 1
+    base = from_dict({"frozen": {"epochs": 10}, "fine_tune": {"epochs": 4}})
+    for trial_values, budget in [(values, (2, 10)), ({"frozen.epochs": 30}, (1, 9)), ({}, None),
+                                 ({"fine_tune.epochs": 0}, (9, 9))]:
+        recipe = trial_recipe(base, trial_values, budget)  # the reports' epochs are the trial's own
+        assert trial_epochs(base, trial_values, budget) == [recipe.frozen.epochs, recipe.fine_tune.epochs]
     assert SearchSpace({"head.dense": {"choice": [0, 32]}}).values({"head.dense": 0}) == {"head.dense": []}
     # What a key may take (the search computes the activations of every cut its unfreeze depths may ask for).
     assert space.possible("fine_tune.unfreeze") == [10, 20, 30] and space.possible("head.dense") == [0, [16, 8]]

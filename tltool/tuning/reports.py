@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tltool import rundir
 from tltool.recipe import Recipe
-from tltool.tuning.space import SearchSpace, trial_budget, trial_recipe
+from tltool.tuning.space import SearchSpace, trial_budget, trial_epochs, trial_recipe
 
 BEST_FILE = "best.yaml"
 TRIALS_CSV = "trials.csv"
@@ -39,8 +39,7 @@ def trial_records(oracle, space: SearchSpace, base: Recipe) -> list[dict]:
         if budget is not None:  # Hyperband: the trial's share of the budget, and its epochs [stage 1, stage 2]
             record["budget_epochs"] = budget[0]
             if status == "completed":  # (a failed trial's values may not even make a recipe)
-                recipe = trial_recipe(base, record["hyperparameters"], budget)
-                record["epochs"] = [recipe.frozen.epochs, recipe.fine_tune.epochs]
+                record["epochs"] = trial_epochs(base, record["hyperparameters"], budget)
         if status in ("failed", "invalid"):
             record["error"] = last_line(trial.message)
         records.append(record)

@@ -148,12 +148,25 @@ def trial_recipe(base: Recipe, values: dict, budget: tuple[int, int] | None = No
     tree = base.to_dict()
     for key, value in values.items():
         set_dotted(tree, key, value)
-    if budget is not None:
-        epochs, max_epochs = budget
-        for stage in ("frozen", "fine_tune"):
-            if tree[stage]["epochs"] > 0:
-                tree[stage]["epochs"] = max(1, round(tree[stage]["epochs"] * epochs / max_epochs))
+    for stage in ("frozen", "fine_tune"):
+        tree[stage]["epochs"] = scaled_epochs(tree[stage]["epochs"], budget)
     return from_dict(tree, source="trial")
+
+
+def scaled_epochs(epochs: int, budget: tuple[int, int] | None) -> int:
+    """A stage's `epochs` in a trial of `budget` (epochs, max_epochs): its share, at least 1 (0 stays 0)."""
+    if budget is None or epochs <= 0:
+        return epochs
+    share, max_epochs = budget
+    return max(1, round(epochs * share / max_epochs))
+
+
+def trial_epochs(base: Recipe, values: dict, budget: tuple[int, int] | None) -> list[int]:
+    """[stage 1, stage 2] epochs of a trial, as `trial_recipe` sets them, without building its recipe: the
+    reports list every trial's after each trial, and recipes cost milliseconds each (0.7 s of a 20-trial
+    search, growing with the square of the trials)."""
+    return [scaled_epochs(int(values.get(f"{stage}.epochs", getattr(base, stage).epochs)), budget)
+            for stage in ("frozen", "fine_tune")]
 
 
 def stripped_recipe(recipe: Recipe) -> dict:
