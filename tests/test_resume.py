@@ -157,3 +157,35 @@ def test_a_crash_before_the_epoch_commit_retrains_that_epoch_as_an_uninterrupted
     for got, want in zip(resumed.get_weights(), reference.get_weights()):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert read_checkpoint(tmp_path / "run")["epoch"] == read_checkpoint(tmp_path / "reference")["epoch"]
+
+
+def test_checkpoint_weights_round_trip_with_the_optimizer_state_and_old_keras_files_still_load(tmp_path):
+    import keras
+    import numpy as np
+
+    from tltool.engine.callbacks import load_weights, save_weights
+
+    def trained(seed):
+        keras.utils.set_random_seed(seed)
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.BatchNormalization(),
+                                  keras.layers.Dense(2, activation="softmax")])
+        model.compile(keras.optimizers.Adam(0.01), "categorical_crossentropy")
+        x = np.random.default_rng(seed).normal(size=(16, 4)).astype("float32")
+        model.fit(x, np.eye(2, dtype="float32")[np.arange(16) % 2], epochs=2, verbose=0)
+        return model
+
+    def state(model):
+        return model.get_weights() + [np.asarray(v) for v in model.optimizer.variables]
+
+    saved = trained(0)
+    save_weights(saved, tmp_path / "epoch-2.npz")
+    saved.save_weights(tmp_path / "epoch-2.weights.h5")  # a checkpoint of an earlier version
+    for path in (tmp_path / "epoch-2.npz", tmp_path / "epoch-2.weights.h5"):
+        fresh = trained(1)  # other weights, other Adam moments, another step count
+        assert not all(np.array_equal(a, b) for a, b in zip(state(fresh), state(saved)))
+        load_weights(fresh, path)
+        for got, want in zip(state(fresh), state(saved)):
+            np.testing.assert_array_equal(got, want)
+    without = tmp_path / "after_stage.npz"
+    save_weights(saved, without, optimizer=False)
+    assert len(np.load(without).files) == len(saved.get_weights())

@@ -12,6 +12,37 @@ import numpy as np
 from tltool import interrupts, rundir
 from tltool.engine import history
 
+def save_weights(model, path: Path, optimizer: bool = True) -> None:
+    """`model`'s weights (and, with `optimizer`, its optimizer's variables: what Keras's `save_weights` holds
+    for a compiled model), durably, as one .npz. Keras's .weights.h5 writes a group per layer: 0.25 s for
+    MobileNetV2, against 0.03 s for the same arrays here, paid after every epoch of a run."""
+    arrays = [np.asarray(w) for w in model.get_weights()]
+    if optimizer and model.optimizer is not None and model.optimizer.built:
+        arrays += [np.asarray(v) for v in model.optimizer.variables]
+    rundir.atomic_save(path, lambda tmp: np.savez(tmp, *arrays))
+
+
+def load_weights(model, path: Path) -> None:
+    """What `save_weights` saved, into `model` (its optimizer built first when the file holds its state). A
+    Keras .weights.h5 file (what earlier versions of tltool saved) is loaded by Keras."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        model.load_weights(path)
+        return
+    with np.load(path) as stored:
+        arrays = [stored[f"arr_{i}"] for i in range(len(stored.files))]
+    count = len(model.weights)
+    model.set_weights(arrays[:count])
+    if len(arrays) > count:
+        if not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+        if len(arrays) - count != len(model.optimizer.variables):
+            raise ValueError(f"{path} holds {len(arrays) - count} optimizer variables, the optimizer has "
+                             f"{len(model.optimizer.variables)}")
+        for variable, value in zip(model.optimizer.variables, arrays[count:]):
+            variable.assign(value)
+
+
 class HistoryCSV(keras.callbacks.Callback):
     """Appends one row per finished epoch to `history.csv` (see engine/history.py), with the stage."""
 
@@ -83,7 +114,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
         """The model's weights and optimizer state, and early stopping's state, as `state` committed them."""
         if self.model.optimizer is not None and not self.model.optimizer.built:
             self.model.optimizer.build(self.model.trainable_variables)
-        self.model.load_weights(self.folder / state["weights"])
+        load_weights(self.model, self.folder / state["weights"])
         es, saved = self.early_stopping, state.get("early_stopping")
         if es is None or saved is None:
             return
@@ -112,8 +143,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
         if not all(np.isfinite(v) for k, v in (logs or {}).items() if k.endswith("loss") and v is not None):
             return
         done = epoch + 1
-        weights = f"epoch-{done}.weights.h5"
-        rundir.atomic_save(self.folder / weights, self.model.save_weights)
+        weights = f"epoch-{done}.npz"
+        save_weights(self.model, self.folder / weights)
         state = {"epoch": done, "weights": weights, "early_stopping": self._early_stopping_state(done)}
         rundir.atomic_write_json(self.folder / self.FILE, state)
         keep = {self.FILE, weights, self._best_file}

@@ -14,12 +14,13 @@ from pathlib import Path
 
 from tltool import rundir
 from tltool.engine import history
-from tltool.engine.callbacks import read_checkpoint
+from tltool.engine.callbacks import load_weights, read_checkpoint, save_weights
 from tltool.errors import RunDirError
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "state.json"
-_AFTER_STAGE_WEIGHTS = "after_stage.weights.h5"
+_AFTER_STAGE_WEIGHTS = "after_stage.npz"
+_AFTER_STAGE_KERAS_WEIGHTS = "after_stage.weights.h5"  # what runs of earlier versions saved
 
 
 class RunProgress:
@@ -53,9 +54,10 @@ class RunProgress:
         return self.dir / f"stage{stage}"
 
     def restore(self, model, say) -> None:
-        weights = self.dir / _AFTER_STAGE_WEIGHTS
-        if self.state["stages_done"] and weights.is_file():
-            model.load_weights(weights)
+        found = [self.dir / name for name in (_AFTER_STAGE_WEIGHTS, _AFTER_STAGE_KERAS_WEIGHTS)
+                 if (self.dir / name).is_file()]
+        if self.state["stages_done"] and found:
+            load_weights(model, found[0])
         last = self.state["stages_done"][-1] if self.state["stages_done"] else 0
         say(f"Resuming: stage(s) {self.state['stages_done'] or 'none'} done; continuing from stage {last + 1}.")
 
@@ -66,7 +68,7 @@ class RunProgress:
         history.trim_history(history_path, stage, kept_epochs)
 
     def finish_stage(self, stage: int, model, timings: dict) -> None:
-        rundir.atomic_save(self.dir / _AFTER_STAGE_WEIGHTS, model.save_weights)
+        save_weights(model, self.dir / _AFTER_STAGE_WEIGHTS, optimizer=False)  # each stage compiles afresh
         self.state["stages_done"].append(stage)
         self.state["timings"] = timings
         self._save()
@@ -75,8 +77,8 @@ class RunProgress:
     def finish_run(self) -> None:
         self.state["finished"] = True
         self._save()
-        for path in self.dir.glob("*.weights.h5"):
-            path.unlink()
+        for name in (_AFTER_STAGE_WEIGHTS, _AFTER_STAGE_KERAS_WEIGHTS):
+            (self.dir / name).unlink(missing_ok=True)
 
     def _save(self) -> None:
         self.state["elapsed_s"] = round(self.elapsed(), 3)
