@@ -1,4 +1,4 @@
-"""Keras callbacks of tltool's own."""
+"""Keras callbacks of tltool's own, and the weight files of its checkpoints."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import numpy as np
 
 from tltool import interrupts, rundir
 from tltool.engine import history
+
 
 def save_weights(model, path: Path, optimizer: bool = True) -> None:
     """`model`'s weights (and, with `optimizer`, its optimizer's variables: what Keras's `save_weights` holds
