@@ -128,8 +128,8 @@ class ActivationsAt:
         self.widths = [int(np.prod(target.shape[1:])) for target in targets]
 
     def __call__(self, activations: np.ndarray, batch_size: int = 256) -> list[np.ndarray]:
-        """For rows [..., width at the deep cut], the rows at each cut [..., width there], as float16."""
+        """For rows [..., width at the deep cut], the rows at each cut [..., width there], as float16: views
+        into one array (a copy of each would hold them all twice for a moment)."""
         rows = model_outputs(self.bridge, activations.reshape(-1, activations.shape[-1]), batch_size, np.float16)
         parts = np.split(rows, np.cumsum(self.widths)[:-1], axis=1)
-        return [np.ascontiguousarray(part).reshape(*activations.shape[:-1], width)
-                for part, width in zip(parts, self.widths)]
+        return [part.reshape(*activations.shape[:-1], width) for part, width in zip(parts, self.widths)]
