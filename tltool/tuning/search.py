@@ -26,7 +26,7 @@ from keras_tuner.src.engine.oracle import synchronized
 import numpy as np
 
 from tltool.data.pipelines import DecodedImages
-from tltool.engine.activations import ActivationsAt, model_outputs
+from tltool.engine.activations import ActivationsAt, activation_megabytes, model_outputs
 from tltool.engine.fitting import compile_model
 from tltool.engine.setup import prepare_run, start_runtime
 from tltool.engine.stages import (TrainingContext, activation_cut, build_model, cut_features, stage1_features,
@@ -228,8 +228,9 @@ class TrialRunner:
         others = {fine_tune_cut(tm.backbone, setup.spec, depth)[0] for depth in self.unfreeze_depths}
         others -= {cut, deep.cut, None, *self._at_cut}
         cuts = [cut] + sorted(others)
-        rows = int(np.prod(deep.train_acts.shape[:-1])) + len(deep.val_acts)
-        megabytes = [2 * rows * int(np.prod(tm.backbone.get_layer(at).output.shape[1:])) / 1e6 for at in cuts]
+        images, views = deep.train_acts.shape[0], deep.train_acts.shape[1] - 1
+        megabytes = [activation_megabytes(int(np.prod(tm.backbone.get_layer(at).output.shape[1:])), images, views,
+                                          len(deep.val_acts)) for at in cuts]
         return cuts if sum(megabytes) <= budget_mb else [cut]
 
     def _kept_megabytes(self) -> float:
