@@ -18,15 +18,19 @@ def save_weights(model, path: Path, optimizer: bool = True) -> None:
     for a compiled model), durably, as one .npz. Keras's .weights.h5 writes a group per layer: 0.25 s for
     MobileNetV2, against 0.03 s for the same arrays here, paid after every epoch of a run."""
     arrays = [np.asarray(w) for w in model.get_weights()]
-    if optimizer and model.optimizer is not None and model.optimizer.built:
-        arrays += [np.asarray(v) for v in model.optimizer.variables]
+    state = getattr(model, "optimizer", None) if optimizer else None  # an uncompiled model has none
+    if state is not None and state.built:
+        arrays += [np.asarray(v) for v in state.variables]
     rundir.atomic_save(path, lambda tmp: np.savez(tmp, *arrays))
 
 
 def load_weights(model, path: Path) -> None:
-    """What `save_weights` saved, into `model` (its optimizer built first when the file holds its state). A
+    """What `save_weights` saved, into `model` (a compiled model's optimizer built first, to take its state). A
     Keras .weights.h5 file (what earlier versions of tltool saved) is loaded by Keras."""
     path = Path(path)
+    optimizer = getattr(model, "optimizer", None)  # an uncompiled model has none
+    if optimizer is not None and not optimizer.built:
+        optimizer.build(model.trainable_variables)
     if path.suffix != ".npz":
         model.load_weights(path)
         return
@@ -35,12 +39,10 @@ def load_weights(model, path: Path) -> None:
     count = len(model.weights)
     model.set_weights(arrays[:count])
     if len(arrays) > count:
-        if not model.optimizer.built:
-            model.optimizer.build(model.trainable_variables)
-        if len(arrays) - count != len(model.optimizer.variables):
-            raise ValueError(f"{path} holds {len(arrays) - count} optimizer variables, the optimizer has "
-                             f"{len(model.optimizer.variables)}")
-        for variable, value in zip(model.optimizer.variables, arrays[count:]):
+        if optimizer is None or len(arrays) - count != len(optimizer.variables):
+            raise ValueError(f"{path} holds {len(arrays) - count} optimizer variables, the model's optimizer "
+                             f"has {len(optimizer.variables) if optimizer is not None else 0}")
+        for variable, value in zip(optimizer.variables, arrays[count:]):
             variable.assign(value)
 
 
@@ -113,8 +115,6 @@ class EpochCheckpoint(keras.callbacks.Callback):
 
     def load(self, state: dict) -> None:
         """The model's weights and optimizer state, and early stopping's state, as `state` committed them."""
-        if self.model.optimizer is not None and not self.model.optimizer.built:
-            self.model.optimizer.build(self.model.trainable_variables)
         load_weights(self.model, self.folder / state["weights"])
         es, saved = self.early_stopping, state.get("early_stopping")
         if es is None or saved is None:
