@@ -355,3 +355,67 @@ def test_cosine_schedule_decays_the_stage2_learning_rate(tmp_path, image_folder)
         rates = [float(r["learning_rate"]) for r in csv.DictReader(handle) if r["stage"] == "2"]
     # Set per epoch: the start, a third and two thirds of the way down the half cosine.
     np.testing.assert_allclose(rates, [0.001, 0.00075, 0.00025], rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ validation scores
+# A run that trained on cached rows scores its validation images from them (the final features through the
+# head and the OOD scorer), after checking a sample against the saved model run on the image files.
+
+
+@pytest.fixture(scope="module")
+def run_with_a_broken_val_file(tmp_path_factory):
+    """A two-stage run (stage 2 on cached activations) whose validation folder has an unreadable file among
+    its images, so that the rows of the cached scores must be matched to the right files."""
+    root = tmp_path_factory.mktemp("val_rows")
+    data = make_image_folder(root / "data", per_class=8)
+    val = make_image_folder(root / "val", per_class=4, seed=1)
+    # A file whose header reads (so the folder scan keeps it) but whose pixels do not: found while decoding,
+    # after the val rows were laid out. It sorts between two readable files.
+    whole = (val / "green" / "green_000.jpg").read_bytes()
+    (val / "green" / "green_001b.jpg").write_bytes(whole[:len(whole) * 9 // 10])
+    weights = calibrated_backbone_weights(root / "backbone.weights.h5", images=data)
+    messages = []
+    result = tltool.finetune(data=data, val_data=val, out=root / "out", log=messages.append,
+                             overrides=tiny_values(32) + [f"backbone.weights={weights}", "frozen.epochs=4"])
+    return result, messages
+
+
+def test_validation_scores_from_the_cache_are_the_saved_models(run_with_a_broken_val_file):
+    from tltool.evaluation.sets import KNOWN_SCORES_TOLERANCE
+
+    result, messages = run_with_a_broken_val_file
+    run, summary = result.run_dir, result.summary
+    assert 0 <= summary["timings"]["val_from_cache_gap"] <= KNOWN_SCORES_TOLERANCE  # scored from the cache
+    assert not any("evaluating every validation image" in m for m in messages)
+    paths = [p for p in image_paths(run.parent / "val") if p.name != "green_001b.jpg"]
+    probs, labels = saved_model_probabilities(run, paths)
+    metrics = json.loads((run / "metrics.json").read_text())["val"]
+    assert summary["images"]["val"] == len(paths) == 12
+    assert [s["path"] for s in summary["skipped_files"]] == [str(run.parent / "val" / "green" / "green_001b.jpg")]
+    assert summary["val_accuracy"] == pytest.approx(float(np.mean(probs.argmax(1) == labels)), abs=1e-6)
+    picked = np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1.0)
+    assert summary["val_loss"] == pytest.approx(float(-np.mean(np.log(picked))), abs=1e-4)
+    # Each image's confidence as the saved model gives it: rows matched to their files, the temperature in.
+    assert metrics["mean_confidence"] == pytest.approx(float(probs.max(1).mean()), abs=1e-4)
+    assert len(set(np.round(probs.max(1), 3))) > 3  # answers that differ from image to image
+
+
+def test_validation_scores_that_are_not_the_models_are_not_used(run_with_a_broken_val_file):
+    from tltool.commands.finetune import _evaluate
+    from tltool.engine.setup import prepare_run
+    from tltool.evaluation.sets import KnownScores
+    from tltool.models.ood import Scores
+    from tltool.recipe import load_recipe as load
+
+    result, _ = run_with_a_broken_val_file
+    setup = prepare_run(load(result.run_dir / "recipe.yaml"))
+    honest, _ = _evaluate(result.model, setup, {})  # every image through the model
+    rows = np.flatnonzero([not p.endswith("green_001b.jpg") for p in setup.split.val.paths])
+    wrong = np.tile(np.eye(3, dtype=np.float32)[:1], (len(rows), 1))  # "blue" for every image
+    said, timings = [], {}
+    (checked, *_), _ = _evaluate(result.model, setup, timings,
+                                 KnownScores(rows, Scores(wrong, honest[0].ood_score)), said.append)
+    assert timings["val_from_cache_gap"] > 0.1
+    assert any("evaluating every validation image" in m for m in said)
+    np.testing.assert_allclose(checked.probs, honest[0].probs, atol=1e-6)
+    assert checked.metrics["accuracy"] == honest[0].metrics["accuracy"]

@@ -14,6 +14,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from tltool import outputs, rundir
 from tltool.data.manifest import MANIFEST_FILE, check_same_data, manifest_split, read_manifest, write_manifest
 from tltool.engine.cluster import Cluster, Role, role_from_environment, split_fingerprint
@@ -21,7 +23,7 @@ from tltool.engine.feature_layer import choose_feature_layer, settle_unmeasured
 from tltool.engine.progress import CHECKPOINTS_DIR, RunProgress, check_resumable
 from tltool.engine.setup import RunSetup, Runtime, prepare_run, resolve_recipe, start_runtime
 from tltool.engine.stages import TrainingContext, build_model, train_stages
-from tltool.engine.trust import Trust, fit_trust
+from tltool.engine.trust import FinalFeatures, Trust, cached_final_features, fit_trust
 from tltool.errors import DataError, RecipeError, RunDirError, TltoolError, WorkerLostError
 from tltool.models.ood import build_ood_scorer, with_ood_output
 from tltool.recipe import from_dict, load_recipe, recorded_decisions, save_recipe
@@ -137,10 +139,11 @@ def _train_in(run_dir: Path, setup: RunSetup, resume: bool, say, verbose: int, t
         save_recipe(recipe, run_dir / rundir.RECIPE_FILE, ctx.decisions)
     if cluster is not None:
         tm = _outside_the_cluster(setup, tm)
-    trust = fit_trust(ctx, tm)
+    final = cached_final_features(ctx, tm) if cluster is None else None  # a worker's would be its shard's
+    trust = fit_trust(ctx, tm, final)
     timings["trust_s"] = round(trust.seconds, 3)
     model = inference_model(tm, trust)
-    eval_sets, probes = _evaluate(model, setup, timings)
+    eval_sets, probes = _evaluate(model, setup, timings, _known_val_scores(final, tm, model), say)
     rundir.save_inference_model(model, run_dir / rundir.MODEL_FILE)
     timings["total_s"] = round(progress.elapsed_before + time.perf_counter() - t_start, 3)
     summary = run_summary(setup, eval_sets, timings, resumed=resume, trust=trust,
@@ -351,17 +354,43 @@ def _start_or_resume(run_dir: Path, tm, resume: bool, say) -> RunProgress:
     return progress
 
 
-def _evaluate(model, setup: RunSetup, timings: dict):
-    """One prediction pass of the full image-level model over val (and test): the summary's and the report's."""
-    from tltool.evaluation.sets import evaluate_run_sets
+def _evaluate(model, setup: RunSetup, timings: dict, val_known=None, say=print):
+    """The model's scores and metrics of val (and test): the summary's and the report's, from one pass of the
+    image-level model over the image files. `val_known`: the validation images' scores from the features
+    cached in training (KnownScores), taken instead of that pass when the model gives the same for an even
+    sample of the files."""
+    from tltool.evaluation.sets import KNOWN_SCORES_TOLERANCE, evaluate_run_sets, known_scores_difference
     from tltool.exporting.predictors import KerasPredictor
 
     t0 = time.perf_counter()
-    result = evaluate_run_sets(KerasPredictor(model, setup.classes),
-                               {"val": setup.split.val, "test": setup.split.test}, setup.split.skips,
-                               robustness=setup.recipe.trust.robustness)
+    predictor, known = KerasPredictor(model, setup.classes), {}
+    if val_known is not None:
+        gap = known_scores_difference(predictor, setup.split.val, val_known, setup.split.skips)
+        timings["val_from_cache_gap"] = round(gap, 6)
+        if gap <= KNOWN_SCORES_TOLERANCE:
+            known["val"] = val_known
+        else:
+            say(f"Warning: The validation scores from the cached features differ from the saved model's by "
+                f"{gap:.3g} (more than {KNOWN_SCORES_TOLERANCE}); evaluating every validation image instead.")
+    result = evaluate_run_sets(predictor, {"val": setup.split.val, "test": setup.split.test}, setup.split.skips,
+                               robustness=setup.recipe.trust.robustness, known=known)
     timings["evaluate_s"] = round(time.perf_counter() - t0, 3)
     return result
+
+
+def _known_val_scores(final: FinalFeatures | None, tm, model):
+    """The saved model's scores of the validation images (KnownScores) from the final features the run
+    computed from its cache (through the head, whose temperature is folded in, and the OOD scorer); None
+    without them."""
+    from tltool.engine.trust import on_features
+    from tltool.evaluation.sets import KnownScores
+    from tltool.models.ood import OOD_LAYER, Scores
+
+    if final is None or final.val_rows is None:
+        return None
+    scorer = next((layer for layer in model.layers if layer.name == OOD_LAYER), None)
+    ood = None if scorer is None else on_features(scorer, final.val_x).reshape(-1)
+    return KnownScores(np.asarray(final.val_rows), Scores(on_features(tm.head, final.val_x), ood))
 
 
 def run_summary(setup: RunSetup, eval_sets, timings: dict, resumed: bool, trust: Trust | None = None,

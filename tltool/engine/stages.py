@@ -46,6 +46,7 @@ class StageFeatures:
     train_acts: np.ndarray | None = None  # the activations at stage 2's cut they came from, when cached
     val_acts: np.ndarray | None = None
     cut: str = ""  # the layer those activations were taken at
+    val_rows: np.ndarray | None = None  # each validation row's image: an index into the split's val paths
 
     @property
     def width(self) -> int:
@@ -148,7 +149,8 @@ def build_model(setup: RunSetup, runtime: Runtime) -> TransferModel:
 def stage1_features(ctx: TrainingContext, extractor) -> StageFeatures:
     """Pooled features of the training images (and their augmented views) and of the validation images, from
     the on-disk cache where possible."""
-    return StageFeatures(*_extract(ctx, extractor))
+    train_x, train_y, val_x, val_y, seconds, computed, val_rows = _extract(ctx, extractor)
+    return StageFeatures(train_x, train_y, val_x, val_y, seconds, computed, val_rows=val_rows)
 
 
 def cut_features(ctx: TrainingContext, cut: CutModels) -> StageFeatures:
@@ -159,9 +161,10 @@ def cut_features(ctx: TrainingContext, cut: CutModels) -> StageFeatures:
         with ctx.runtime.strategy.scope():
             return pooled_rows(activations)
 
-    train_acts, train_y, val_acts, val_y, seconds, computed = _extract(ctx, cut.extractor, cut.cut, pooled)
+    train_acts, train_y, val_acts, val_y, seconds, computed, val_rows = _extract(ctx, cut.extractor, cut.cut,
+                                                                                 pooled)
     return StageFeatures(pooled(train_acts), train_y, pooled(val_acts), val_y, seconds, computed, train_acts,
-                         val_acts, cut.cut)
+                         val_acts, cut.cut, val_rows)
 
 
 def weights_identity(setup: RunSetup) -> str:
@@ -175,7 +178,8 @@ def weights_identity(setup: RunSetup) -> str:
 
 def _extract(ctx: TrainingContext, extractor, cut: str = "", to_features=lambda rows: rows):
     """Rows of `extractor` for the training images [N, views, D] and the validation images [M, D], with their
-    labels, the seconds spent computing and the images computed (not read from the cache). `to_features`
+    labels, the seconds spent computing, the images computed (not read from the cache) and the validation
+    rows' images (indices into the split's val paths). `to_features`
     turns rows into pooled features, for the measured decisions."""
     recipe, setup, split = ctx.recipe, ctx.setup, ctx.split
     entry = cache_dir(recipe.train.cache_dir) / extractor_key(
@@ -217,7 +221,7 @@ def _extract(ctx: TrainingContext, extractor, cut: str = "", to_features=lambda 
                 _settle_l2(ctx, decide_l2(features[:, 0], views_x, labels, recipe.seed))
         val_x, val_rows, s2 = cached_features(extractor, cache, split.val.paths, **common)
         return (train_x, train_y, val_x, np.asarray(split.val.labels)[val_rows],
-                spent[0] + s1.seconds + s2.seconds, spent[1] + s1.computed + s2.computed)
+                spent[0] + s1.seconds + s2.seconds, spent[1] + s1.computed + s2.computed, val_rows)
 
 
 def _warn_if_all_alike(setup: RunSetup, rows: np.ndarray) -> None:

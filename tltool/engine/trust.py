@@ -225,16 +225,18 @@ class Trust:
 FEW_VALIDATION_IMAGES = 50
 
 
-def fit_trust(ctx, tm) -> Trust:
+def fit_trust(ctx, tm, final: FinalFeatures | None = None) -> Trust:
     """Fit the temperature (folded into `tm`'s head) and the OOD score of a trained run (see the module
-    docstring), on the final model's features of the training and validation images."""
+    docstring), on the final model's features of the training and validation images (`final`, or computed
+    here: `final_features`)."""
     import time
 
     cfg, say = ctx.recipe.trust, (ctx.log if ctx.verbose else (lambda *a, **k: None))
     if not (cfg.calibrate or cfg.ood):
         return Trust(None, None)
     t0 = time.perf_counter()
-    train_x, train_y, val_x, val_y = final_features(ctx, tm)
+    final = final or final_features(ctx, tm)
+    train_x, train_y, val_x, val_y = final.train_x, final.train_y, final.val_x, final.val_y
     if ctx.cluster is not None:  # a multi-worker run: each worker has its shard's; the chief fits on all
         train_x, train_y, val_x, val_y = (ctx.cluster.gather_rows(np.asarray(a)) for a in (train_x, train_y,
                                                                                            val_x, val_y))
@@ -242,7 +244,7 @@ def fit_trust(ctx, tm) -> Trust:
             return Trust(None, None)
     temperature = ood = None
     if cfg.calibrate:
-        probs = _head_probabilities(tm.head, val_x)
+        probs = on_features(tm.head, val_x)
         temperature = fit_temperature(probs, val_y)
         fold_temperature(tm.head, temperature)
         after = softmax_with_temperature(probs, temperature)
@@ -258,20 +260,26 @@ def fit_trust(ctx, tm) -> Trust:
     return Trust(temperature, ood, time.perf_counter() - t0)
 
 
-def final_features(ctx, tm) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(train features [N, D] of the plain images, their labels, val features [M, D], labels) of the model as
-    trained: from the cached activations through the trained top blocks, from stage 1's features when the
-    backbone did not train, else (stage 2 streamed images) from one more pass over the images."""
-    from tltool.engine.activations import pooled_features, split_at_cut
+@dataclass
+class FinalFeatures:
+    """The trained model's features of the plain training images and of the validation images."""
+
+    train_x: np.ndarray  # [N, D]
+    train_y: np.ndarray
+    val_x: np.ndarray    # [M, D]
+    val_y: np.ndarray
+    #: each validation row's image (an index into the split's val paths), where they came from cached rows
+    val_rows: np.ndarray | None = None
+
+
+def final_features(ctx, tm) -> FinalFeatures:
+    """The trained model's features (`cached_final_features`, else, when stage 2 streamed images, from one
+    more pass over the images)."""
     from tltool.engine.features import compute_features, progress_bar
 
-    found = ctx.features
-    if found is not None and found.train_acts is not None:
-        top = split_at_cut(tm, found.cut).features
-        return (pooled_features(top, found.train_acts[:, 0]), found.train_y, pooled_features(top, found.val_acts),
-                found.val_y)
-    if found is not None and ctx.recipe.fine_tune.epochs == 0:
-        return found.train_x[:, 0], found.train_y, found.val_x, found.val_y
+    found = cached_final_features(ctx, tm)
+    if found is not None:
+        return found
     if ctx.verbose:
         ctx.log("Computing the trained model's features of the training and validation images (for calibration "
                 "and the out-of-distribution score).")
@@ -282,7 +290,24 @@ def final_features(ctx, tm) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
                                      jit_compile=ctx.runtime.jit_compile, progress=progress_bar(len(folder),
                                                                                                ctx.verbose))
         out += [feats[ok], np.asarray(folder.labels)[ok]]
-    return tuple(out)
+    return FinalFeatures(*out)
+
+
+def cached_final_features(ctx, tm) -> FinalFeatures | None:
+    """The trained model's features from the rows the run cached, where they give them (else None): when
+    stage 2 trained on cached activations, those activations through the trained top blocks; when the
+    backbone did not train, stage 1's features. (Stage 2 on streamed images, or a run resumed after its
+    stages, leave only the frozen backbone's rows.)"""
+    from tltool.engine.activations import pooled_features, split_at_cut
+
+    found = ctx.features
+    if found is not None and found.train_acts is not None:
+        top = split_at_cut(tm, found.cut).features
+        return FinalFeatures(pooled_features(top, found.train_acts[:, 0]), found.train_y,
+                             pooled_features(top, found.val_acts), found.val_y, found.val_rows)
+    if found is not None and ctx.recipe.fine_tune.epochs == 0:
+        return FinalFeatures(found.train_x[:, 0], found.train_y, found.val_x, found.val_y, found.val_rows)
+    return None
 
 
 def _features_of_pixels(tm, pixels: np.ndarray, batch: int = 4) -> np.ndarray:
@@ -292,6 +317,9 @@ def _features_of_pixels(tm, pixels: np.ndarray, batch: int = 4) -> np.ndarray:
                                       np.float32) for i in range(0, len(pixels), batch)])
 
 
-def _head_probabilities(head, features: np.ndarray, batch: int = 1024) -> np.ndarray:
+def on_features(model, features: np.ndarray, batch: int = 1024) -> np.ndarray:
+    """What `model` (the head, the OOD scorer: small models over feature rows) gives for `features` [N, D], in
+    eager calls (no traced function to build for a single pass)."""
     rows = np.asarray(features, np.float32)
-    return np.concatenate([np.asarray(head(rows[i:i + batch], training=False)) for i in range(0, len(rows), batch)])
+    return np.concatenate([np.asarray(model(rows[i:i + batch], training=False), np.float32)
+                           for i in range(0, len(rows), batch)])

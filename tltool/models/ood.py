@@ -27,6 +27,8 @@ import numpy as np
 
 PROBABILITIES = "probabilities"
 OOD_SCORE = "ood_score"
+#: The name of the OOD scorer inside the inference model (features -> ood_score)
+OOD_LAYER = "ood"
 #: `ood_score` above this means out of distribution (the threshold is folded into the score)
 UNKNOWN_ABOVE = 1.0
 #: What `predict` calls an image out of distribution (or below --threshold)
@@ -62,7 +64,7 @@ def build_ood_scorer(bank: np.ndarray, threshold: float, blanks: np.ndarray | No
         gate.set_weights([np.array([[BLANK_GATE], [-BLANK_GATE]], np.float32), np.ones((1,), np.float32)])
         clipped = keras.layers.ReLU(max_value=BLANK_CAP, dtype="float32")(margin)
         score = keras.layers.Maximum(dtype="float32", name="ood_score_with_blanks")([score, clipped])
-    return keras.Model(features, score, name="ood")
+    return keras.Model(features, score, name=OOD_LAYER)
 
 
 def _largest_similarity(unit, rows: np.ndarray, name: str, pooled_name: str):
@@ -95,7 +97,7 @@ def with_ood_output(tm, scorer):
 def ood_parts(model):
     """(feature_extractor, head, bank [D, rows], scale = 1 / threshold, blanks [D, rows] or None) of a model
     `with_ood_output` built (models saved before the blanks existed have none)."""
-    scorer = model.get_layer("ood")
+    scorer = model.get_layer(OOD_LAYER)
     bank = scorer.get_layer("ood_bank").get_weights()[0]
     scale = float(scorer.get_layer("ood_distance").get_weights()[1][0])  # the bias is +1/threshold
     has_blanks = any(layer.name == "ood_blanks" for layer in scorer.layers)
