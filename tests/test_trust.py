@@ -292,3 +292,24 @@ def test_trust_can_be_turned_off(tmp_path, image_folder):
                           overrides=tiny_values(32) + ["fine_tune.epochs=0", "trust.ood=false", "trust.calibrate=false"])
     assert run.summary["trust"] == {"temperature": None, "ood": None, "seconds": 0.0}
     assert not tltool.load_predictor(run.run_dir).has_ood
+
+
+def test_blank_images_go_through_the_model_in_calls_bounded_by_pixels():
+    # Eager calls cost per call: small images go in one; large ones a few at a time (memory).
+    from types import SimpleNamespace
+
+    from tltool.engine.trust import _features_of_pixels
+
+    sizes = []
+
+    def extractor(pixels, training=False):
+        sizes.append(len(pixels))
+        return pixels.reshape(len(pixels), -1)[:, :2]
+
+    tm = SimpleNamespace(feature_extractor=extractor)
+    for side, calls in ((160, [19]), (600, [4, 4, 4, 4, 3])):
+        sizes.clear()
+        pixels = np.arange(19, dtype=np.uint8)[:, None, None, None] * np.ones((1, side, side, 3), np.uint8)
+        features = _features_of_pixels(tm, pixels)
+        assert sizes == calls
+        np.testing.assert_array_equal(features[:, 0], np.arange(19))  # every image, in order
