@@ -82,6 +82,34 @@ def test_finetune_measures_the_layer_and_builds_the_model_that_reads_it(image_fo
                                np.asarray(result.model(pixels)["probabilities"]), atol=1e-5)
 
 
+def test_the_measured_run_builds_the_backbone_once_and_its_recipe_repeats_it(image_folder, tmp_path, monkeypatch):
+    # The model reuses the network the layer measurement built (its weights are the file's): one build and one
+    # load of the weights file instead of two. The run is still the one its recipe.yaml (which names the
+    # layer, so it measures nothing and builds its network itself) repeats, epoch for epoch.
+    import csv
+
+    from tltool.models import transfer
+
+    weights = calibrated_backbone_weights(tmp_path / "backbone.weights.h5", images=image_folder, size=64)
+    builds = []
+    real_build = transfer._build_backbone
+    monkeypatch.setattr(transfer, "_build_backbone", lambda *a, **k: builds.append(a) or real_build(*a, **k))
+    first = tltool.finetune(data=image_folder, out=tmp_path / "run", verbose=0, overrides=tiny_values(64) + [
+        "head.layer=auto", "head.grid=null", "fine_tune.epochs=1", "frozen.epochs=3", "head.dropout=0.2",
+        "train.deterministic=true", f"backbone.weights={weights}"])
+    assert len(builds) == 1
+    again = tltool.finetune(first.run_dir / "recipe.yaml", out=tmp_path / "again", verbose=0)
+    assert len(builds) == 2
+
+    def history(run):
+        with open(run / "history.csv") as handle:
+            return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(handle)]
+
+    assert history(again.run_dir) == history(first.run_dir)
+    for a, b in zip(again.model.get_weights(), first.model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_a_chosen_block_and_grid_train_both_stages_and_save_a_plain_keras_model(image_folder, tmp_path):
     weights = calibrated_backbone_weights(tmp_path / "backbone.weights.h5", images=image_folder)
     messages = []

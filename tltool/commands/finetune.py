@@ -125,10 +125,12 @@ def _train_in(run_dir: Path, setup: RunSetup, resume: bool, say, verbose: int, t
     try:
         if choose_feature_layer(ctx):  # the model's shape depends on it: measured before it is built
             save_recipe(recipe, run_dir / rundir.RECIPE_FILE, ctx.decisions)
-            # The probe network drew from Keras's seeded generators: start afresh, so that the run is the one
-            # its recipe.yaml (which records the layer) repeats.
+            # Building the probe's network drew from Keras's seeded generators: start afresh, so that the run is
+            # the one its recipe.yaml (which records the layer) repeats. The model reuses that network (its
+            # weights are the file's; whatever training draws comes from the recipe's seeds).
             ctx.runtime = runtime = start_runtime(recipe, cluster)
-        tm = build_model(setup, runtime)
+        tm = build_model(setup, runtime, ctx.probe_network)
+        ctx.probe_network = None
     except TltoolError:
         if not resume:  # e.g. a weights file that does not fit: nothing trained, and a resume would fail alike
             _forget_start(run_dir)

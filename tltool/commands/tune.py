@@ -83,8 +83,9 @@ def tune(recipe=None, *, data=None, val_data=None, test_data=None, backbone=None
     if role == "single":
         ctx = TrainingContext(setup, start_runtime(base), verbose, say)
         choose_feature_layer(ctx, unfreeze=runner.deepest_blocks)
-        # Its pass over the plain images serves the search's features, and its decoded images the views'.
-        runner.probe_rows, runner.decoded = ctx.probe_rows, ctx.decoded
+        # Its pass over the plain images serves the search's features, its decoded images the views', and its
+        # network the models that extract and train on them.
+        runner.probe_rows, runner.decoded, runner.probe_network = ctx.probe_rows, ctx.decoded, ctx.probe_network
     elif base.head.mode == "pooled" and (base.head.layer == "auto" or base.head.grid is None):
         say(settle_unmeasured(base.head, "not measured in a distributed search") + ".")
     resuming, lock = _prepare_out(out, base, overwrite) if role != "worker" else (False, None)

@@ -57,6 +57,7 @@ def choose_feature_layer(ctx, unfreeze: int | None = None) -> bool:
     blocks = recipe.fine_tune.unfreeze if unfreeze is None else unfreeze
     probe = layer_probe(setup.spec, setup.weights, setup.image_size, head,
                         unfreeze=blocks if stage2_cached else None)
+    ctx.probe_network = probe.network
     if len(probe.candidates) == 1:
         head.layer, head.grid = probe.candidates[0]
         return True

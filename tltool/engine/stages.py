@@ -87,6 +87,8 @@ class TrainingContext:
     #: the training images decoded by the passes over them so far (the layer measurement's, the mirror
     #: images'), for the next passes (the augmented views); emptied once stage 1's features are computed
     decoded: DecodedImages = field(default_factory=DecodedImages)
+    #: the backbone network the layer measurement built, for the run's model (see `build_model`)
+    probe_network: object = None
     _shard: object = field(default=None, repr=False)
 
     @property
@@ -139,11 +141,17 @@ class TrainingContext:
         return split_at_cut(tm, cut)
 
 
-def build_model(setup: RunSetup, runtime: Runtime) -> TransferModel:
-    """The run's backbone with its weights and a fresh head, built under the run's strategy."""
+def build_model(setup: RunSetup, runtime: Runtime, network=None) -> TransferModel:
+    """The run's backbone with its weights and a fresh head, built under the run's strategy. `network`: the
+    backbone the layer measurement built (`TrainingContext.probe_network`), taken instead of building it
+    again where the strategy is the default one (another's variables must be made under its scope)."""
+    import tensorflow as tf
+
+    if network is not None and runtime.strategy is not tf.distribute.get_strategy():
+        network = None
     with runtime.strategy.scope():
         return build_transfer_model(setup.spec, setup.weights, len(setup.classes), setup.image_size,
-                                    setup.recipe.head, seed=setup.recipe.seed)
+                                    setup.recipe.head, seed=setup.recipe.seed, network=network)
 
 
 def stage1_features(ctx: TrainingContext, extractor) -> StageFeatures:

@@ -34,11 +34,13 @@ class TransferModel:
 
 
 def build_transfer_model(spec: BackboneSpec, weights: ResolvedWeights, num_classes: int, image_size: int,
-                         head_cfg: HeadConfig, seed: int | None = None) -> TransferModel:
+                         head_cfg: HeadConfig, seed: int | None = None, network=None) -> TransferModel:
     """Build the backbone with its weights, a fresh head for `num_classes`, and the full model.
 
     The image size is the caller's to check (`engine.setup.backbone_and_size`); a size the architecture
-    cannot take still fails here, as a BackboneError.
+    cannot take still fails here, as a BackboneError. `network`: the backbone's feature map network, built
+    with these weights and never trained (`LayerProbe.network`), used instead of building another (pooled
+    or not).
     """
     import keras
 
@@ -49,10 +51,10 @@ def build_transfer_model(spec: BackboneSpec, weights: ResolvedWeights, num_class
                             f"{image_size}. Use --image-size {spec.default_size} or head.mode: pooled.")
     if classic:
         backbone = _build_backbone(spec, weights, image_size, classic=True)
-    elif reads_top_globally(head_cfg):  # Keras's own pooled network
+    elif reads_top_globally(head_cfg) and network is None:  # Keras's own pooled network
         backbone = _build_backbone(spec, weights, image_size, pooling=head_cfg.pooling)
-    else:
-        net = _build_backbone(spec, weights, image_size)
+    else:  # pooled here: at the layer the head reads, or at the top of the network given
+        net = network if network is not None else _build_backbone(spec, weights, image_size)
         backbone = keras.Model(net.input, grid_pooling(feature_map(net, spec, head_cfg.layer), head_cfg.grid or 1,
                                                        head_cfg.pooling), name=net.name)
         backbone.trainable = False
@@ -350,6 +352,8 @@ class LayerProbe:
     cuts: dict = field(default_factory=dict)
     cut_layers: list = field(default_factory=list)
     with_cuts: object = None
+    #: the backbone network the probe reads (feature maps, never trained), for the run's model to reuse
+    network: object = None
 
 
 def layer_probe(spec: BackboneSpec, weights: ResolvedWeights, image_size: int, head_cfg: HeadConfig,
@@ -382,4 +386,4 @@ def layer_probe(spec: BackboneSpec, weights: ResolvedWeights, image_size: int, h
     blocks = {name: i + 1 for i, name in enumerate(block_ends)}
     with_cuts = keras.Model(pixels, [features, *at_cuts], name="layer_probe_and_cuts") if at_cuts else None
     return LayerProbe(keras.Model(pixels, features, name="layer_probe"), candidates, spans, blocks, cuts,
-                      cut_layers, with_cuts)
+                      cut_layers, with_cuts, net)

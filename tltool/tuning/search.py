@@ -120,6 +120,9 @@ class TrialRunner:
         #: the first extraction
         self.probe_rows = {}
         self.decoded = DecodedImages()
+        #: the backbone network the layer measurement built, for the base model's extraction and then the kept
+        #: backbone of cut trials (see `build_model`), instead of building it twice more
+        self.probe_network = None
         self._deep = None        # StageFeatures at the deepest cut; False when stage 2 trials stream images
         self._at_cut = {}        # cut -> StageFeatures with the activations at that cut
         self._kept = None        # _KeptBackbone: the backbone every cut trial trains on
@@ -191,7 +194,7 @@ class TrialRunner:
     def _with_base_model(self, compute):
         setup = self.setup_for(self.base)
         runtime = start_runtime(self.base)
-        tm = build_model(setup, runtime)
+        tm = build_model(setup, runtime, self.probe_network)
         ctx = TrainingContext(setup, runtime, self.verbose, self.log)
         ctx.probe_rows, self.probe_rows = self.probe_rows, {}
         ctx.decoded, self.decoded = self.decoded, DecodedImages()
@@ -259,7 +262,8 @@ class TrialRunner:
         variables belong to the strategy that made them."""
         kept = self._kept
         if kept is None or kept.strategy is not runtime.strategy:  # e.g. stage 2 streams: no activations
-            tm = build_model(setup, runtime)
+            tm = build_model(setup, runtime, self.probe_network)
+            self.probe_network = None
             cut, _, _ = fine_tune_cut(tm.backbone, setup.spec, self.deepest_blocks)
             self._kept = _KeptBackbone(tm, runtime.strategy, cut)
             return tm
