@@ -6,6 +6,7 @@ import contextlib
 import getpass
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -368,7 +369,7 @@ def _evaluate(model, setup: RunSetup, timings: dict, val_known=None, say=print):
     predictor, known = KerasPredictor(model, setup.classes), {}
     if val_known is not None:
         gap = known_scores_difference(predictor, setup.split.val, val_known, setup.split.skips)
-        timings["val_from_cache_gap"] = round(gap, 6)
+        timings["val_from_cache_gap"] = round(gap, 6) if math.isfinite(gap) else None  # None: a file changed
         if gap <= KNOWN_SCORES_TOLERANCE:
             known["val"] = val_known
         else:
