@@ -146,11 +146,11 @@ def _train_in(run_dir: Path, setup: RunSetup, resume: bool, say, verbose: int, t
     trust = fit_trust(ctx, tm, final)
     timings["trust_s"] = round(trust.seconds, 3)
     model = inference_model(tm, trust)
-    eval_sets, probes = _evaluate(model, setup, timings, _known_val_scores(final, tm, model), say)
+    eval_sets, probes, val_gap = _evaluate(model, setup, timings, _known_val_scores(final, tm, model), say)
     rundir.save_inference_model(model, run_dir / rundir.MODEL_FILE)
     timings["total_s"] = round(progress.elapsed_before + time.perf_counter() - t_start, 3)
     summary = run_summary(setup, eval_sets, timings, resumed=resume, trust=trust,
-                          workers=cluster.num_workers if cluster is not None else 1)
+                          workers=cluster.num_workers if cluster is not None else 1, val_from_cache_gap=val_gap)
     rundir.write_summary(run_dir, summary)
     _write_report(run_dir, eval_sets, probes, setup.classes, trust.temperature, say)
     progress.finish_run()
@@ -361,15 +361,15 @@ def _evaluate(model, setup: RunSetup, timings: dict, val_known=None, say=print):
     """The model's scores and metrics of val (and test): the summary's and the report's, from one pass of the
     image-level model over the image files. `val_known`: the validation images' scores from the features
     cached in training (KnownScores), taken instead of that pass when the model gives the same for an even
-    sample of the files."""
+    sample of the files. Returns (eval sets, probes, the largest difference found on that sample: None when
+    `val_known` was not given or a sampled file could not be read again)."""
     from tltool.evaluation.sets import KNOWN_SCORES_TOLERANCE, evaluate_run_sets, known_scores_difference
     from tltool.exporting.predictors import KerasPredictor
 
     t0 = time.perf_counter()
-    predictor, known = KerasPredictor(model, setup.classes), {}
+    predictor, known, gap = KerasPredictor(model, setup.classes), {}, None
     if val_known is not None:
         gap = known_scores_difference(predictor, setup.split.val, val_known, setup.split.skips)
-        timings["val_from_cache_gap"] = round(gap, 6) if math.isfinite(gap) else None  # None: a file changed
         if gap <= KNOWN_SCORES_TOLERANCE:
             known["val"] = val_known
         else:
@@ -378,7 +378,7 @@ def _evaluate(model, setup: RunSetup, timings: dict, val_known=None, say=print):
     result = evaluate_run_sets(predictor, {"val": setup.split.val, "test": setup.split.test}, setup.split.skips,
                                robustness=setup.recipe.trust.robustness, known=known)
     timings["evaluate_s"] = round(time.perf_counter() - t0, 3)
-    return result
+    return (*result, round(gap, 6) if gap is not None and math.isfinite(gap) else None)
 
 
 def _known_val_scores(final: FinalFeatures | None, tm, model):
@@ -397,8 +397,9 @@ def _known_val_scores(final: FinalFeatures | None, tm, model):
 
 
 def run_summary(setup: RunSetup, eval_sets, timings: dict, resumed: bool, trust: Trust | None = None,
-                workers: int = 1) -> dict:
-    """The content of summary.json: what the run trained on and how well it did."""
+                workers: int = 1, val_from_cache_gap: float | None = None) -> dict:
+    """The content of summary.json: what the run trained on and how well it did. `val_from_cache_gap`: see
+    `_evaluate`."""
     recipe, classes = setup.recipe, setup.classes
     used = setup.split.without_skipped()  # files found broken only while decoding are not counted
     scores = {s.key: s.metrics for s in eval_sets}
@@ -420,6 +421,7 @@ def run_summary(setup: RunSetup, eval_sets, timings: dict, resumed: bool, trust:
         "val_loss": score("val", "log_loss"),
         "test_accuracy": score("test", "accuracy"),
         "test_loss": score("test", "log_loss"),
+        "val_from_cache_gap": val_from_cache_gap,
         "skipped_files": setup.split.skips.as_list(),
         "trust": trust.as_dict() if trust is not None else None,
         "timings": timings,
