@@ -54,6 +54,19 @@ def test_fitted_temperature_is_the_one_the_labels_were_drawn_with():
         < negative_log_likelihood(probs, labels)
 
 
+def test_few_validation_images_hold_the_temperature_near_1():
+    # Ten images the model gets all right, 90% sure: the likelihood alone sharpens as far as it may (4x),
+    # which would make every later answer near certain. The prior keeps T within its reach of 1; on
+    # thousands of images (the test above) it changes nothing that matters.
+    probs = np.tile([[0.9, 0.1]], (10, 1))
+    labels = np.zeros(10, np.int64)
+    assert fit_temperature(probs, labels, prior_sd=None) == pytest.approx(0.25, rel=0.01)
+    held = fit_temperature(probs, labels)
+    assert 0.6 < held < 1.0
+    # More such images move it further: the prior weighs like a fixed number of images.
+    assert fit_temperature(np.tile([[0.9, 0.1]], (200, 1)), np.zeros(200, np.int64)) < held
+
+
 # ------------------------------------------------------------------------------------------ OOD score
 
 
