@@ -12,8 +12,8 @@ from PIL import Image
 import tltool
 from tltool import rundir
 from tltool.cli import main
-from tltool.engine.trust import (fit_ood, fit_temperature, fold_temperature, nearer_blank, nearest_distance,
-                                 negative_log_likelihood, softmax_with_temperature)
+from tltool.engine.trust import (TEMPERATURE_PRIOR_SD, fit_ood, fit_temperature, fit_temperatures, fold_temperature,
+                                 nearer_blank, nearest_distance, negative_log_likelihood, softmax_with_temperature)
 from tltool.errors import DataError
 from tltool.evaluation.metrics import auroc, ood_metrics
 
@@ -63,6 +63,7 @@ def test_few_validation_images_hold_the_temperature_near_1():
     assert fit_temperature(probs, labels, prior_sd=None) == pytest.approx(0.25, rel=0.01)
     held = fit_temperature(probs, labels)
     assert 0.6 < held < 1.0
+    assert fit_temperatures(probs, labels, [TEMPERATURE_PRIOR_SD, None]) == pytest.approx([held, 0.25], rel=1e-6)
     # More such images move it further: the prior weighs like a fixed number of images.
     assert fit_temperature(np.tile([[0.9, 0.1]], (200, 1)), np.zeros(200, np.int64)) < held
 

@@ -62,22 +62,45 @@ def fit_temperature(probs: np.ndarray, labels: np.ndarray, prior_sd: float | Non
     """The T maximising the posterior of softmax(logits / T) on (`probs`, `labels`) under a normal prior on
     log T centred on 0 (T = 1) with `prior_sd` (None: the likelihood alone): a grid over log T, refined.
     The prior weighs like a fixed number of images, so it matters on a few dozen and fades on thousands."""
-    def cost(log_t: float) -> float:
-        nll = negative_log_likelihood(softmax_with_temperature(probs, float(np.exp(log_t))), labels) * len(labels)
-        return nll + (0.0 if prior_sd is None else log_t ** 2 / (2 * prior_sd ** 2))
-
-    losses = [cost(v) for v in _LOG_T_GRID]
-    best = int(np.argmin(losses))
-    lo, hi = _LOG_T_GRID[max(best - 1, 0)], _LOG_T_GRID[min(best + 1, len(_LOG_T_GRID) - 1)]
-    for _ in range(30):  # golden-section search within the bracketing grid cells
-        a, b = hi - (hi - lo) / 1.618034, lo + (hi - lo) / 1.618034
-        lo, hi = (lo, b) if cost(a) < cost(b) else (a, hi)
-    return float(np.exp((lo + hi) / 2))
+    return fit_temperatures(probs, labels, [prior_sd])[0]
 
 
-def _held_by_the_prior(probs: np.ndarray, labels: np.ndarray, temperature: float) -> str:
-    """A note when the prior moved T by more than 10% from what the validation images alone would give."""
-    alone = fit_temperature(probs, labels, prior_sd=None)
+def fit_temperatures(probs: np.ndarray, labels: np.ndarray, prior_sds: list) -> list[float]:
+    """`fit_temperature` under each of `prior_sds`, the likelihood over the grid computed once for all."""
+    nll = _summed_nll(probs, labels)
+    on_grid = np.array([nll(v) for v in _LOG_T_GRID])
+    found = []
+    for sd in prior_sds:
+        def prior(log_t):  # minus the log of the prior's density, up to a constant
+            return 0.0 if sd is None else log_t ** 2 / (2 * sd ** 2)
+
+        best = int(np.argmin(on_grid + prior(_LOG_T_GRID)))
+        lo, hi = _LOG_T_GRID[max(best - 1, 0)], _LOG_T_GRID[min(best + 1, len(_LOG_T_GRID) - 1)]
+        for _ in range(30):  # golden-section search within the bracketing grid cells
+            a, b = hi - (hi - lo) / 1.618034, lo + (hi - lo) / 1.618034
+            lo, hi = (lo, b) if nll(a) + prior(a) < nll(b) + prior(b) else (a, hi)
+        found.append(float(np.exp((lo + hi) / 2)))
+    return found
+
+
+def _summed_nll(probs: np.ndarray, labels: np.ndarray):
+    """log T -> the summed negative log-likelihood of softmax(log(probs) / T), as `negative_log_likelihood`
+    of `softmax_with_temperature` computes it (each image's term at most -log 1e-12), the logs taken once."""
+    logits = np.log(np.clip(np.asarray(probs, np.float64), 1e-12, 1.0))
+    picked = logits[np.arange(len(labels)), np.asarray(labels)]
+    top = logits.max(axis=1)
+
+    def nll(log_t: float) -> float:
+        t = float(np.exp(log_t))
+        z = (logits - top[:, None]) / t
+        terms = np.log(np.exp(z).sum(axis=1)) - (picked - top) / t
+        return float(np.minimum(terms, -np.log(1e-12)).sum())
+
+    return nll
+
+
+def _held_by_the_prior(temperature: float, alone: float) -> str:
+    """A note when the prior moved T by more than 10% from `alone`, what the validation images alone give."""
     if abs(np.log(alone / temperature)) <= np.log(1.1):
         return ""
     return f"; held toward 1 by its prior, as the images are few (they alone would give {alone:.3f})"
@@ -268,12 +291,12 @@ def fit_trust(ctx, tm, final: FinalFeatures | None = None) -> Trust:
     temperature = ood = None
     if cfg.calibrate:
         probs = on_features(tm.head, val_x)
-        temperature = fit_temperature(probs, val_y)
+        temperature, alone = fit_temperatures(probs, val_y, [TEMPERATURE_PRIOR_SD, None])
         fold_temperature(tm.head, temperature)
         after = softmax_with_temperature(probs, temperature)
         say(f"Calibrated: temperature {temperature:.3f} fitted on the {len(val_y)} validation images (negative "
             f"log-likelihood {negative_log_likelihood(probs, val_y):.4f} -> "
-            f"{negative_log_likelihood(after, val_y):.4f}){_held_by_the_prior(probs, val_y, temperature)}.")
+            f"{negative_log_likelihood(after, val_y):.4f}){_held_by_the_prior(temperature, alone)}.")
     if cfg.ood:
         blank_x = _features_of_pixels(tm, blank_images(ctx.setup.image_size))
         ood = fit_ood(train_x, train_y, val_x, cfg.keep_rate, cfg.ood_bank, seed=ctx.recipe.seed,
