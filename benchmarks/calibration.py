@@ -44,7 +44,8 @@ def uncalibrated_scores(run: str, data: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def main() -> None:
-    from tltool.engine.trust import fit_temperature, negative_log_likelihood, softmax_with_temperature
+    from tltool.engine.trust import (fit_temperature, fit_temperatures, negative_log_likelihood,
+                                     softmax_with_temperature)
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run")
@@ -68,8 +69,8 @@ def main() -> None:
         for _ in range(args.draws):
             order = rng.permutation(len(labels))
             fit_on, rest = order[:size], order[size:]
-            for name, sd in fits.items():
-                t = 1.0 if sd == "none" else fit_temperature(probs[fit_on], labels[fit_on], prior_sd=sd)
+            fitted = fit_temperatures(probs[fit_on], labels[fit_on], list(fits.values())[1:])
+            for name, t in zip(fits, [1.0, *fitted]):
                 nll[name].append(negative_log_likelihood(softmax_with_temperature(probs[rest], t), labels[rest]))
         print(f"{size:>5}  " + "  ".join(f"{np.mean(v):.4f} (95%: {np.percentile(v, 95):.4f})" for v in nll.values()))
 
