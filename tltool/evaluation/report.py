@@ -243,7 +243,8 @@ def _trust_html(sets: list, ood_sets, summary: dict) -> str:
                        for s in calibrated for c in [s.metrics["calibration"]])
         out.append(f"<h3>Calibration</h3><p class='muted'>Temperature {temperature:.3f}, fitted on the validation "
                    f"images (a prior holds it near 1 when they are few) and folded into the final layer (every "
-                   f"export has it). ECE: expected calibration error, 15 bins; NLL: negative log-likelihood.</p><table><tr><th>set</th><th>ECE before</th>"
+                   f"export has it). ECE: expected calibration error, 15 bins; NLL: negative log-likelihood.</p>"
+                   f"<table><tr><th>set</th><th>ECE before</th>"
                    f"<th>ECE after</th><th>NLL before</th><th>NLL after</th></tr>{rows}</table>")
     ood = (summary.get("trust") or {}).get("ood")
     if ood:
