@@ -12,8 +12,9 @@ from PIL import Image
 import tltool
 from tltool import rundir
 from tltool.cli import main
-from tltool.engine.trust import (TEMPERATURE_PRIOR_SD, fit_ood, fit_temperature, fit_temperatures, fold_temperature,
-                                 nearer_blank, nearest_distance, negative_log_likelihood, softmax_with_temperature)
+from tltool.engine.trust import (TEMPERATURE_PRIOR_SD, _summed_nll, fit_ood, fit_temperature, fit_temperatures,
+                                 fold_temperature, nearer_blank, nearest_distance, negative_log_likelihood,
+                                 softmax_with_temperature)
 from tltool.errors import DataError
 from tltool.evaluation.metrics import auroc, ood_metrics
 
@@ -52,6 +53,20 @@ def test_fitted_temperature_is_the_one_the_labels_were_drawn_with():
     assert temperature == pytest.approx(2.0, rel=0.08)
     assert negative_log_likelihood(softmax_with_temperature(probs, temperature), labels) \
         < negative_log_likelihood(probs, labels)
+
+
+def test_the_fits_likelihood_is_the_nll_of_the_tempered_probabilities():
+    # fit_temperature computes the likelihood its own, faster way (the logs taken once); it must stay the
+    # negative log-likelihood of softmax_with_temperature, extreme probabilities (the 1e-12 floor) included.
+    rng = np.random.default_rng(1)
+    probs = softmax(rng.normal(0, 8, (300, 4)))
+    probs[0] = [1.0, 0.0, 0.0, 0.0]
+    labels = rng.integers(0, 4, 300)
+    labels[0] = 3
+    summed = _summed_nll(probs, labels)
+    for temperature in (0.25, 0.7, 1.0, 3.0, 20.0):
+        expected = negative_log_likelihood(softmax_with_temperature(probs, temperature), labels) * len(labels)
+        assert summed(np.log(temperature)) == pytest.approx(expected, rel=1e-9)
 
 
 def test_few_validation_images_hold_the_temperature_near_1():
