@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -157,8 +157,7 @@ def build_model(setup: RunSetup, runtime: Runtime, network=None) -> TransferMode
 def stage1_features(ctx: TrainingContext, extractor) -> StageFeatures:
     """Pooled features of the training images (and their augmented views) and of the validation images, from
     the on-disk cache where possible."""
-    train_x, train_y, val_x, val_y, seconds, computed, val_rows = _extract(ctx, extractor)
-    return StageFeatures(train_x, train_y, val_x, val_y, seconds, computed, val_rows=val_rows)
+    return _extract(ctx, extractor)
 
 
 def cut_features(ctx: TrainingContext, cut: CutModels) -> StageFeatures:
@@ -169,10 +168,9 @@ def cut_features(ctx: TrainingContext, cut: CutModels) -> StageFeatures:
         with ctx.runtime.strategy.scope():
             return pooled_rows(activations)
 
-    train_acts, train_y, val_acts, val_y, seconds, computed, val_rows = _extract(ctx, cut.extractor, cut.cut,
-                                                                                 pooled)
-    return StageFeatures(pooled(train_acts), train_y, pooled(val_acts), val_y, seconds, computed, train_acts,
-                         val_acts, cut.cut, val_rows)
+    acts = _extract(ctx, cut.extractor, cut.cut, pooled)
+    return replace(acts, train_x=pooled(acts.train_x), val_x=pooled(acts.val_x), train_acts=acts.train_x,
+                   val_acts=acts.val_x, cut=cut.cut)
 
 
 def weights_identity(setup: RunSetup) -> str:
@@ -184,11 +182,11 @@ def weights_identity(setup: RunSetup) -> str:
     return f"{setup.weights.fingerprint}:seed={setup.recipe.seed}"
 
 
-def _extract(ctx: TrainingContext, extractor, cut: str = "", to_features=lambda rows: rows):
-    """Rows of `extractor` for the training images [N, views, D] and the validation images [M, D], with their
-    labels, the seconds spent computing, the images computed (not read from the cache) and the validation
-    rows' images (indices into the split's val paths). `to_features`
-    turns rows into pooled features, for the measured decisions."""
+def _extract(ctx: TrainingContext, extractor, cut: str = "", to_features=lambda rows: rows) -> StageFeatures:
+    """Rows of `extractor` for the training images [N, views, D] and the validation images [M, D] (as the
+    StageFeatures' train_x and val_x), with their labels, the seconds spent computing, the images computed
+    (not read from the cache) and the validation rows' images. `to_features` turns rows into pooled
+    features, for the measured decisions."""
     recipe, setup, split = ctx.recipe, ctx.setup, ctx.split
     entry = cache_dir(recipe.train.cache_dir) / extractor_key(
         setup.spec.name, weights_identity(setup), setup.image_size, setup.spec.preprocessing, recipe.head.mode,
@@ -228,8 +226,9 @@ def _extract(ctx: TrainingContext, extractor, cut: str = "", to_features=lambda 
                 views_x = features[:, 1:] if features.shape[1] > 1 else None
                 _settle_l2(ctx, decide_l2(features[:, 0], views_x, labels, recipe.seed))
         val_x, val_rows, s2 = cached_features(extractor, cache, split.val.paths, **common)
-        return (train_x, train_y, val_x, np.asarray(split.val.labels)[val_rows],
-                spent[0] + s1.seconds + s2.seconds, spent[1] + s1.computed + s2.computed, val_rows)
+        return StageFeatures(train_x, train_y, val_x, np.asarray(split.val.labels)[val_rows],
+                             spent[0] + s1.seconds + s2.seconds, spent[1] + s1.computed + s2.computed,
+                             val_rows=val_rows)
 
 
 def _warn_if_all_alike(setup: RunSetup, rows: np.ndarray) -> None:
