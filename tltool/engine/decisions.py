@@ -108,6 +108,9 @@ class LayerDecision:
     scores: dict  # (layer, grid) -> cross-validated accuracy; empty when not measured
     blocks: dict  # layer -> its block number (1 = the first), for the log
     why_not: str = ""  # why it was not measured
+    # When the top is kept though another scored higher: (images only the top got right, images only that
+    # other got right), for the log.
+    kept_top_over: tuple[int, int] | None = None
 
     def describe(self) -> str:
         chosen = f"head.layer: {self.layer}, head.grid: {self.grid}"
@@ -118,8 +121,15 @@ class LayerDecision:
         shown = ", ".join(f"{self._name(layer)} grid {grid} {score:.3f}" for (layer, grid), score in shown)
         where = "the backbone's output" if self.layer == "top" else \
             f"the end of block {self.blocks[self.layer]} of {len(self.blocks)}"
-        return (f"{chosen} ({where}): {FOLDS}-fold accuracy on the training images, best first: {shown}"
+        text = (f"{chosen} ({where}): {FOLDS}-fold accuracy on the training images, best first: {shown}"
                 + (f" (of {len(ranked)})" if len(ranked) > 4 else ""))
+        if self.kept_top_over is not None:
+            (layer, grid), _ = ranked[0]
+            only_top, only_best = self.kept_top_over
+            text += (f"; the top is kept: {self._name(layer)} grid {grid} gets {only_best} images right that "
+                     f"the top gets wrong, and {only_top} the other way, not clearly better for the best of "
+                     f"{len(ranked) - 1}")
+        return text
 
     def _name(self, layer: str) -> str:
         return "top" if layer == "top" else f"block {self.blocks[layer]}"
@@ -138,10 +148,11 @@ def decide_layer(features: np.ndarray, spans: list, candidates: list, labels: np
     hits = {pair: cross_validated_hits(features[:, start:end], labels, folds)
             for pair, (start, end) in zip(candidates, spans)}
     scores = {pair: float(found.mean()) for pair, found in hits.items()}
-    best = max(candidates, key=lambda pair: scores[pair])
-    if not clearly_better(hits[candidates[0]], hits[best], comparisons=len(candidates) - 1):
-        best = candidates[0]
-    return LayerDecision(*best, scores, blocks)
+    top, best = candidates[0], max(candidates, key=lambda pair: scores[pair])
+    if best == top or clearly_better(hits[top], hits[best], comparisons=len(candidates) - 1):
+        return LayerDecision(*best, scores, blocks)
+    only_top, only_best = int(np.sum(hits[top] & ~hits[best])), int(np.sum(hits[best] & ~hits[top]))
+    return LayerDecision(*top, scores, blocks, kept_top_over=(only_top, only_best))
 
 
 #: The strengths of the head's L2 penalty the decision chooses among, in the units of `softmax_regression` (on
@@ -266,7 +277,8 @@ def clearly_better(hits_a: np.ndarray, hits_b: np.ndarray, comparisons: int = 1)
     23 images to 10, 2.3 sd, and then scored 3 to 5 points below the top on the held-out images.)"""
     only_a = int(np.sum(hits_a & ~hits_b))
     only_b = int(np.sum(hits_b & ~hits_a))
-    return only_b - only_a > max(TOLERANCE * len(hits_a), chance_sds(comparisons) * math.sqrt(only_a + only_b))
+    chance = chance_sds(comparisons) * math.sqrt(only_a + only_b)
+    return only_b - only_a > max(TOLERANCE * len(hits_a), chance)
 
 
 def chance_sds(comparisons: int) -> float:
