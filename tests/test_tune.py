@@ -134,9 +134,12 @@ def test_head_search_reports_resumes_and_overwrites(tmp_path, image_folder):
     assert best["val_accuracy"] == max(t["val_accuracy"] for t in summary["trials"])
     assert sum("Computing features of" in line for line in lines) == 2  # train + val, once for all trials
     assert any(line.startswith("Trial 3/3 [tuner0] val_accuracy") for line in lines)
-    assert "Best: trial" in lines[-1]
+    assert "Best: trial" in lines[-2]
     # One numbering wherever a user reads it: the terminal, trials.csv, best.yaml and summary.json.
-    assert f"Best: trial {best['trial']}," in lines[-1] and best["trial"] == int(best["trial_id"]) + 1
+    assert f"Best: trial {best['trial']}," in lines[-2] and best["trial"] == int(best["trial_id"]) + 1
+    # The best of several scores on the same images flatters the winner: the search says so.
+    assert lines[-1].startswith("As the best of 3 trials scored on the same validation images, that score "
+                                "flatters it")
     assert (out / "best.yaml").read_text().startswith(f"# Best recipe of a tltool search: trial {best['trial']}, ")
     assert "of 3 completed trial(s) of 3 planned" in (out / "best.yaml").read_text().splitlines()[0]
 
