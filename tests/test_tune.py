@@ -495,7 +495,7 @@ def test_hyperband_search_trains_its_best_early_trial_with_the_full_epochs(tmp_p
     top = max(t["val_accuracy"] for t in trials[:3])
     assert trials[3]["hyperparameters"] in [t["hyperparameters"] for t in trials[:3] if t["val_accuracy"] == top]
     assert any(line.startswith("Trial 4/4") and ", 6+0 epochs)" in line for line in lines)
-    assert "trained longest, 6+0 epochs" in lines[-1]
+    assert "trained longest, 6+0 epochs" in lines[-2]
     assert next(csv.DictReader((tmp_path / "search" / "trials.csv").open()))["epochs"] == "2+0"
 
 
