@@ -1,0 +1,91 @@
+"""Does the measured feature layer (`head.layer: auto`) pay, against always reading the backbone's top?
+
+For each seed, tltool runs with its defaults (the layer measured by 3-fold cross-validation on the training
+images); when that chose an earlier block, it runs again with `head.layer=top`, and with each `--also
+LAYER[:GRID]` given. Every run is scored on the same held-out images (--test-data, else --val-data), and
+the runs of a seed share one feature cache, so only the first extracts the plain images.
+
+    python benchmarks/layer_choice.py DATA --val-data VAL [--test-data TEST] --weights FILE --image-size 160 \
+        --seeds 1 2 3 [--also block_13_project_BN block_11_add:3]
+
+Prints each seed's choice and accuracies, then the mean accuracy of the measured choice, of the top and of
+each forced layer (runs that measured the top count for the top as well).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+from vs_guide import timed
+
+
+def run(train: Path, val: Path, test: Path, args, seed: int, out: Path, cache: Path,
+        overrides: list[str]) -> tuple[float, str, str]:
+    """(held-out accuracy, the layer the run read, the recipe's comment on how it was chosen)."""
+    cmd = [sys.executable, "-m", "tltool", "finetune", "--data", str(train), "--val-data", str(val),
+           "--weights", str(args.weights), "--image-size", str(args.image_size), "--seed", str(seed),
+           "--out", str(out), "--quiet"]
+    if test != val:
+        cmd += ["--test-data", str(test)]
+    for item in overrides:
+        cmd += ["--set", item]
+    timed(cmd, {"TLTOOL_CACHE_DIR": str(cache)})
+    summary = json.loads((out / "summary.json").read_text())
+    recipe = (out / "recipe.yaml").read_text()
+    why = next((line[len("# Measured: "):] for line in recipe.splitlines()
+                if line.startswith("# Measured: head.layer:")), "")
+    head = yaml.safe_load(recipe)["head"]
+    return summary["test_accuracy" if test != val else "val_accuracy"], f"{head['layer']}:{head['grid']}", why
+
+
+def forced(spec: str) -> list[str]:
+    """`--set` items reading LAYER[:GRID]."""
+    layer, _, grid = spec.partition(":")
+    return [f"head.layer={layer}"] + ([f"head.grid={grid}"] if grid else [])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data", type=Path, help="Training folder (one sub-folder per class).")
+    parser.add_argument("--val-data", type=Path, required=True, help="Validation folder.")
+    parser.add_argument("--test-data", type=Path, help="Held-out folder scored (default: --val-data).")
+    parser.add_argument("--weights", type=Path, required=True, help="Backbone weights file without its top.")
+    parser.add_argument("--image-size", type=int, default=160)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--also", nargs="*", default=[], metavar="LAYER[:GRID]",
+                        help="Layers to force as well on every seed, e.g. block_13_project_BN or block_11_add:3.")
+    args = parser.parse_args()
+    test = args.test_data or args.val_data
+    results: dict[str, list[float]] = {"measured": [], "top": [], **{spec: [] for spec in args.also}}
+    for seed in args.seeds:
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            cache = tmp / "cache"
+            accuracy, layer, why = run(args.data, args.val_data, test, args, seed, tmp / "auto", cache, [])
+            print(f"seed {seed}: measured {layer} -> {accuracy:.4f}\n  {why}", flush=True)
+            results["measured"].append(accuracy)
+            if layer.startswith("top:"):
+                results["top"].append(accuracy)
+            else:
+                top, _, _ = run(args.data, args.val_data, test, args, seed, tmp / "top", cache, ["head.layer=top"])
+                print(f"  top -> {top:.4f}", flush=True)
+                results["top"].append(top)
+            for i, spec in enumerate(args.also):
+                other, _, _ = run(args.data, args.val_data, test, args, seed, tmp / f"also{i}", cache, forced(spec))
+                print(f"  {spec} -> {other:.4f}", flush=True)
+                results[spec].append(other)
+    print(f"\nheld-out: {test}, {len(args.seeds)} seed(s), mean ± sd")
+    for name, values in results.items():
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        print(f"  {name:>28}: {statistics.mean(values):.4f} ± {spread:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
