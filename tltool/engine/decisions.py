@@ -273,8 +273,8 @@ def clearly_better(hits_a: np.ndarray, hits_b: np.ndarray, comparisons: int = 1)
 
     `comparisons`: how many alternatives b is the best of. The best of several beats a by chance more often
     than one does, so the bar is raised to keep the same chance of a wrong switch (Bonferroni): 2.8 standard
-    deviations for the best of 9. (Measured on 300 flower photos: the best of 9 earlier layers beat the top by
-    23 images to 10, 2.3 sd, and then scored 3 to 5 points below the top on the held-out images.)"""
+    deviations for the best of 9. (Measured on 300 flower photos: the best of 9 earlier candidates beat the
+    top by 23 images to 10, 2.3 sd, and then scored 3 to 5 points below the top on held-out images.)"""
     only_a = int(np.sum(hits_a & ~hits_b))
     only_b = int(np.sum(hits_b & ~hits_a))
     chance = chance_sds(comparisons) * math.sqrt(only_a + only_b)
