@@ -65,7 +65,7 @@ def test_the_best_of_many_layers_must_beat_the_top_by_more_than_one_alternative_
     """The best of 9 earlier layers beats the top by chance more often than one layer does: the margin that
     switches from the top to a single alternative (23 images right that the top gets wrong, against 10 the
     other way, of 300: 2.3 sd) does not switch to the best of 9, as measured on flower photos, where that
-    best then scored 3 to 5 points below the top on held-out images."""
+    best then scored below the top on held-out images (0.833 against 0.860)."""
     import tltool.engine.decisions as decisions
 
     top = np.zeros(300, bool)
@@ -83,15 +83,15 @@ def test_the_best_of_many_layers_must_beat_the_top_by_more_than_one_alternative_
         hits = iter([top, best] + [weaker] * (alternatives - 1))
         monkeypatch.setattr(decisions, "cross_validated_hits", lambda *args, **kwargs: next(hits))
         spans = [(i, i + 1) for i in range(len(candidates))]
-        blocks = {name: 9 for name, _ in candidates[1:]}
+        blocks = {"block_8_add": 9, **{name: i + 1 for i, (name, _) in enumerate(others)}}
         features = np.zeros((300, len(candidates)))
         return decide_layer(features, spans, candidates, labels, seed=0, blocks=blocks)
 
     assert run(alternatives=1).layer == "block_8_add"
     kept = run(alternatives=9)
     assert kept.layer == "top"
-    assert kept.describe().endswith("; the top is kept: block 9 grid 1 gets 23 images right that the top "
-                                    "gets wrong, and 10 the other way, not clearly better for the best of 9")
+    assert kept.describe().endswith("; top grid 1 is kept: block 9 grid 1 gets 23 images right that it gets "
+                                    "wrong, and 10 the other way, not clearly better for the best of 9")
 
 
 def test_finetune_measures_the_layer_and_builds_the_model_that_reads_it(image_folder, tmp_path):

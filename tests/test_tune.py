@@ -140,6 +140,7 @@ def test_head_search_reports_resumes_and_overwrites(tmp_path, image_folder):
     # The best of several scores on the same images flatters the winner: the search says so.
     assert lines[-1].startswith("As the best of 3 trials scored on the same validation images, that score "
                                 "flatters it")
+    assert lines[-1].endswith("(tltool evaluate RUN --data TEST_FOLDER).")  # the command as the CLI takes it
     assert (out / "best.yaml").read_text().startswith(f"# Best recipe of a tltool search: trial {best['trial']}, ")
     assert "of 3 completed trial(s) of 3 planned" in (out / "best.yaml").read_text().splitlines()[0]
 

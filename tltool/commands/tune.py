@@ -273,5 +273,5 @@ def _search(tuner, out: Path, base: Recipe, space: SearchSpace, role: str, resum
                  if trial["status"] == "completed" and trial.get(name) is not None)
     if scored > 1:  # the largest of several noisy scores is likely above the chosen trial's true one
         say(f"As the best of {scored} trials scored on the same validation images, that score flatters it: "
-            f"judge the trained run on images no trial saw (tltool evaluate RUN TEST_FOLDER).")
+            f"judge the trained run on images no trial saw (tltool evaluate RUN --data TEST_FOLDER).")
     return TuneResult(out, summary, load_recipe(out / BEST_FILE))
