@@ -16,33 +16,27 @@ each forced layer (a run that measured the top at grid 1 counts for the top as w
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 import yaml
-from vs_guide import timed
+from vs_guide import add_run_arguments, held_out_accuracy, spread, timed, tltool_command
 
 
 def run(train: Path, val: Path, test: Path, args, seed: int, out: Path, cache: Path,
         overrides: list[str]) -> tuple[float, str, str]:
     """(held-out accuracy, the layer the run read, the recipe's comment on how it was chosen)."""
-    cmd = [sys.executable, "-m", "tltool", "finetune", "--data", str(train), "--val-data", str(val),
-           "--weights", str(args.weights), "--image-size", str(args.image_size), "--seed", str(seed),
-           "--out", str(out), "--quiet"]
-    if test != val:
-        cmd += ["--test-data", str(test)]
+    cmd = tltool_command(train, val, test, args, seed, out)
     for item in overrides:
         cmd += ["--set", item]
     timed(cmd, {"TLTOOL_CACHE_DIR": str(cache)})
-    summary = json.loads((out / "summary.json").read_text())
     recipe = (out / "recipe.yaml").read_text()
     why = next((line[len("# Measured: "):] for line in recipe.splitlines()
                 if line.startswith("# Measured: head.layer:")), "")
     head = yaml.safe_load(recipe)["head"]
-    return summary["test_accuracy" if test != val else "val_accuracy"], f"{head['layer']}:{head['grid']}", why
+    return held_out_accuracy(out, val, test), f"{head['layer']}:{head['grid']}", why
 
 
 def forced(spec: str) -> list[str]:
@@ -54,12 +48,7 @@ def forced(spec: str) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("data", type=Path, help="Training folder (one sub-folder per class).")
-    parser.add_argument("--val-data", type=Path, required=True, help="Validation folder.")
-    parser.add_argument("--test-data", type=Path, help="Held-out folder scored (default: --val-data).")
-    parser.add_argument("--weights", type=Path, required=True, help="Backbone weights file without its top.")
-    parser.add_argument("--image-size", type=int, default=160)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    add_run_arguments(parser)
     parser.add_argument("--also", nargs="*", default=[], metavar="LAYER[:GRID]",
                         help="Layers to force as well on every seed, e.g. block_13_project_BN or "
                              "block_11_add:3.")
@@ -88,8 +77,7 @@ def main() -> int:
                 results[f"forced {spec}"].append(other)
     print(f"\nheld-out: {test}, {len(args.seeds)} seed(s), mean ± sd")
     for name, values in results.items():
-        spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        print(f"  {name:>28}: {statistics.mean(values):.4f} ± {spread:.4f}")
+        print(f"  {name:>28}: {statistics.mean(values):.4f} ± {spread(values):.4f}")
     return 0
 
 

@@ -128,16 +128,35 @@ def run_guide(train: Path, val: Path, test: Path, args, seed: int) -> tuple[floa
     return printed["accuracy"], seconds
 
 
-def run_tltool(train: Path, val: Path, test: Path, args, seed: int, out: Path) -> tuple[float, float]:
+def tltool_command(train: Path, val: Path, test: Path, args, seed: int, out: Path) -> list[str]:
+    """`tltool finetune` with no recipe: the data, the weights file, the image size and the seed."""
     cmd = [sys.executable, "-m", "tltool", "finetune", "--data", str(train), "--val-data", str(val),
            "--weights", str(args.weights), "--image-size", str(args.image_size), "--seed", str(seed),
            "--out", str(out), "--quiet"]
-    if test != val:
-        cmd += ["--test-data", str(test)]
-    # A feature cache of its own: the time of a first run, as a new user's (no features from another seed).
-    seconds, _ = timed(cmd + list(args.tltool_args), {"TLTOOL_CACHE_DIR": str(out) + "-cache"})
+    return cmd + (["--test-data", str(test)] if test != val else [])
+
+
+def held_out_accuracy(out: Path, val: Path, test: Path) -> float:
+    """The accuracy a tltool run in `out` reported on the held-out images (its test set, else validation)."""
     summary = json.loads((out / "summary.json").read_text())
-    return summary["test_accuracy" if test != val else "val_accuracy"], seconds
+    return summary["test_accuracy" if test != val else "val_accuracy"]
+
+
+def run_tltool(train: Path, val: Path, test: Path, args, seed: int, out: Path) -> tuple[float, float]:
+    cmd = tltool_command(train, val, test, args, seed, out) + list(args.tltool_args)
+    # A feature cache of its own: the time of a first run, as a new user's (no features from another seed).
+    seconds, _ = timed(cmd, {"TLTOOL_CACHE_DIR": str(out) + "-cache"})
+    return held_out_accuracy(out, val, test), seconds
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The data, weights, image size and seeds: the arguments of every benchmark that runs tltool."""
+    parser.add_argument("data", type=Path, help="Training folder (one sub-folder per class).")
+    parser.add_argument("--val-data", type=Path, required=True, help="Validation folder (every run validates on it).")
+    parser.add_argument("--test-data", type=Path, help="Held-out folder every run is scored on (default: --val-data).")
+    parser.add_argument("--weights", type=Path, required=True, help="MobileNetV2 weights file without its top.")
+    parser.add_argument("--image-size", type=int, default=160)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
 
 
 def main() -> int:
@@ -145,12 +164,7 @@ def main() -> int:
         guide_main(sys.argv[2:])
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("data", type=Path, help="Training folder (one sub-folder per class).")
-    parser.add_argument("--val-data", type=Path, required=True, help="Validation folder (both tools validate on it).")
-    parser.add_argument("--test-data", type=Path, help="Held-out folder scored for both (default: --val-data).")
-    parser.add_argument("--weights", type=Path, required=True, help="MobileNetV2 weights file without its top.")
-    parser.add_argument("--image-size", type=int, default=160)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    add_run_arguments(parser)
     parser.add_argument("--per-class", type=int, nargs="+", default=[20, 50, 0], help="0 = all images.")
     parser.add_argument("--epochs", type=int, default=10, help="The guide's frozen epochs.")
     parser.add_argument("--fine-tune-epochs", type=int, default=5, help="The guide's fine-tuning epochs.")
@@ -175,12 +189,13 @@ def main() -> int:
         mine = [r for r in rows if r[0] == per_class]
         g, t = [r[2] for r in mine], [r[3] for r in mine]
         ratio = statistics.mean(r[5] / r[4] for r in mine)
-        print(f"{per_class or 'all':>9} {statistics.mean(g):10.4f} ± {_sd(g):.4f} {statistics.mean(t):10.4f} ± "
-              f"{_sd(t):.4f} {ratio:10.3f}")
+        print(f"{per_class or 'all':>9} {statistics.mean(g):10.4f} ± {spread(g):.4f} {statistics.mean(t):10.4f} ± "
+              f"{spread(t):.4f} {ratio:10.3f}")
     return 0
 
 
-def _sd(values: list[float]) -> float:
+def spread(values: list[float]) -> float:
+    """The standard deviation over seeds (0 for one seed)."""
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
