@@ -192,7 +192,8 @@ def _searches_with_a_shared_and_with_own_backbones(tmp_path, image_folder, monke
     monkeypatch.setattr(transfer, "_build_backbone", lambda *a, **k: built.append(1) or build(*a, **k))
     # Stage 2 always kept, at a learning rate that moves the backbone: a trial that started from the weights
     # an earlier trial left would score differently.
-    monkeypatch.setattr(stages, "_keep_stage2_only_if_better", lambda *a, **k: None)
+    monkeypatch.setattr(stages, "_keep_stage2_only_if_better",
+                        lambda ctx, tm, after_stage1, stage1_kept, stage2_kept: stage2_kept)
     trials = 1
     for entry in space.values():
         trials *= len(entry["choice"])
@@ -216,6 +217,38 @@ def _searches_with_a_shared_and_with_own_backbones(tmp_path, image_folder, monke
     monkeypatch.setattr(search_module, "start_runtime", _fresh_runtime)
     own, own_builds, _ = search(tmp_path / "own", [])
     return (shared, shared_builds), (own, own_builds), summary, lines
+
+
+def test_a_trial_is_scored_with_the_weights_it_kept(tmp_path, image_folder, monkeypatch):
+    """A trial's val_accuracy and val_loss are read from the validation pass of the epoch whose weights it
+    kept: they must be the trained model's own on the validation rows, whether stage 2's best epoch stayed
+    or the trial went back to stage 1's model (the large learning rate spoils stage 2)."""
+    from tltool.evaluation.metrics import accuracy, log_loss
+    from tltool.tuning.search import TrialRunner
+
+    checked = []
+    train = TrialRunner.train
+
+    def checking(self, trial):
+        scores = train(self, trial)
+        probs, labels = TrialRunner._val_probabilities(trial), trial.features.val_y
+        checked.append((scores, log_loss(labels, probs), accuracy(labels, probs), trial.ctx.kept_epoch["stage"]))
+        return scores
+
+    monkeypatch.setattr(TrialRunner, "train", checking)
+    monkeypatch.setenv("TLTOOL_CACHE_DIR", str(tmp_path / "cache"))
+    weights = calibrated_backbone_weights(tmp_path / "backbone.weights.h5", images=image_folder)
+    space = {"fine_tune.learning_rate": {"choice": [1e-4, 3.0]}, "train.label_smoothing": {"choice": [0.0, 0.2]}}
+    overrides = TINY + [f"backbone.weights={weights}", "head.layer=top", "head.grid=1", "frozen.epochs=4",
+                        "frozen.early_stopping=1", "fine_tune.epochs=2", "fine_tune.early_stopping=1",
+                        "fine_tune.unfreeze=1"]
+    summary = tltool.tune(_recipe_file(tmp_path, space, algorithm="grid"), data=image_folder, out=tmp_path / "s",
+                          verbose=0, max_trials=4, overrides=overrides).summary
+    assert summary["trials_completed"] == 4 and all(t["cached_activations"] for t in summary["trials"])
+    for scores, loss, acc, _ in checked:
+        assert scores["val_loss"] == pytest.approx(loss, rel=1e-4)
+        assert scores["val_accuracy"] == pytest.approx(acc, abs=1e-6)
+    assert {stage for *_, stage in checked} == {1, 2}
 
 
 def test_stage2_trials_share_one_activation_cache_and_one_backbone(tmp_path, image_folder, monkeypatch):

@@ -81,6 +81,9 @@ class TrainingContext:
     decisions: list = field(default_factory=list)
     #: the cached features (and activations) the stages trained on, for what is fitted after training
     features: "StageFeatures | None" = None
+    #: the history row (epoch, loss, val_loss, val_accuracy, ...) of the epoch whose weights the model ended
+    #: training with; None when no epoch was validated
+    kept_epoch: dict | None = None
     #: rows of the plain training images the layer measurement computed, for stage 1 (see feature_layer.py):
     #: "pooled" or a stage-2 cut -> (the images' cache keys, rows)
     probe_rows: dict = field(default_factory=dict)
@@ -480,6 +483,7 @@ def train_stages(ctx: TrainingContext, tm, features: StageFeatures | None = None
             stage1_history = run_stage1(ctx, tm, features, history_path, backup(1), callbacks(1))
         finish(1, t0)
         _say_how_the_stage_ended(ctx, 1, stage1_history, history_path, recipe.frozen)
+    kept = _kept_epoch(1, stage1_history, history_path, recipe.frozen)
     if stage2_due:
         t0 = start(2)
         if cut is not None and (features is None or features.train_acts is None):  # resumed after stage 1
@@ -489,11 +493,12 @@ def train_stages(ctx: TrainingContext, tm, features: StageFeatures | None = None
         with ctx.runtime.strategy.scope():
             fitted = run_stage2(ctx, tm, cut, features, history_path, backup(2), callbacks(2))
         _say_how_the_stage_ended(ctx, 2, fitted, history_path, recipe.fine_tune)
-        _keep_stage2_only_if_better(ctx, tm, after_stage1, stage1_history, fitted, history_path)
+        kept = _keep_stage2_only_if_better(ctx, tm, after_stage1, kept,
+                                           _kept_epoch(2, fitted, history_path, recipe.fine_tune))
         finish(2, t0)
     if ctx.cluster is not None:  # a resumed run that had finished training: the chief loaded its weights
         ctx.cluster.sync_variables(tm.model.variables)
-    ctx.features = features
+    ctx.features, ctx.kept_epoch = features, kept
     return timings
 
 
@@ -505,35 +510,44 @@ def _stage_rows(stage: int, fitted, history_path: Path | None) -> list[dict]:
     return [{"epoch": i + 1, **{k: v[i] for k, v in history.items()}} for i in range(len(history.get("loss", [])))]
 
 
+def _validated_rows(stage: int, fitted, history_path) -> list[dict]:
+    return [r for r in _stage_rows(stage, fitted, history_path) if r.get("val_loss") is not None]
+
+
+def _kept_epoch(stage: int, fitted, history_path, config) -> dict | None:
+    """The row of the epoch whose weights the model ends the stage with: early stopping restores the best
+    epoch's at the end of the fit (the first with the lowest validation loss); without it the last epoch's
+    stay. None when the stage validated no epoch."""
+    rows = _validated_rows(stage, fitted, history_path)
+    if not rows:
+        return None
+    return {**(min(rows, key=lambda r: r["val_loss"]) if config.early_stopping > 0 else rows[-1]), "stage": stage}
+
+
 def _say_how_the_stage_ended(ctx: TrainingContext, stage: int, fitted, history_path, config) -> None:
-    """One line after the epoch bars: how many epochs ran, and which epoch's weights the model keeps (early
-    stopping restores the best epoch's at the end of the fit; without it the last epoch's stay)."""
-    rows = [r for r in _stage_rows(stage, fitted, history_path) if r.get("val_loss") is not None]
-    if not ctx.verbose or not rows:
+    """One line after the epoch bars: how many epochs ran, and which epoch's weights the model keeps."""
+    kept = _kept_epoch(stage, fitted, history_path, config)
+    if not ctx.verbose or kept is None:
         return
-    kept = min(rows, key=lambda r: r["val_loss"]) if config.early_stopping > 0 else rows[-1]
-    stopped = " (early stopping: the validation loss stopped improving)" if len(rows) < config.epochs else ""
-    ctx.log(f"Stage {stage} ran {len(rows)} of {config.epochs} epochs{stopped}; keeping epoch {kept['epoch']}: "
+    ran = len(_validated_rows(stage, fitted, history_path))
+    stopped = " (early stopping: the validation loss stopped improving)" if ran < config.epochs else ""
+    ctx.log(f"Stage {stage} ran {ran} of {config.epochs} epochs{stopped}; keeping epoch {kept['epoch']}: "
             f"val_loss {kept['val_loss']:.4f}, val_accuracy {kept.get('val_accuracy', float('nan')):.4f}.")
 
 
-def _best_val_loss(stage: int, fitted, history_path: Path | None) -> float | None:
-    """The validation loss the model ended a stage with (early stopping restores the best epoch's weights):
-    from the stage's epochs (see _stage_rows)."""
-    losses = [r["val_loss"] for r in _stage_rows(stage, fitted, history_path) if r.get("val_loss") is not None]
-    return min(losses) if losses else None
-
-
-def _keep_stage2_only_if_better(ctx: TrainingContext, tm, after_stage1: list, stage1_fit, stage2_fit,
-                                history_path: Path | None) -> None:
-    """Go back to the stage-1 model when fine-tuning made the validation loss worse (small datasets often do)."""
-    before = _best_val_loss(1, stage1_fit, history_path)
-    after = _best_val_loss(2, stage2_fit, history_path)
+def _keep_stage2_only_if_better(ctx: TrainingContext, tm, after_stage1: list, stage1_kept: dict | None,
+                                stage2_kept: dict | None) -> dict | None:
+    """Go back to the stage-1 model when fine-tuning made the validation loss worse (small datasets often do).
+    Returns the kept epoch's row of the stage whose model stays."""
+    before = stage1_kept["val_loss"] if stage1_kept else None
+    after = stage2_kept["val_loss"] if stage2_kept else None
     if _the_chiefs(ctx, before is not None and after is not None and after > before):
         tm.model.set_weights(after_stage1)
         if ctx.verbose and before is not None and after is not None:
             ctx.log(f"Stage 2 did not improve the validation loss ({after:.4f} against {before:.4f} after stage 1): "
                     f"keeping the stage-1 model.")
+        return stage1_kept
+    return stage2_kept or stage1_kept
 
 
 def _tensorboard(run_dir: Path, stage: int) -> list:

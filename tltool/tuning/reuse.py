@@ -32,6 +32,10 @@ from tltool.engine.stages import TrainingContext
 from tltool.models.transfer import TransferModel, build_head, with_new_head
 
 
+#: The name of the kept models' metric of the log loss without label smoothing (`val_log_loss` in a fit's logs).
+LOG_LOSS = "log_loss"
+
+
 class RateDropout(keras.layers.Layer):
     """`keras.layers.Dropout` with its rate in a variable: trials set it without a new trace.
 
@@ -169,7 +173,10 @@ class KeptModels:
             compile_model(model, optimizer, learning_rate, label_smoothing, jit_compile)
             return
         loss = SmoothedCrossentropy(label_smoothing)
-        model.compile(optimizer=make_optimizer(optimizer, learning_rate), loss=loss, metrics=["accuracy"],
+        # The log loss without smoothing as a metric too: a trial's score is its kept epoch's validation pass
+        # (see TrialRunner.train), and its loss must not depend on the trial's smoothing.
+        model.compile(optimizer=make_optimizer(optimizer, learning_rate), loss=loss,
+                      metrics=["accuracy", keras.metrics.CategoricalCrossentropy(name=LOG_LOSS)],
                       jit_compile=jit_compile)
         # Built now (as `fit` would build it, for the variables that train), so that its fresh state can be
         # kept: zeros for most optimizers, not all (a mixed-precision loss scale starts at 2 ** 15).

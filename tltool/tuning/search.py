@@ -38,7 +38,7 @@ from tltool.models.backbones import FALLBACK_WARNING
 from tltool.models.transfer import TransferModel, fine_tune_cut, layers_above
 from tltool.recipe import Recipe
 from tltool.tuning.distributed import guard_worker, serve_oracle
-from tltool.tuning.reuse import KeptModels, ReusingContext
+from tltool.tuning.reuse import LOG_LOSS, KeptModels, ReusingContext
 from tltool.tuning.reports import fmt_epochs, fmt_value, last_line, trial_number
 from tltool.tuning.space import BUDGET_KEY, HEAD_KEYS, SearchSpace, stripped_recipe, trial_budget, trial_recipe
 
@@ -280,7 +280,12 @@ class TrialRunner:
         if watch.epoch is not None:
             raise kt.errors.FailedTrialError(f"The loss became NaN in epoch {watch.epoch + 1}: the learning rate "
                                              f"is probably too high.")
-        if trial.features is not None:
+        kept = trial.ctx.kept_epoch or {}
+        if trial.features is not None and f"val_{LOG_LOSS}" in kept:
+            # The kept epoch's own validation pass: the model holds that epoch's weights, and scoring the
+            # validation rows again cost 3.8 s of an 80 s default search.
+            val_loss, val_acc = kept[f"val_{LOG_LOSS}"], kept["val_accuracy"]
+        elif trial.features is not None:
             probs = self._val_probabilities(trial)
             val_loss, val_acc = log_loss(trial.features.val_y, probs), accuracy(trial.features.val_y, probs)
         else:
