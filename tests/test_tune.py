@@ -232,8 +232,12 @@ def test_a_trial_is_scored_with_the_weights_it_kept(tmp_path, image_folder, monk
     def checking(self, trial):
         scores = train(self, trial)
         probs, labels = TrialRunner._val_probabilities(trial), trial.features.val_y
-        checked.append((scores, log_loss(labels, probs), accuracy(labels, probs), trial.ctx.kept_epoch["stage"]))
+        kept = trial.ctx.kept_epoch
+        checked.append((scores, log_loss(labels, probs), accuracy(labels, probs), kept["stage"]))
+        from_fit.append("val_log_loss" in kept)
         return scores
+
+    from_fit = []
 
     monkeypatch.setattr(TrialRunner, "train", checking)
     monkeypatch.setenv("TLTOOL_CACHE_DIR", str(tmp_path / "cache"))
@@ -249,6 +253,26 @@ def test_a_trial_is_scored_with_the_weights_it_kept(tmp_path, image_folder, monk
         assert scores["val_loss"] == pytest.approx(loss, rel=1e-4)
         assert scores["val_accuracy"] == pytest.approx(acc, abs=1e-6)
     assert {stage for *_, stage in checked} == {1, 2}
+    assert all(from_fit)  # scored from the fit's own validation pass (kept models log the log loss)
+
+
+def test_a_kept_model_s_log_loss_metric_is_tltool_s_clipped_log_loss():
+    """On a softmax output, Keras's categorical cross-entropy is computed from the logits, unclipped: one
+    confidently wrong image would make a trial's val_loss unbounded. The kept models' metric is log_loss's."""
+    import keras
+    import numpy as np
+
+    from tltool.evaluation.metrics import log_loss
+    from tltool.tuning.reuse import LOG_LOSS, log_loss_metric
+
+    inputs = keras.Input((2,))
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax", kernel_initializer="identity")(inputs))
+    model.compile(loss="categorical_crossentropy", metrics=[log_loss_metric()])
+    x = np.array([[0.0, 1.0], [0.0, 200.0], [2.0, 0.0]], np.float32)  # the second: p(class 0) underflows to 0
+    labels = np.array([1, 0, 0])
+    scores = model.evaluate(x, keras.utils.to_categorical(labels, 2), batch_size=2, return_dict=True, verbose=0)
+    assert scores["loss"] > 60  # Keras's own, from the logits: the second image alone adds 200 / 3
+    assert scores[LOG_LOSS] == pytest.approx(log_loss(labels, model.predict(x, verbose=0)), rel=1e-6)
 
 
 def test_stage2_trials_share_one_activation_cache_and_one_backbone(tmp_path, image_folder, monkeypatch):

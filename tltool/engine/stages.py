@@ -81,8 +81,8 @@ class TrainingContext:
     decisions: list = field(default_factory=list)
     #: the cached features (and activations) the stages trained on, for what is fitted after training
     features: "StageFeatures | None" = None
-    #: the history row (epoch, loss, val_loss, val_accuracy, ...) of the epoch whose weights the model ended
-    #: training with; None when no epoch was validated
+    #: the history row (stage, epoch, loss, val_loss, val_accuracy, ...) of the epoch whose weights the model
+    #: ended training with; None when no epoch was validated
     kept_epoch: dict | None = None
     #: rows of the plain training images the layer measurement computed, for stage 1 (see feature_layer.py):
     #: "pooled" or a stage-2 cut -> (the images' cache keys, rows)
@@ -484,6 +484,8 @@ def train_stages(ctx: TrainingContext, tm, features: StageFeatures | None = None
         finish(1, t0)
         _say_how_the_stage_ended(ctx, 1, stage1_history, history_path, recipe.frozen)
     kept = _kept_epoch(1, stage1_history, history_path, recipe.frozen)
+    if recipe.fine_tune.epochs > 0 and not stage2_due:  # done by an earlier attempt, which did not record
+        kept = None                                     # whether its stage-2 model stayed
     if stage2_due:
         t0 = start(2)
         if cut is not None and (features is None or features.train_acts is None):  # resumed after stage 1
@@ -526,8 +528,8 @@ def _kept_epoch(stage: int, fitted, history_path, config) -> dict | None:
 
 def _say_how_the_stage_ended(ctx: TrainingContext, stage: int, fitted, history_path, config) -> None:
     """One line after the epoch bars: how many epochs ran, and which epoch's weights the model keeps."""
-    kept = _kept_epoch(stage, fitted, history_path, config)
-    if not ctx.verbose or kept is None:
+    kept = _kept_epoch(stage, fitted, history_path, config) if ctx.verbose else None
+    if kept is None:
         return
     ran = len(_validated_rows(stage, fitted, history_path))
     stopped = " (early stopping: the validation loss stopped improving)" if ran < config.epochs else ""
@@ -538,7 +540,8 @@ def _say_how_the_stage_ended(ctx: TrainingContext, stage: int, fitted, history_p
 def _keep_stage2_only_if_better(ctx: TrainingContext, tm, after_stage1: list, stage1_kept: dict | None,
                                 stage2_kept: dict | None) -> dict | None:
     """Go back to the stage-1 model when fine-tuning made the validation loss worse (small datasets often do).
-    Returns the kept epoch's row of the stage whose model stays."""
+    Returns the kept epoch's row of the stage whose model stays (None when stage 2 trained but validated no
+    epoch)."""
     before = stage1_kept["val_loss"] if stage1_kept else None
     after = stage2_kept["val_loss"] if stage2_kept else None
     if _the_chiefs(ctx, before is not None and after is not None and after > before):
@@ -547,7 +550,7 @@ def _keep_stage2_only_if_better(ctx: TrainingContext, tm, after_stage1: list, st
             ctx.log(f"Stage 2 did not improve the validation loss ({after:.4f} against {before:.4f} after stage 1): "
                     f"keeping the stage-1 model.")
         return stage1_kept
-    return stage2_kept or stage1_kept
+    return stage2_kept
 
 
 def _tensorboard(run_dir: Path, stage: int) -> list:

@@ -36,6 +36,19 @@ from tltool.models.transfer import TransferModel, build_head, with_new_head
 LOG_LOSS = "log_loss"
 
 
+def clipped_log_loss(y_true, y_pred):
+    """Each image's -log(probability of its true class), the probability clipped to [1e-7, 1] as in
+    `tltool.evaluation.metrics.log_loss`. Not Keras's categorical cross-entropy: on a softmax output Keras
+    computes that from the logits, unclipped (one confidently wrong image can add 1000s)."""
+    ops = keras.ops
+    true_probability = ops.sum(ops.cast(y_true, y_pred.dtype) * y_pred, axis=-1)
+    return -ops.log(ops.clip(true_probability, 1e-7, 1.0))
+
+
+def log_loss_metric():
+    return keras.metrics.MeanMetricWrapper(clipped_log_loss, name=LOG_LOSS)
+
+
 class RateDropout(keras.layers.Layer):
     """`keras.layers.Dropout` with its rate in a variable: trials set it without a new trace.
 
@@ -176,7 +189,7 @@ class KeptModels:
         # The log loss without smoothing as a metric too: a trial's score is its kept epoch's validation pass
         # (see TrialRunner.train), and its loss must not depend on the trial's smoothing.
         model.compile(optimizer=make_optimizer(optimizer, learning_rate), loss=loss,
-                      metrics=["accuracy", keras.metrics.CategoricalCrossentropy(name=LOG_LOSS)],
+                      metrics=["accuracy", log_loss_metric()],
                       jit_compile=jit_compile)
         # Built now (as `fit` would build it, for the variables that train), so that its fresh state can be
         # kept: zeros for most optimizers, not all (a mixed-precision loss scale starts at 2 ** 15).
