@@ -473,7 +473,8 @@ def train_stages(ctx: TrainingContext, tm, features: StageFeatures | None = None
         cut = activation_cut(ctx, tm)
     elif stage2_due and features.train_acts is not None:
         cut = ctx.cut_models(tm, features.cut)
-    if recipe.frozen.epochs > 0 and not (progress and progress.done(1)):
+    stage1_due = recipe.frozen.epochs > 0 and not (progress and progress.done(1))
+    if stage1_due:
         if ctx.verbose:
             ctx.log(f"Stage 1: frozen backbone, training the head for up to {recipe.frozen.epochs} epochs.")
         t0 = start(1)
@@ -482,8 +483,9 @@ def train_stages(ctx: TrainingContext, tm, features: StageFeatures | None = None
                 features = extract()
             stage1_history = run_stage1(ctx, tm, features, history_path, backup(1), callbacks(1))
         finish(1, t0)
-        _say_how_the_stage_ended(ctx, 1, stage1_history, history_path, recipe.frozen)
-    kept = _kept_epoch(1, stage1_history, history_path, recipe.frozen)
+    ran, kept = _stage_outcome(1, stage1_history, history_path, recipe.frozen)
+    if stage1_due:
+        _say_how_the_stage_ended(ctx, 1, ran, kept, recipe.frozen)
     if recipe.fine_tune.epochs > 0 and not stage2_due:  # done by an earlier attempt, which did not record
         kept = None                                     # whether its stage-2 model stayed
     if stage2_due:
@@ -494,9 +496,9 @@ def train_stages(ctx: TrainingContext, tm, features: StageFeatures | None = None
         after_stage1 = tm.model.get_weights()
         with ctx.runtime.strategy.scope():
             fitted = run_stage2(ctx, tm, cut, features, history_path, backup(2), callbacks(2))
-        _say_how_the_stage_ended(ctx, 2, fitted, history_path, recipe.fine_tune)
-        kept = _keep_stage2_only_if_better(ctx, tm, after_stage1, kept,
-                                           _kept_epoch(2, fitted, history_path, recipe.fine_tune))
+        ran, stage2_kept = _stage_outcome(2, fitted, history_path, recipe.fine_tune)
+        _say_how_the_stage_ended(ctx, 2, ran, stage2_kept, recipe.fine_tune)
+        kept = _keep_stage2_only_if_better(ctx, tm, after_stage1, kept, stage2_kept)
         finish(2, t0)
     if ctx.cluster is not None:  # a resumed run that had finished training: the chief loaded its weights
         ctx.cluster.sync_variables(tm.model.variables)
@@ -512,26 +514,21 @@ def _stage_rows(stage: int, fitted, history_path: Path | None) -> list[dict]:
     return [{"epoch": i + 1, **{k: v[i] for k, v in history.items()}} for i in range(len(history.get("loss", [])))]
 
 
-def _validated_rows(stage: int, fitted, history_path) -> list[dict]:
-    return [r for r in _stage_rows(stage, fitted, history_path) if r.get("val_loss") is not None]
-
-
-def _kept_epoch(stage: int, fitted, history_path, config) -> dict | None:
-    """The row of the epoch whose weights the model ends the stage with: early stopping restores the best
-    epoch's at the end of the fit (the first with the lowest validation loss); without it the last epoch's
-    stay. None when the stage validated no epoch."""
-    rows = _validated_rows(stage, fitted, history_path)
+def _stage_outcome(stage: int, fitted, history_path, config) -> tuple[int, dict | None]:
+    """(the stage's validated epochs, the row of the epoch whose weights the model ends the stage with): early
+    stopping restores the best epoch's at the end of the fit (the first with the lowest validation loss);
+    without it the last epoch's stay. The row is None when the stage validated no epoch."""
+    rows = [r for r in _stage_rows(stage, fitted, history_path) if r.get("val_loss") is not None]
     if not rows:
-        return None
-    return {**(min(rows, key=lambda r: r["val_loss"]) if config.early_stopping > 0 else rows[-1]), "stage": stage}
+        return 0, None
+    kept = min(rows, key=lambda r: r["val_loss"]) if config.early_stopping > 0 else rows[-1]
+    return len(rows), {**kept, "stage": stage}
 
 
-def _say_how_the_stage_ended(ctx: TrainingContext, stage: int, fitted, history_path, config) -> None:
+def _say_how_the_stage_ended(ctx: TrainingContext, stage: int, ran: int, kept: dict | None, config) -> None:
     """One line after the epoch bars: how many epochs ran, and which epoch's weights the model keeps."""
-    kept = _kept_epoch(stage, fitted, history_path, config) if ctx.verbose else None
-    if kept is None:
+    if not ctx.verbose or kept is None:
         return
-    ran = len(_validated_rows(stage, fitted, history_path))
     stopped = " (early stopping: the validation loss stopped improving)" if ran < config.epochs else ""
     ctx.log(f"Stage {stage} ran {ran} of {config.epochs} epochs{stopped}; keeping epoch {kept['epoch']}: "
             f"val_loss {kept['val_loss']:.4f}, val_accuracy {kept.get('val_accuracy', float('nan')):.4f}.")
