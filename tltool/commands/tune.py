@@ -269,8 +269,7 @@ def _search(tuner, out: Path, base: Recipe, space: SearchSpace, role: str, resum
                if "epochs" in best else "")
     say(f"Best: trial {trial_number(best['trial_id'])}, {name} {best[name]:.4f}{trained}. Train it with: "
         f"tltool finetune {out / BEST_FILE} --out runs/{base.name}-best")
-    scored = sum(1 for trial in summary["trials"]
-                 if trial["status"] == "completed" and trial.get(name) is not None)
+    scored = summary["trials_completed"]  # completed with a score
     if scored > 1:  # the largest of several noisy scores is likely above the chosen trial's true one
         say(f"As the best of {scored} trials scored on the same validation images, that score flatters it: "
             f"judge the trained run on images no trial saw (tltool evaluate RUN --data TEST_FOLDER).")

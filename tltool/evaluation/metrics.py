@@ -149,12 +149,17 @@ def threshold_table(confidence, correct, thresholds=THRESHOLDS, target_accuracy:
             "rule": f"lowest threshold whose accuracy on the accepted images is at least {target_accuracy:g}"}
 
 
+#: The least probability a log loss takes the log of: one confidently wrong image costs at most
+#: -log(1e-7), 16.1.
+PROBABILITY_FLOOR = 1e-7
+
+
 def log_loss(y_true, probs) -> float:
     """Mean cross-entropy of the true classes (the training loss without label smoothing)."""
     if len(y_true) == 0:
         return 0.0
     picked = np.asarray(probs, dtype=np.float64)[np.arange(len(y_true)), np.asarray(y_true)]
-    return float(-np.mean(np.log(np.clip(picked, 1e-7, 1.0))))
+    return float(-np.mean(np.log(np.clip(picked, PROBABILITY_FLOOR, 1.0))))
 
 
 def compute_metrics(y_true, probs, labels: list[str], top_k: int = 5,

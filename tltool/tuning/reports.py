@@ -46,12 +46,17 @@ def trial_records(oracle, space: SearchSpace, base: Recipe) -> list[dict]:
     return records
 
 
+def _scored(records: list[dict], name: str) -> list[dict]:
+    """The trials that completed with a value of the objective `name`."""
+    return [r for r in records if r["status"] == "completed" and r.get(name) is not None]
+
+
 def write_reports(out: Path, oracle, base: Recipe, space: SearchSpace, plot: bool = False) -> dict:
     """summary.json, trials.csv and best.yaml (and trials.png if `plot`) from the oracle's trials."""
     name = oracle.objective.name
     direction = oracle.objective.direction
     records = trial_records(oracle, space, base)
-    done = [r for r in records if r["status"] == "completed" and r[name] is not None]
+    done = _scored(records, name)
     best = None
     if done:
         top = max(_trained_longest(done), key=_merit(name, direction))
@@ -126,7 +131,7 @@ def _write_csv(path: Path, records: list[dict], space: SearchSpace, name: str) -
 def format_table(summary: dict, limit: int = 10) -> str:
     """The best `limit` trials as a small text table, failed trials counted below it."""
     name = summary["objective"]["name"]
-    done = [r for r in summary["trials"] if r["status"] == "completed" and r.get(name) is not None]
+    done = _scored(summary["trials"], name)
     # Best first; Hyperband's trials trained longest before the shorter ones (the best is one of them).
     merit = _merit(name, summary["objective"]["direction"])
     done.sort(key=lambda r: (r.get("budget_epochs", 0), merit(r)), reverse=True)

@@ -29,6 +29,7 @@ import keras
 from tltool.engine.activations import split_at_cut
 from tltool.engine.fitting import compile_model, make_optimizer
 from tltool.engine.stages import TrainingContext
+from tltool.evaluation.metrics import PROBABILITY_FLOOR
 from tltool.models.transfer import TransferModel, build_head, with_new_head
 
 
@@ -37,12 +38,12 @@ LOG_LOSS = "log_loss"
 
 
 def clipped_log_loss(y_true, y_pred):
-    """Each image's -log(probability of its true class), the probability clipped to [1e-7, 1] as in
-    `tltool.evaluation.metrics.log_loss`. Not Keras's categorical cross-entropy: on a softmax output Keras
+    """Each image's -log(probability of its true class), the probability clipped to [PROBABILITY_FLOOR, 1] as
+    in `tltool.evaluation.metrics.log_loss`. Not Keras's categorical cross-entropy: on a softmax output Keras
     computes that from the logits, unclipped (one confidently wrong image can add 1000s)."""
     ops = keras.ops
     true_probability = ops.sum(ops.cast(y_true, y_pred.dtype) * y_pred, axis=-1)
-    return -ops.log(ops.clip(true_probability, 1e-7, 1.0))
+    return -ops.log(ops.clip(true_probability, PROBABILITY_FLOOR, 1.0))
 
 
 def log_loss_metric():
